@@ -1,0 +1,96 @@
+"""Augmentation recipes as data: a recipe is a list of per-view specs.
+
+Cookbook section 3.1 (and the SimCLR, BYOL, DINO, MAE papers) give the
+defaults. A config names a preset (``aug.recipe=byol``) and may change any
+field of any view (``aug.views.1.solarize_p=0.0``); back-ends read only this
+list, so every back-end produces the same views for the same recipe.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ViewSpec:
+    """One view: geometry (done at decode time) and photometry (batched on the device)."""
+
+    size: int = 224                 # output side, px
+    scale_min: float = 0.08         # RandomResizedCrop area range (section 3.1)
+    scale_max: float = 1.0
+    ratio_min: float = 3 / 4        # aspect ratio range
+    ratio_max: float = 4 / 3
+    flip_p: float = 0.5
+    jitter_p: float = 0.8           # colour jitter applied with this probability
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    gray_p: float = 0.2
+    blur_p: float = 0.5
+    blur_sigma_min: float = 0.1     # sigma range, relative to a 224 px view's kernel (23 px)
+    blur_sigma_max: float = 2.0
+    solarize_p: float = 0.0
+    local: bool = False             # a local (small) crop: grouped apart from the global ones
+
+
+def _simclr() -> list[ViewSpec]:
+    # SimCLR (Chen et al. 2020), strength s=1 jitter as in solo-learn/lightly: (0.4, 0.4, 0.2, 0.1).
+    v = ViewSpec()
+    return [copy.deepcopy(v), copy.deepcopy(v)]
+
+
+def _byol() -> list[ViewSpec]:
+    # BYOL (Grill et al. 2020): asymmetric blur 1.0 / 0.1 and solarisation 0 / 0.2.
+    a = ViewSpec(blur_p=1.0, solarize_p=0.0)
+    b = ViewSpec(blur_p=0.1, solarize_p=0.2)
+    return [a, b]
+
+
+def _dino(num_local: int = 6) -> list[ViewSpec]:
+    # DINO (Caron et al. 2021), multi-crop (section 3.1.1): 2 x 224 global with
+    # scale (0.4, 1) (BYOL-style asymmetric blur/solarize) + N x 96 local with scale (0.05, 0.4).
+    g1 = ViewSpec(scale_min=0.4, blur_p=1.0)
+    g2 = ViewSpec(scale_min=0.4, blur_p=0.1, solarize_p=0.2)
+    loc = ViewSpec(size=96, scale_min=0.05, scale_max=0.4, blur_p=0.5, local=True)
+    return [g1, g2] + [copy.deepcopy(loc) for _ in range(num_local)]
+
+
+def _mae() -> list[ViewSpec]:
+    # MAE (He et al. 2022): crop (scale 0.2-1) and flip only, one view.
+    return [ViewSpec(scale_min=0.2, jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0)]
+
+
+PRESETS = {"simclr": _simclr, "byol": _byol, "dino": _dino, "mae": _mae}
+
+
+def preset(name: str) -> list[ViewSpec]:
+    """A fresh copy of a named recipe's view specs."""
+    if name not in PRESETS:
+        from fastssl.registry import closest
+
+        raise KeyError(f"unknown augmentation recipe {name!r}: {closest(name, list(PRESETS))}")
+    return PRESETS[name]()
+
+
+@dataclass
+class AugConfig:
+    """``aug.*`` keys. ``views`` starts as the preset of ``recipe``; sizes rescale it."""
+
+    recipe: str = "simclr"
+    global_size: int = 224          # overrides the size of every global view
+    local_size: int = 96            # overrides the size of every local view
+    num_local: int = -1             # -1: the preset's count (DINO: 6)
+    views: list[ViewSpec] = field(default_factory=list)
+
+    def resolved_views(self) -> list[ViewSpec]:
+        """The views to produce, with sizes and local-crop count applied."""
+        views = copy.deepcopy(self.views) if self.views else preset(self.recipe)
+        if self.num_local >= 0:
+            glob = [v for v in views if not v.local]
+            locs = [v for v in views if v.local]
+            proto = locs[0] if locs else ViewSpec(size=self.local_size, scale_min=0.05, scale_max=0.4, local=True)
+            views = glob + [copy.deepcopy(proto) for _ in range(self.num_local)]
+        for v in views:
+            v.size = self.local_size if v.local else self.global_size
+        return views
