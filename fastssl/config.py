@@ -1,0 +1,403 @@
+"""Typed configuration: dataclasses per concern, YAML recipes, ``a.b=value`` overrides.
+
+``load_config(path, overrides)`` reads a YAML recipe from ``configs/``, applies
+command-line overrides and validates everything before any work starts: an
+unknown key fails naming the closest valid key, a bad value names the key and
+the expected type. Derived values (per-process batch, scaled learning rate,
+steps) are computed once, in :func:`derive`, and never stored in the config.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fastssl.pipelines.recipes import AugConfig, ViewSpec, preset
+from fastssl.registry import closest
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names it and what to do."""
+
+
+@dataclass
+class DataConfig:
+    train: str = ""                 # .beton file or image folder (train split)
+    val: str = ""                   # .beton file or image folder (kNN / probe evaluation)
+    backend: str = "auto"           # auto | ffcv | dali | torch (auto: ffcv for .beton, torch for folders)
+    workers: int = 2                # decoding processes/threads
+    in_memory: bool = True          # ffcv: keep the .beton in RAM (else OS page cache)
+
+    def __post_init__(self):
+        _choice("data.backend", self.backend, ("auto", "ffcv", "dali", "torch"))
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet18"      # a fastssl.models name (resnet18, resnet50, vit_small_patch16, ...) or timm name
+    drop_path: float = 0.0          # stochastic depth (ViTs)
+    attn: str = "sdpa"              # ViT attention: sdpa (FlashAttention on CUDA) | xformers | naive
+    global_pool: str = "avg"        # ViTs: avg (mean of patch tokens) | token (class token)
+    layer_scale: float = 0.0        # ViTs: LayerScale init value, 0 = off
+    patch_drop: float = 0.0         # ViTs in joint-embedding methods: fraction of patch tokens dropped
+    frozen_patch_embed: bool = False  # MoCo v3's frozen random patch projection
+
+    def __post_init__(self):
+        _choice("model.attn", self.attn, ("sdpa", "xformers", "naive"))
+        _choice("model.global_pool", self.global_pool, ("avg", "token"))
+        _range("model.patch_drop", self.patch_drop, 0.0, 0.95)
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's config; each method file subclasses it with its own keys."""
+
+    name: str = "simclr"
+
+
+@dataclass
+class OptimConfig:
+    name: str = "lars"              # lars | adamw | sgd
+    batch_size: int = 256           # GLOBAL images per optimizer step (all processes x accumulation)
+    accum_steps: int = 1            # micro-batches per optimizer step (EMA/queues advance once per step)
+    lr: float = 0.3                 # base learning rate at base_batch (section 3.8.1 scaling rule)
+    lr_scaling: str = "linear"      # linear | sqrt | none: lr = base * (batch/base_batch)^{1, 1/2, 0}
+    base_batch: int = 256
+    min_lr_ratio: float = 0.0       # cosine ends at lr * min_lr_ratio
+    warmup_epochs: float = 10.0     # linear warm-up, then cosine decay (per step)
+    weight_decay: float = 1e-6
+    weight_decay_end: float = -1.0  # <0: constant weight decay; else cosine wd schedule (DINO)
+    momentum: float = 0.9           # sgd / lars momentum; adamw beta1
+    beta2: float = 0.999            # adamw
+    lars_eta: float = 0.02          # LARS trust coefficient (SimCLR: 0.001 with lr 0.3*bs/256; solo-learn 0.02)
+    clip_grad: float = 0.0          # max global grad norm, 0 = off
+
+    def __post_init__(self):
+        _choice("optim.name", self.name, ("lars", "adamw", "sgd"))
+        _choice("optim.lr_scaling", self.lr_scaling, ("linear", "sqrt", "none"))
+        _range("optim.batch_size", self.batch_size, 2, None)
+        _range("optim.accum_steps", self.accum_steps, 1, None)
+        _range("optim.lr", self.lr, 0.0, None)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    max_steps: int = 0              # >0: stop after this many optimizer steps (schedules still span `epochs`)
+    seed: int = 0
+    device: str = "auto"            # auto | cpu | cuda
+    precision: str = "auto"         # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    compile: str = "auto"           # auto (on CUDA) | on | off: torch.compile the backbone
+    channels_last: bool = True      # CUDA only
+    out_dir: str = "runs"
+    name: str = ""                  # run directory name; empty: <method>-<backbone>-<data stem>
+    resume: bool = False            # continue from out_dir/name/checkpoints/last.pt
+    ckpt_every_epochs: int = 1      # periodic checkpoints (also always at the end)
+    ckpt_every_steps: int = 0       # >0: also every N optimizer steps
+    log_every: int = 10             # steps between metric lines (host sync only then)
+    progress: bool = True           # tqdm progress bar
+    res_start: int = 0              # progressive resolution: global-view size at epoch 0 (0 = off)
+    res_end_epoch: float = 0.85     # ... reaches aug.global_size at this fraction of the epochs
+    res_step: int = 32              # sizes are rounded to this multiple (bounded number of recompiles)
+
+    def __post_init__(self):
+        _choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        _choice("train.precision", self.precision, ("auto", "bf16", "fp32"))
+        _choice("train.compile", str(self.compile), ("auto", "on", "off"))
+        _range("train.epochs", self.epochs, 1, None)
+        _range("train.max_steps", self.max_steps, 0, None)
+
+
+@dataclass
+class EvalConfig:
+    knn_k: int = 20                 # section 3.7.1: weighted kNN, k=20, T=0.07 (DINO's protocol)
+    knn_temperature: float = 0.07
+    every_epochs: int = 0           # >0: kNN + RankMe on the val subset every N epochs
+    val_subset: int = 0             # >0: evaluate during training on the first N val images
+    online_probe: bool = True       # linear head on detached features, trained alongside
+    probe_lr: float = 0.1
+    final: bool = True              # kNN/RankMe at the end (and on the random init)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ----------------------------------------------------------------------------- validation helpers
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not valid: {closest(str(value), list(choices))}")
+
+
+def _range(key: str, value: float, lo: float | None, hi: float | None) -> None:
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ConfigError(f"{key}={value!r} is out of range [{lo}, {hi if hi is not None else 'inf'}]")
+
+
+def _method_config_cls(name: str) -> type:
+    from fastssl.methods import METHODS
+
+    try:
+        return METHODS.meta(name)["config"]
+    except KeyError as e:
+        raise ConfigError(f"method.name: {e.args[0]}") from None
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check/convert ``value`` to the annotated type ``tp``; raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(key, value, args[0])
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise ConfigError(f"{key}={value!r}: expected true/false")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
+            raise ConfigError(f"{key}={value!r}: expected an integer")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r}: expected a number")
+        return float(value)
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}={value!r}: expected a string")
+        # YAML turns on/off/yes/no into booleans; a str field (train.compile) wants the word back.
+        return ("on" if value else "off") if isinstance(value, bool) else str(value)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}={value!r}: expected a list")
+        return [_coerce(f"{key}.{i}", v, inner) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    """Instantiate dataclass ``cls`` from a dict, validating keys and types."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            valid = [f"{prefix}.{n}" if prefix else n for n in names]
+            raise ConfigError(f"unknown config key {key!r}: {closest(key, valid)}")
+        kwargs[k] = _coerce(key, v, hints[k])
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{prefix}: {e}") from None
+
+
+def _set_path(tree: dict, dotted: str, value: Any, all_keys: list[str]) -> None:
+    parts = dotted.split(".")
+    node: Any = tree
+    for i, p in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not p.isdigit() or int(p) >= len(node):
+                raise ConfigError(f"{'.'.join(parts[:i + 1])}: index out of range (the list has {len(node)} items)")
+            node = node[int(p)]
+            continue
+        if p not in node or node[p] is None:
+            node[p] = {}
+        elif not isinstance(node[p], (dict, list)):
+            raise ConfigError(f"unknown config key {dotted!r}: {closest(dotted, all_keys)}")
+        node = node[p]
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"{dotted}: index out of range (the list has {len(node)} items)")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def all_keys(cfg: Config | None = None) -> list[tuple[str, str, Any]]:
+    """Every settable key as (dotted name, type name, default/current value)."""
+    cfg = cfg or Config()
+    out = []
+
+    def walk(obj: Any, prefix: str) -> None:
+        hints = typing.get_type_hints(type(obj))
+        for f in dataclasses.fields(obj):
+            val = getattr(obj, f.name)
+            key = f"{prefix}.{f.name}"
+            if dataclasses.is_dataclass(val):
+                walk(val, key)
+            elif f.name == "views":
+                out.append((key, "list of view specs", f"(preset of {prefix}.recipe)"))
+                for vf in dataclasses.fields(ViewSpec):
+                    out.append((f"{key}.N.{vf.name}", typing.get_type_hints(ViewSpec)[vf.name].__name__, vf.default))
+            else:
+                tp = hints[f.name]
+                out.append((key, getattr(tp, "__name__", str(tp)), val))
+
+    for f in dataclasses.fields(cfg):
+        walk(getattr(cfg, f.name), f.name)
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``'optim.lr=0.5'`` -> ``('optim.lr', 0.5)`` (values parsed as YAML scalars)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value (e.g. optim.batch_size=256)")
+    key, raw = text.split("=", 1)
+    key = key.strip().lstrip("-")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML recipe, apply ``key=value`` overrides, validate; raises :class:`ConfigError`."""
+    tree: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} not found (recipes live in configs/, e.g. configs/demo/simclr.yaml)")
+        tree = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections (data, aug, model, method, optim, train, eval)")
+    parsed = [parse_override(o) for o in overrides]
+    # The method's name decides which keys method.* accepts: apply it first.
+    for k, v in parsed:
+        if k == "method.name":
+            tree.setdefault("method", {})
+            tree["method"] = {"name": v} if tree["method"].get("name") not in (None, v) else {**tree["method"], "name": v}
+    method_name = (tree.get("method") or {}).get("name", MethodConfig.name)
+    mcls = _method_config_cls(method_name)
+    keys_now = [k for k, _, _ in all_keys(Config(method=mcls()))]
+    for k, v in parsed:
+        if k.startswith("aug.views."):
+            _materialize_views(tree)
+        top = k.split(".")[0]
+        if top not in {f.name for f in dataclasses.fields(Config)} or "." not in k:
+            raise ConfigError(f"unknown config key {k!r}: {closest(k, keys_now)}")
+        _set_path(tree, k, v, keys_now)
+    for sec in tree:
+        if sec not in {f.name for f in dataclasses.fields(Config)}:
+            raise ConfigError(f"unknown config section {sec!r}: {closest(sec, [f.name for f in dataclasses.fields(Config)])}")
+    sections = {}
+    for f in dataclasses.fields(Config):
+        cls = mcls if f.name == "method" else f.type if isinstance(f.type, type) else typing.get_type_hints(Config)[f.name]
+        sections[f.name] = _build(cls, tree.get(f.name), f.name)
+    cfg = Config(**sections)
+    _validate_cross(cfg)
+    return cfg
+
+
+def _materialize_views(tree: dict) -> None:
+    """Make ``aug.views`` an explicit list (from the recipe) so ``aug.views.N.key=`` can edit it."""
+    aug = tree.setdefault("aug", {})
+    if not aug.get("views"):
+        recipe = aug.get("recipe") or _default_recipe(tree)
+        aug["views"] = [dataclasses.asdict(v) for v in preset(recipe)]
+
+
+def _default_recipe(tree: dict) -> str:
+    name = (tree.get("method") or {}).get("name", MethodConfig.name)
+    from fastssl.methods import METHODS
+
+    return METHODS.meta(name).get("recipe", "simclr") if name in METHODS else "simclr"
+
+
+def _validate_cross(cfg: Config) -> None:
+    """Checks that involve several sections."""
+    if not cfg.aug.recipe:
+        from fastssl.methods import METHODS
+
+        cfg.aug.recipe = METHODS.meta(cfg.method.name).get("recipe", "simclr")
+    preset(cfg.aug.recipe)  # raises on an unknown recipe name
+    views = cfg.aug.resolved_views()
+    if not views:
+        raise ConfigError("aug: the recipe produces no views")
+    if cfg.train.res_start and cfg.train.res_start > cfg.aug.global_size:
+        raise ConfigError(f"train.res_start={cfg.train.res_start} must be <= aug.global_size={cfg.aug.global_size}")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def config_from_dict(d: dict) -> Config:
+    """Rebuild a Config from :func:`to_dict` output (a run directory's config.yaml)."""
+    d = copy.deepcopy(d)
+    mcls = _method_config_cls(d.get("method", {}).get("name", MethodConfig.name))
+    sections = {}
+    for f in dataclasses.fields(Config):
+        cls = mcls if f.name == "method" else typing.get_type_hints(Config)[f.name]
+        sections[f.name] = _build(cls, d.get(f.name), f.name)
+    return Config(**sections)
+
+
+# ----------------------------------------------------------------------------- derived values
+
+
+@dataclass(frozen=True)
+class Derived:
+    """Everything computed from the config and the data size, in one place."""
+
+    world_size: int
+    micro_batch: int                # images per process per forward
+    global_batch: int               # images per optimizer step (= optim.batch_size)
+    steps_per_epoch: int            # optimizer steps
+    total_steps: int                # optimizer steps the schedules span
+    run_steps: int                  # steps this run will take (max_steps cap)
+    lr: float                       # peak learning rate after batch scaling
+    warmup_steps: int
+
+
+def derive(cfg: Config, num_samples: int, world_size: int = 1) -> Derived:
+    """Per-process batch, scaled LR (cookbook section 3.8.1) and step counts."""
+    gb = cfg.optim.batch_size
+    denom = world_size * cfg.optim.accum_steps
+    if gb % denom:
+        raise ConfigError(
+            f"optim.batch_size={gb} must be divisible by processes x optim.accum_steps = {world_size} x "
+            f"{cfg.optim.accum_steps}; try optim.batch_size={max(denom, gb // denom * denom)}")
+    if num_samples < gb:
+        raise ConfigError(f"the training set has {num_samples} images, fewer than optim.batch_size={gb}: "
+                          f"lower optim.batch_size or use more data")
+    steps_per_epoch = num_samples // gb  # drop_last: every step sees a full batch
+    total = steps_per_epoch * cfg.train.epochs
+    run = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
+    ratio = gb / cfg.optim.base_batch
+    scale = {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[cfg.optim.lr_scaling]
+    return Derived(world_size=world_size, micro_batch=gb // denom, global_batch=gb,
+                   steps_per_epoch=steps_per_epoch, total_steps=total, run_steps=run,
+                   lr=cfg.optim.lr * scale, warmup_steps=int(round(cfg.optim.warmup_epochs * steps_per_epoch)))

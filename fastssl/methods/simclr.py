@@ -1,0 +1,55 @@
+"""SimCLR (Chen et al. 2020), cookbook section 2.2.1: deep metric learning.
+
+backbone -> 2-layer MLP projector -> NT-Xent between the two views of each
+image, every other image of the (global, all-process) batch a negative.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from fastssl import losses
+from fastssl.config import MethodConfig
+from fastssl.methods import register_method
+from fastssl.models import create_backbone, mlp
+
+
+@dataclass
+class SimCLRConfig(MethodConfig):
+    name: str = "simclr"
+    temperature: float = 0.1        # SimCLR's ImageNet default (0.1 for LARS + large batch; 0.2 in solo-learn)
+    proj_hidden: int = 2048
+    proj_dim: int = 128
+    proj_layers: int = 2
+    decoupled: bool = False         # DCL: positive removed from the denominator (see methods/dcl.py)
+
+
+@register_method("simclr", config=SimCLRConfig, recipe="simclr")
+class SimCLR(nn.Module):
+    def __init__(self, cfg, total_steps: int):
+        super().__init__()
+        m = cfg.method
+        self.temperature, self.decoupled = m.temperature, m.decoupled
+        self.backbone, self.feat_dim = create_backbone(cfg.model)
+        self.projector = mlp(self.feat_dim, m.proj_hidden, m.proj_dim, layers=m.proj_layers)
+
+    def forward(self, views: list[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        # Both views through the backbone in one call: (2B, 3, S, S) -> (2B, F).
+        b = views[0].shape[0]
+        feats = self.backbone(torch.cat(views[:2]))
+        z = self.projector(feats)                                    # (2B, proj_dim)
+        z1, z2 = z[:b].float(), z[b:].float()                        # the loss runs in fp32
+        loss = losses.nt_xent(z1, z2, temperature=self.temperature, decoupled=self.decoupled)
+        with torch.no_grad():
+            zn = nn.functional.normalize(z1, dim=1)
+            z_std = zn.std(dim=0).mean()                            # collapse: -> 0; healthy ~ 1/sqrt(d)
+        return {"loss": loss, "features": feats[:b].detach(), "z_std": z_std}
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        pass
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(images)

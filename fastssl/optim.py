@@ -1,0 +1,42 @@
+"""Optimizers: LARS (timm's, section 3.8.1 for large batches), AdamW, SGD.
+
+Biases and normalisation parameters get no weight decay and, under LARS, no
+layer-wise adaptation (timm's Lars adapts only groups with weight decay), as in
+SimCLR/BYOL. A method may pass its own groups (``param_groups``), e.g. DINO's
+last layer.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+def default_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay, "apply_wd": True},
+        {"params": no_decay, "weight_decay": 0.0, "apply_wd": False},
+    ]
+
+
+def build_optimizer(method: nn.Module, optim_cfg, lr: float) -> torch.optim.Optimizer:
+    """The optimizer over ``method``'s trainable parameters; lr/wd are then set per step by the trainer."""
+    if hasattr(method, "param_groups"):
+        groups = method.param_groups(optim_cfg.weight_decay)
+    else:
+        groups = default_param_groups(method, optim_cfg.weight_decay)
+    groups = [g for g in groups if g["params"]]
+    name = optim_cfg.name
+    if name == "lars":
+        from timm.optim import Lars
+
+        return Lars(groups, lr=lr, momentum=optim_cfg.momentum, trust_coeff=optim_cfg.lars_eta)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=(optim_cfg.momentum, optim_cfg.beta2))
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=optim_cfg.momentum)
+    raise ValueError(f"unknown optimizer {name!r}")
