@@ -338,7 +338,10 @@ def _validate_cross(cfg: Config) -> None:
         from fastssl.methods import METHODS
 
         cfg.aug.recipe = METHODS.meta(cfg.method.name).get("recipe", "simclr")
-    preset(cfg.aug.recipe)  # raises on an unknown recipe name
+    try:
+        preset(cfg.aug.recipe)
+    except KeyError as e:
+        raise ConfigError(f"aug.recipe: {e.args[0]}") from None
     views = cfg.aug.resolved_views()
     if not views:
         raise ConfigError("aug: the recipe produces no views")

@@ -1,0 +1,1 @@
+"""Command-line entry points (fastssl-prepare, -train, -eval, -bench, -report)."""

@@ -1,0 +1,38 @@
+"""``fastssl-bench loader|loss|step|augment|eval ...``: every speed claim is one of these.
+
+Each sub-command lives in ``fastssl/cli/bench_<name>.py`` with ``main(argv)``,
+measures side by side in one run after warm-up, and prints JSON with ``--json``.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "loader": "data loading: images/s of ready views per back-end (issue: pipelines)",
+    "augment": "the photometric stage alone: views/s per implementation",
+    "loss": "loss kernels: forward+backward time and peak memory per implementation",
+    "step": "training steps/s of a method on synthetic tensors (no data loading)",
+    "eval": "offline linear probe on cached features vs re-extraction",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: fastssl-bench {" + "|".join(SUBCOMMANDS) + "} [options] [--json]\n")
+        for k, v in SUBCOMMANDS.items():
+            print(f"  {k:<8} {v}")
+        return 0 if argv else 2
+    sub = argv[0]
+    if sub not in SUBCOMMANDS:
+        from fastssl.registry import closest
+
+        print(f"fastssl-bench: unknown benchmark {sub!r}: {closest(sub, list(SUBCOMMANDS))}", file=sys.stderr)
+        return 2
+    mod = importlib.import_module(f"fastssl.cli.bench_{sub}")
+    return mod.main(argv[1:]) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up (idempotent) and run the default test suite (CPU; Triton kernels
+# through TRITON_INTERPRET=1). Slow tests: scripts/test.sh -m slow
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export TRITON_INTERPRET=1
+exec .venv/bin/python -m pytest -q "$@"
