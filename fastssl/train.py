@@ -192,7 +192,19 @@ def train(cfg: Config) -> dict:
         knn_init = evaluate_knn(core, *eval_loaders, cfg, device, num_classes)
         log.write(kind="eval", step=0, epoch=0, wall=0.0, init=True, **{k: v for k, v in knn_init.items() if k != "protocol"})
 
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
+
+    def check_finite() -> None:
+        bad = int(first_bad)
+        if bad >= 0:
+            msg = (f"non-finite loss at step {bad} (method {cfg.method.name}, lr {lr_sched[bad]:.3g}); "
+                   f"stopping. The last good checkpoint is {ckpt_path if ckpt_path.exists() else 'none (no checkpoint yet)'}. "
+                   f"Try a lower optim.lr, optim.clip_grad=3.0 or train.precision=fp32.")
+            log.write(kind="error", step=bad, message=msg)
+            raise NonFiniteLoss(msg)
+
     def save(epoch: int, batch_in_epoch: int, wall: float) -> None:
+        check_finite()  # never overwrite the last good checkpoint with a diverged model
         acc.wait_for_everyone()
         rngs = [ckpt_io.rng_state()]  # this process's; others' are equal up to the seed offset
         if acc.is_main_process:
@@ -205,7 +217,6 @@ def train(cfg: Config) -> dict:
     # ---- the loop
     model.train()
     loss_sum = torch.zeros((), device=device)
-    first_bad = torch.full((), -1, dtype=torch.long, device=device)
     log_sums: dict[str, torch.Tensor] = {}
     probe_correct = torch.zeros((), device=device)
     probe_seen = 0
@@ -272,14 +283,7 @@ def train(cfg: Config) -> dict:
             n_logged += micro
 
             if step % cfg.train.log_every == 0 or step == d.run_steps or bi == d.steps_per_epoch:
-                # The only host sync of the loop, every log_every steps.
-                bad = int(first_bad)
-                if bad >= 0:
-                    msg = (f"non-finite loss at step {bad} (method {cfg.method.name}, lr {lr_sched[bad]:.3g}); "
-                           f"stopping. The last good checkpoint is {ckpt_path if ckpt_path.exists() else 'none (no checkpoint yet)'}. "
-                           f"Try a lower optim.lr, optim.clip_grad=3.0 or train.precision=fp32.")
-                    log.write(kind="error", step=bad, message=msg)
-                    raise NonFiniteLoss(msg)
+                check_finite()  # the only host sync of the loop, every log_every steps
                 rec = {"kind": "train", "step": step, "epoch": epoch, "wall": wall0 + time.perf_counter() - t_run,
                        "loss": float(loss_sum) / n_logged, "lr": float(lr_sched[step - 1]),
                        "images_per_second": n_logged * d.micro_batch * world / max(busy_s, 1e-9),

@@ -1,0 +1,65 @@
+"""The trainer end to end on the CPU: loss goes down, resume is exact, NaN stops cleanly."""
+import json
+
+import pytest
+
+from fastssl.train import main
+from conftest import tiny_overrides
+
+
+def read_metrics(run_dir, kind="train"):
+    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if json.loads(l)["kind"] == kind]
+
+
+def test_short_cpu_run_loss_decreases_and_run_dir_describes_itself(demo_data, tmp_path):
+    args = ["--config", "configs/demo/simclr.yaml"] + tiny_overrides(
+        demo_data, tmp_path, **{"train.epochs": 4, "optim.lr": 0.5, "eval.final": True})
+    assert main(args) == 0
+    run = tmp_path / "t"
+    m = read_metrics(run)
+    assert len(m) == 4 * (200 // 32)
+    first, last = sum(r["loss"] for r in m[:3]) / 3, sum(r["loss"] for r in m[-3:]) / 3
+    assert last < first - 0.05, (first, last)
+    for name in ("config.yaml", "env.json", "summary.json", "checkpoints/last.pt"):
+        assert (run / name).exists(), name
+    s = json.loads((run / "summary.json").read_text())
+    for k in ("knn_top1", "knn_top1_init", "linear_top1_online", "rankme", "images_per_second", "wall_seconds",
+              "data_wait_fraction"):
+        assert s[k] is not None, k
+    assert s["protocol"]["knn"]["k"] == 20 and s["protocol"]["knn"]["temperature"] == 0.07
+    assert 0.0 <= s["data_wait_fraction"] <= 1.0
+
+
+def test_resume_continues_step_count_and_schedule_exactly(demo_data, tmp_path):
+    base = ["--config", "configs/demo/simclr.yaml"]
+    # One uninterrupted run of 8 steps (2 epochs x 6 steps, capped at 8 -> stops mid-epoch 2).
+    assert main(base + tiny_overrides(demo_data, tmp_path / "a", **{"train.max_steps": 8})) == 0
+    # The same run stopped at step 3 (mid-epoch), then resumed to step 8.
+    assert main(base + tiny_overrides(demo_data, tmp_path / "b", **{"train.max_steps": 3})) == 0
+    assert main(base + tiny_overrides(demo_data, tmp_path / "b", **{"train.max_steps": 8}) + ["--resume"]) == 0
+    a, b = read_metrics(tmp_path / "a" / "t"), read_metrics(tmp_path / "b" / "t")
+    assert [r["step"] for r in b] == list(range(1, 9)) == [r["step"] for r in a]
+    for ra, rb in zip(a, b):
+        assert rb["lr"] == ra["lr"]
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5, abs=1e-6), (ra["step"], ra["loss"], rb["loss"])
+
+
+def test_non_finite_loss_stops_naming_the_step(demo_data, tmp_path, monkeypatch, capsys):
+    import torch
+
+    from fastssl import losses
+
+    real = losses.nt_xent
+    calls = {"n": 0}
+
+    def flaky(z1, z2, **kw):
+        calls["n"] += 1
+        out = real(z1, z2, **kw)
+        return out * float("nan") if calls["n"] == 4 else out
+
+    monkeypatch.setattr(losses, "nt_xent", flaky)
+    rc = main(["--config", "configs/demo/simclr.yaml"] + tiny_overrides(demo_data, tmp_path))
+    assert rc == 3
+    err = capsys.readouterr().err
+    assert "non-finite loss at step 3" in err
+    assert torch is not None
