@@ -234,7 +234,7 @@ def train(cfg: Config) -> dict:
     done = step >= d.run_steps
     epoch = epoch0
     for epoch in range(epoch0, cfg.train.epochs):
-        if done:
+        if done:  # resumed a finished run
             break
         size = progressive_size(epoch, cfg.train.epochs, cfg.train.res_start, cfg.aug.global_size,
                                 cfg.train.res_end_epoch, cfg.train.res_step)
@@ -316,8 +316,8 @@ def train(cfg: Config) -> dict:
                       **{k: v for k, v in last_eval.items() if k != "protocol"})
         if end_of_epoch and cfg.train.ckpt_every_epochs and ep_done % cfg.train.ckpt_every_epochs == 0:
             save(ep_done if end_of_epoch else epoch, 0 if end_of_epoch else bi, wall0 + time.perf_counter() - t_run)
-        if end_of_epoch:
-            batch0 = 0
+        if done:
+            break  # leave `epoch` at the epoch the run stopped in (the final checkpoint records it)
     wall = wall0 + time.perf_counter() - t_run
     if bar is not None:
         bar.close()
