@@ -231,6 +231,7 @@ def train(cfg: Config) -> dict:
 
         bar = tqdm(total=d.run_steps, initial=step, unit="step", dynamic_ncols=True, file=sys.stdout)
     micro = cfg.optim.accum_steps
+    before_opt = getattr(core, "before_optimizer_step", None)
     done = step >= d.run_steps
     epoch = epoch0
     for epoch in range(epoch0, cfg.train.epochs):
@@ -274,6 +275,8 @@ def train(cfg: Config) -> dict:
                     probe_seen += batch.labels.shape[0]
             if cfg.optim.clip_grad > 0:
                 acc.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+            if before_opt is not None:
+                before_opt(step)  # e.g. DINO/SwAV: zero the frozen last layer's / prototypes' grads
             opt.step()
             opt.zero_grad(set_to_none=True)
             core.after_step(step)

@@ -11,6 +11,8 @@ modules (backbone, heads, teacher) and exposes:
 - ``after_step(step)``: once per *optimizer* step (EMA teacher, centre, queue),
   never per micro-batch, so gradient accumulation does not change them.
 - ``embed(images) -> (B, F)``: backbone features for evaluation.
+- optional ``before_optimizer_step(step)``: after backward and clipping,
+  before the optimizer step (DINO's last-layer / SwAV's prototype freezing).
 - optional ``param_groups(weight_decay) -> list[dict]`` (e.g. DINO's last
   layer) and ``on_train_step_start(step)``/``extra_state`` for checkpointed
   buffers (registered buffers are checkpointed with the state dict anyway).
