@@ -1,0 +1,242 @@
+"""SSL losses, functional API: contrastive (NT-Xent, DCL, InfoNCE) and covariance (VICReg, Barlow Twins).
+
+Every loss ``f(...)`` returns a scalar and has an ``f_terms(...)`` twin returning a dict of the
+named terms plus their weighted sum under ``"loss"`` (the trainer logs each term). Shared
+keyword arguments:
+
+* ``impl``: ``None`` (Triton on CUDA when triton is installed, torch otherwise), ``"triton"``
+  or ``"torch"``. Triton paths are the fused kernels in ``fastssl.kernels``; the torch paths
+  run in bounded memory too (chunked rows / Gram identity).
+* ``gather``: gather the embeddings with gradients across processes (cookbook section 3.8.1,
+  Algorithm 1) so the loss sees the global batch. Default: when torch.distributed is
+  initialised with world size > 1. Contrastive losses compute this rank's rows (anchors)
+  against all gathered columns and average over the local anchors; covariance losses compute
+  the global loss on every rank. Either way the mean over ranks is the single-process loss on
+  the full batch and, after DDP divides the summed gradients by the world size, so are the
+  gradients. All ranks must hold the same number of rows.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastssl.distributed import gather_with_grad, rank, world_size
+
+
+# ------------------------------------------------------------------------------------------------
+# dispatch and checks
+# ------------------------------------------------------------------------------------------------
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _impl(impl, x: torch.Tensor) -> str:
+    if impl is None:
+        return "triton" if x.is_cuda and _has_triton() else "torch"
+    if impl not in ("triton", "torch"):
+        raise ValueError(f"impl must be None, 'triton' or 'torch', got {impl!r}")
+    if impl == "triton" and not _has_triton():
+        raise RuntimeError("impl='triton' needs triton: pip install triton (or pass impl='torch')")
+    return impl
+
+
+def _gather(gather) -> bool:
+    return world_size() > 1 if gather is None else bool(gather)
+
+
+def _pair(name: str, a: torch.Tensor, b: torch.Tensor, min_rows: int = 1) -> None:
+    if a.dim() != 2 or a.shape != b.shape:
+        raise ValueError(f"{name}: expected two (N, D) embeddings of the same shape, got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}; flatten the projector output to (batch, dim)")
+    if a.shape[0] < min_rows:
+        raise ValueError(f"{name}: needs at least {min_rows} rows per batch, got {a.shape[0]}")
+    if not a.is_floating_point() or not b.is_floating_point():
+        raise TypeError(f"{name}: embeddings must be floating point, got {a.dtype} and {b.dtype}")
+
+
+def _normalize(z: torch.Tensor, impl: str) -> torch.Tensor:
+    """L2 normalisation in fp32; the Triton path takes it back to the input dtype (tensor-core dot)."""
+    zn = F.normalize(z.float(), dim=1)
+    return zn.to(z.dtype) if impl == "triton" else zn
+
+
+def _contrastive(anchors, cols, pos, self_idx, scale, exclude_pos, impl):
+    from fastssl.kernels import contrastive as K
+
+    fn = K.contrastive_ce if impl == "triton" else K.contrastive_ce_chunked
+    return fn(anchors, cols, pos, self_idx, scale, exclude_pos)
+
+
+def _cross_frob(a, mu_a, s_a, b, mu_b, s_b, impl: str, path: str):
+    """||A'^T B'||_F^2 (b None: B' = A') by the Gram identity where N < D, the D x D product otherwise."""
+    from fastssl.kernels import covariance as C
+
+    n, d = a.shape
+    if path == "auto":
+        path = "gram" if n < d else "dxd"
+    if path == "dxd":
+        return C.cross_frob_ref(a, mu_a, s_a, b, mu_b, s_b)
+    if path != "gram":
+        raise ValueError(f"path must be 'auto', 'gram' or 'dxd', got {path!r}")
+    fn = C.cross_frob if impl == "triton" else C.cross_frob_gram
+    return fn(a, mu_a, s_a, b, mu_b, s_b)
+
+
+# ------------------------------------------------------------------------------------------------
+# contrastive family (cookbook section 2.2)
+# ------------------------------------------------------------------------------------------------
+def nt_xent_terms(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, decoupled: bool = False, *,
+                  impl: str | None = None, gather: bool | None = None) -> dict[str, torch.Tensor]:
+    """SimCLR's NT-Xent (cookbook section 2.2.1) over the 2N embeddings, as named terms.
+
+    z1, z2: (N, D) projections of the two views (row i of each is the positive pair). Rows are
+    L2-normalised in fp32; similarities are divided by ``temperature``; each of the 2N anchors
+    sees the other 2N - 1 embeddings (self excluded), its positive among them; the loss is the
+    mean over all 2N anchors. ``decoupled=True`` is DCL (Yeh et al. 2022): the positive is also
+    removed from the denominator.
+
+    Returns ``{"loss", "alignment", "uniformity"}``: alignment = mean over anchors of
+    -sim(pos)/t, uniformity = mean log-sum-exp over the kept columns; loss = alignment + uniformity.
+    """
+    _pair("nt_xent", z1, z2)
+    if temperature <= 0:
+        raise ValueError(f"nt_xent: temperature must be > 0, got {temperature}")
+    impl = _impl(impl, z1)
+    z1n, z2n = _normalize(z1, impl), _normalize(z2, impl)
+    n = z1.shape[0]
+    anchors = torch.cat([z1n, z2n])                                            # (2n, D): this rank's rows
+    if _gather(gather):
+        cols = torch.cat([gather_with_grad(z1n), gather_with_grad(z2n)])       # (2N, D): all ranks
+        off = rank() * n
+    else:
+        cols, off = anchors, 0
+    big_n = cols.shape[0] // 2
+    i = torch.arange(n, device=z1.device) + off                                # global index of our rows
+    self_idx = torch.cat([i, i + big_n])
+    pos = torch.cat([i + big_n, i])
+    loss_rows, lse = _contrastive(anchors, cols, pos, self_idx, 1.0 / temperature, decoupled, impl)
+    loss = loss_rows.mean()
+    uniformity = lse.mean()
+    return {"loss": loss, "alignment": loss - uniformity, "uniformity": uniformity}
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, decoupled: bool = False, *,
+            impl: str | None = None, gather: bool | None = None) -> torch.Tensor:
+    """SimCLR's NT-Xent (DCL with ``decoupled=True``); see ``nt_xent_terms``. Returns a scalar."""
+    return nt_xent_terms(z1, z2, temperature, decoupled, impl=impl, gather=gather)["loss"]
+
+
+def info_nce_terms(q: torch.Tensor, k: torch.Tensor, temperature: float = 0.2, *, queue: torch.Tensor | None = None,
+                   impl: str | None = None, gather: bool | None = None) -> dict[str, torch.Tensor]:
+    """MoCo-style InfoNCE (cookbook section 2.2 / 2.3), as named terms.
+
+    q, k: (N, D) queries and keys; both L2-normalised in fp32. Query i's positive is key i
+    (the diagonal); the other keys of the (gathered) batch and the optional ``queue`` (Q, D)
+    of extra negatives (MoCo v1/v2) are negatives. This is the plain cross-entropy: MoCo v3
+    multiplies it by ``2 * temperature``, which the method applies, not this function.
+
+    Returns ``{"loss", "alignment", "uniformity"}`` as in ``nt_xent_terms``.
+    """
+    _pair("info_nce", q, k)
+    if temperature <= 0:
+        raise ValueError(f"info_nce: temperature must be > 0, got {temperature}")
+    if queue is not None and (queue.dim() != 2 or queue.shape[1] != q.shape[1]):
+        raise ValueError(f"info_nce: queue must be (Q, D) with D = {q.shape[1]}, got {tuple(queue.shape)}")
+    impl = _impl(impl, q)
+    qn, kn = _normalize(q, impl), _normalize(k, impl)
+    n = q.shape[0]
+    if _gather(gather):
+        kn, off = gather_with_grad(kn), rank() * n
+    else:
+        off = 0
+    cols = kn if queue is None else torch.cat([kn, _normalize(queue, impl).to(kn.dtype)])
+    pos = torch.arange(n, device=q.device) + off
+    self_idx = torch.full_like(pos, -1)                                        # queries are not among the keys
+    loss_rows, lse = _contrastive(qn, cols, pos, self_idx, 1.0 / temperature, False, impl)
+    loss = loss_rows.mean()
+    uniformity = lse.mean()
+    return {"loss": loss, "alignment": loss - uniformity, "uniformity": uniformity}
+
+
+def info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float = 0.2, *, queue: torch.Tensor | None = None,
+             impl: str | None = None, gather: bool | None = None) -> torch.Tensor:
+    """InfoNCE, queries against in-batch keys (+ optional queue); see ``info_nce_terms``. Returns a scalar."""
+    return info_nce_terms(q, k, temperature, queue=queue, impl=impl, gather=gather)["loss"]
+
+
+# ------------------------------------------------------------------------------------------------
+# covariance family (cookbook section 2.4)
+# ------------------------------------------------------------------------------------------------
+def vicreg_terms(z1: torch.Tensor, z2: torch.Tensor, sim_coeff: float = 25.0, std_coeff: float = 25.0,
+                 cov_coeff: float = 1.0, *, impl: str | None = None, gather: bool | None = None,
+                 path: str = "auto") -> dict[str, torch.Tensor]:
+    """VICReg (Bardes et al. 2022; cookbook section 2.4), the official definition, as named terms.
+
+    invariance: MSE(z1, z2); variance: mean_k relu(1 - sqrt(var_k + 1e-4)) averaged over the two
+    branches (unbiased var over the global batch); covariance: sum of squared off-diagonal
+    entries of each branch's covariance (divided by N - 1), divided by D, summed over branches.
+    The off-diagonal sum is ||cov||_F^2 - sum_k var_k^2, with ||cov||_F^2 from the Gram identity
+    (``path="gram"``, O(N^2 D)) or the D x D matrix (``"dxd"``); ``"auto"`` picks Gram when N < D.
+    Computed in fp32. Returns ``{"loss", "invariance", "variance", "covariance"}`` with
+    loss = sim_coeff * invariance + std_coeff * variance + cov_coeff * covariance.
+    """
+    _pair("vicreg", z1, z2, min_rows=2)
+    impl = _impl(impl, z1)
+    if _gather(gather):
+        z1, z2 = gather_with_grad(z1), gather_with_grad(z2)
+    n, d = z1.shape
+    x, y = z1.float(), z2.float()
+    invariance = F.mse_loss(x, y)
+    ones = torch.ones(d, device=x.device)
+    variance = x.new_zeros(())
+    covariance = x.new_zeros(())
+    for z, zf in ((z1, x), (z2, y)):
+        mu, var = zf.mean(0), zf.var(0)                                        # (D,), unbiased like the paper
+        variance = variance + F.relu(1.0 - torch.sqrt(var + 1e-4)).mean() / 2
+        frob = _cross_frob(z, mu, ones, None, None, None, impl, path) / (n - 1) ** 2   # ||cov||_F^2
+        covariance = covariance + (frob - var.pow(2).sum()) / d
+    loss = sim_coeff * invariance + std_coeff * variance + cov_coeff * covariance
+    return {"loss": loss, "invariance": invariance, "variance": variance, "covariance": covariance}
+
+
+def vicreg(z1: torch.Tensor, z2: torch.Tensor, sim_coeff: float = 25.0, std_coeff: float = 25.0,
+           cov_coeff: float = 1.0, *, impl: str | None = None, gather: bool | None = None,
+           path: str = "auto") -> torch.Tensor:
+    """VICReg loss; see ``vicreg_terms``. Returns a scalar."""
+    return vicreg_terms(z1, z2, sim_coeff, std_coeff, cov_coeff, impl=impl, gather=gather, path=path)["loss"]
+
+
+def barlow_twins_terms(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 0.0051, *, impl: str | None = None,
+                       gather: bool | None = None, path: str = "auto") -> dict[str, torch.Tensor]:
+    """Barlow Twins (Zbontar et al. 2021; cookbook section 2.4), the official definition, as named terms.
+
+    Each branch is standardised over the (global) batch like BatchNorm1d(affine=False) in
+    training mode (biased variance, eps 1e-5); c = z1_hat^T z2_hat / N (D x D, never built on
+    the Gram path). on_diagonal = sum_k (1 - c_kk)^2, off_diagonal = sum_{k != l} c_kl^2 =
+    ||c||_F^2 - sum_k c_kk^2. Computed in fp32. Returns ``{"loss", "on_diagonal",
+    "off_diagonal"}`` with loss = on_diagonal + lambd * off_diagonal.
+    """
+    _pair("barlow_twins", z1, z2, min_rows=2)
+    impl = _impl(impl, z1)
+    if _gather(gather):
+        z1, z2 = gather_with_grad(z1), gather_with_grad(z2)
+    n = z1.shape[0]
+    x, y = z1.float(), z2.float()
+    mu1, mu2 = x.mean(0), y.mean(0)
+    s1 = torch.rsqrt(x.var(0, unbiased=False) + 1e-5)                        # (D,)
+    s2 = torch.rsqrt(y.var(0, unbiased=False) + 1e-5)
+    c_diag = (((x - mu1) * s1) * ((y - mu2) * s2)).sum(0) / n                 # (D,): diag of c, O(N D)
+    on_diagonal = (1.0 - c_diag).pow(2).sum()
+    frob = _cross_frob(z1, mu1, s1, z2, mu2, s2, impl, path) / n ** 2        # ||c||_F^2
+    off_diagonal = frob - c_diag.pow(2).sum()
+    return {"loss": on_diagonal + lambd * off_diagonal, "on_diagonal": on_diagonal, "off_diagonal": off_diagonal}
+
+
+def barlow_twins(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 0.0051, *, impl: str | None = None,
+                 gather: bool | None = None, path: str = "auto") -> torch.Tensor:
+    """Barlow Twins loss; see ``barlow_twins_terms``. Returns a scalar."""
+    return barlow_twins_terms(z1, z2, lambd, impl=impl, gather=gather, path=path)["loss"]
