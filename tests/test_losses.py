@@ -1,0 +1,261 @@
+"""fastssl.losses against the papers' formulas and official code, both implementations, fp32 and bf16.
+
+Chain per loss: a direct transcription (SimCLR's algorithm as loops; MoCo v3's, VICReg's and
+Barlow Twins' official code) in fp64 -> ``impl="torch"`` and ``impl="triton"`` (interpreter),
+values and gradients. Plus analytic cases, dispatch defaults, bad input and torch.compile.
+"""
+import math
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastssl import losses
+
+IMPLS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not losses._has_triton(), reason="needs triton"))]
+
+
+# ------------------------------------------------------------------------------------------------
+# transcriptions of the papers (fp64)
+# ------------------------------------------------------------------------------------------------
+def ntxent_paper(z1, z2, t, decoupled=False):
+    """SimCLR Algorithm 1, literally: l(i, j) = -log exp(s_ij/t) / sum_{k != i} exp(s_ik/t), mean over 2N."""
+    z = [v for pair in zip(z1, z2) for v in pair]                  # z_{2k-1}, z_{2k} interleaved
+    n2 = len(z)
+
+    def sim(u, v):
+        return (u @ v) / (u.norm() * v.norm())
+
+    def l(i, j):
+        denom = sum(torch.exp(sim(z[i], z[k]) / t) for k in range(n2) if k != i and not (decoupled and k == j))
+        return -torch.log(torch.exp(sim(z[i], z[j]) / t) / denom)
+
+    return sum(l(2 * k, 2 * k + 1) + l(2 * k + 1, 2 * k) for k in range(n2 // 2)) / n2
+
+
+def mocov3_official(q, k, t, queue=None):
+    """MoCo v3's contrastive_loss (without the 2t factor), in-batch keys + optional queue negatives."""
+    q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    keys = k if queue is None else torch.cat([k, F.normalize(queue, dim=1)])
+    logits = q @ keys.T / t
+    return F.cross_entropy(logits, torch.arange(q.shape[0]))
+
+
+def off_diagonal(x):
+    n, m = x.shape
+    return x.flatten()[:-1].view(n - 1, n + 1)[:, 1:].flatten()
+
+
+def vicreg_official(x, y, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0):
+    """facebookresearch/vicreg main_vicreg.py VICReg.forward (single process)."""
+    n, d = x.shape
+    repr_loss = F.mse_loss(x, y)
+    x = x - x.mean(dim=0)
+    y = y - y.mean(dim=0)
+    std_x = torch.sqrt(x.var(dim=0) + 0.0001)
+    std_y = torch.sqrt(y.var(dim=0) + 0.0001)
+    std_loss = torch.mean(F.relu(1 - std_x)) / 2 + torch.mean(F.relu(1 - std_y)) / 2
+    cov_x = (x.T @ x) / (n - 1)
+    cov_y = (y.T @ y) / (n - 1)
+    cov_loss = off_diagonal(cov_x).pow(2).sum().div(d) + off_diagonal(cov_y).pow(2).sum().div(d)
+    return sim_coeff * repr_loss + std_coeff * std_loss + cov_coeff * cov_loss
+
+
+def barlow_official(z1, z2, lambd=0.0051):
+    """facebookresearch/barlowtwins main.py BarlowTwins.forward (single process)."""
+    bn = torch.nn.BatchNorm1d(z1.shape[1], affine=False).to(z1.dtype).train()
+    c = bn(z1).T @ bn(z2)
+    c = c / z1.shape[0]
+    on_diag = (torch.diagonal(c) - 1).pow(2).sum()
+    off_diag = off_diagonal(c).pow(2).sum()
+    return on_diag + lambd * off_diag
+
+
+def _grads(fn, z1, z2, dtype, **kw):
+    a = z1.detach().to(dtype).requires_grad_()
+    b = z2.detach().to(dtype).requires_grad_()
+    v = fn(a, b, **kw)
+    v.backward()
+    return v.detach().double(), a.grad.double(), b.grad.double()
+
+
+def _close(got, want, low, floor):
+    """flash-attention's rule per tensor: err(got) <= 2 * err(the official code in the same dtype) + floor,
+    errors against the fp64 official value, floor relative to the largest entry (small gradients cannot
+    pass as zeros)."""
+    for name, g, w, lo in zip(["value", "grad z1", "grad z2"], got, want, low):
+        err, err_low = (g - w).abs().max().item(), (lo - w).abs().max().item()
+        bound = 2 * err_low + floor * w.abs().max().item()
+        assert err <= bound, (name, err, err_low, bound)
+
+
+def _pair(n, d, seed, corr=0.7):
+    g = torch.Generator().manual_seed(seed)
+    z1 = torch.randn(n, d, generator=g, dtype=torch.float64)
+    z2 = corr * z1 + torch.randn(n, d, generator=g, dtype=torch.float64)
+    return z1, z2
+
+
+# rows: N, D, temperature, decoupled, dtype, floor
+NTX = [
+    (2, 8, 0.1, False, torch.float32, 1e-5),
+    (5, 24, 0.07, True, torch.float32, 1e-5),
+    (11, 17, 0.5, False, torch.float32, 1e-5),
+    (7, 32, 0.2, False, torch.bfloat16, 1e-2),
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("n,d,t,dec,dtype,floor", NTX)
+def test_nt_xent_matches_simclr_algorithm(impl, n, d, t, dec, dtype, floor):
+    z1, z2 = _pair(n, d, n * d)
+    want = _grads(lambda a, b: ntxent_paper(a, b, t, dec), z1, z2, torch.float64)
+    low = _grads(lambda a, b: ntxent_paper(a, b, t, dec), z1, z2, dtype)
+    got = _grads(losses.nt_xent, z1, z2, dtype, temperature=t, decoupled=dec, impl=impl)
+    _close(got, want, low, floor)
+    terms = losses.nt_xent_terms(z1.to(dtype), z2.to(dtype), t, dec, impl=impl)
+    torch.testing.assert_close(terms["alignment"] + terms["uniformity"], terms["loss"])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_nt_xent_analytic_cases(impl):
+    n = 6
+    same = torch.ones(n, 4)                                         # all 2N rows equal: every logit 1/t
+    assert math.isclose(float(losses.nt_xent(same, same, 0.3, impl=impl)), math.log(2 * n - 1), rel_tol=1e-5)
+    assert math.isclose(float(losses.nt_xent(same, same, 0.3, decoupled=True, impl=impl)),
+                        math.log(2 * n - 2), rel_tol=1e-5)
+    eye = torch.eye(n) * 3.0                                        # pairs identical, pairs orthogonal
+    t = 0.2
+    want = -1 / t + math.log(math.exp(1 / t) + 2 * n - 2)
+    assert math.isclose(float(losses.nt_xent(eye, eye, t, impl=impl)), want, rel_tol=1e-5)
+    torch.testing.assert_close(losses.nt_xent_terms(eye, eye, t, impl=impl)["alignment"], torch.tensor(-1 / t))
+
+
+# rows: N, D, queue size, temperature, dtype, floor
+INCE = [
+    (6, 16, 0, 0.2, torch.float32, 1e-5),
+    (9, 24, 13, 0.1, torch.float32, 1e-5),
+    (8, 32, 0, 0.2, torch.bfloat16, 1e-2),
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("n,d,nq,t,dtype,floor", INCE)
+def test_info_nce_matches_mocov3(impl, n, d, nq, t, dtype, floor):
+    z1, z2 = _pair(n, d, 3 * n + d)
+    queue = torch.randn(nq, d, dtype=torch.float64) if nq else None
+    want = _grads(lambda a, b: mocov3_official(a, b, t, queue), z1, z2, torch.float64)
+    low = _grads(lambda a, b: mocov3_official(a, b, t, None if queue is None else queue.to(dtype)), z1, z2, dtype)
+    got = _grads(lambda a, b: losses.info_nce(a, b, t, queue=None if queue is None else queue.to(dtype), impl=impl),
+                 z1, z2, dtype)
+    _close(got, want, low, floor)
+
+
+# rows: N, D, path, dtype, floor
+COV = [
+    (2, 8, "auto", torch.float32, 1e-5),
+    (16, 40, "gram", torch.float32, 1e-5),
+    (40, 16, "auto", torch.float32, 1e-5),                   # N > D: the D x D path
+    (33, 130, "gram", torch.float32, 1e-5),
+    (33, 130, "dxd", torch.float32, 1e-5),
+    (20, 64, "auto", torch.bfloat16, 1e-2),
+    (24, 2048, "auto", torch.float32, 1e-5),
+    (300, 100, "gram", torch.float32, 1e-5),
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("n,d,path,dtype,floor", COV)
+def test_vicreg_matches_official(impl, n, d, path, dtype, floor):
+    z1, z2 = _pair(n, d, n + 7 * d)
+    z1 = z1 * 0.3                                                   # some dims under std 1: the hinge is active
+    want = _grads(vicreg_official, z1, z2, torch.float64)
+    low = _grads(vicreg_official, z1, z2, dtype)
+    got = _grads(losses.vicreg, z1, z2, dtype, impl=impl, path=path)
+    _close(got, want, low, floor)
+    t = losses.vicreg_terms(z1.float(), z2.float(), impl=impl, path=path)
+    torch.testing.assert_close(25 * t["invariance"] + 25 * t["variance"] + t["covariance"], t["loss"])
+    assert float(t["variance"]) > 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("n,d,path,dtype,floor", COV)
+def test_barlow_twins_matches_official(impl, n, d, path, dtype, floor):
+    z1, z2 = _pair(n, d, 2 * n + d)
+    want = _grads(barlow_official, z1, z2, torch.float64)
+    low = _grads(barlow_official, z1, z2, dtype)
+    got = _grads(losses.barlow_twins, z1, z2, dtype, impl=impl, path=path)
+    _close(got, want, low, floor)
+    t = losses.barlow_twins_terms(z1.float(), z2.float(), impl=impl, path=path)
+    torch.testing.assert_close(t["on_diagonal"] + 0.0051 * t["off_diagonal"], t["loss"])
+
+
+def test_perfectly_correlated_standardised_twins_have_zero_on_diagonal():
+    z = torch.randn(32, 16, dtype=torch.float64)
+    t = losses.barlow_twins_terms(z, 2 * z + 1, impl="torch")       # c_kk = var/(var+eps) ~ 1
+    assert float(t["on_diagonal"]) < 1e-6
+
+
+def test_defaults_and_dispatch(monkeypatch):
+    assert not losses._gather(None)                                 # no process group: no gather
+    assert losses._impl(None, torch.zeros(1)) == "torch"            # CPU -> torch
+    calls = []
+    from fastssl.kernels import contrastive as K
+
+    real = K.contrastive_ce_chunked
+    monkeypatch.setattr(K, "contrastive_ce_chunked", lambda *a, **k: calls.append(1) or real(*a, **k))
+    losses.nt_xent(torch.randn(4, 8), torch.randn(4, 8))
+    assert calls == [1]
+
+
+def test_bad_input_names_the_problem():
+    with pytest.raises(ValueError, match="same shape"):
+        losses.nt_xent(torch.randn(4, 8), torch.randn(5, 8))
+    with pytest.raises(ValueError, match="temperature"):
+        losses.nt_xent(torch.randn(4, 8), torch.randn(4, 8), temperature=0.0)
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        losses.vicreg(torch.randn(1, 8), torch.randn(1, 8))
+    with pytest.raises(ValueError, match="impl"):
+        losses.barlow_twins(torch.randn(4, 8), torch.randn(4, 8), impl="cuda")
+    with pytest.raises(ValueError, match="queue"):
+        losses.info_nce(torch.randn(4, 8), torch.randn(4, 8), queue=torch.randn(3, 7))
+
+
+@pytest.mark.skipif(not losses._has_triton(), reason="needs triton")
+def test_torch_compile_fullgraph_traces_custom_ops():
+    """The Triton ops are torch.library custom ops: dynamo traces through them, forward and backward."""
+    torch._dynamo.reset()
+
+    def f(a, b):
+        return losses.nt_xent(a, b, 0.1, impl="triton") + losses.vicreg(a, b, impl="triton", path="gram")
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    z1, z2 = _pair(10, 24, 0)
+    a, b = z1.float().requires_grad_(), z2.float().requires_grad_()
+    v = compiled(a, b)
+    v.backward()
+    a2, b2 = z1.float().requires_grad_(), z2.float().requires_grad_()
+    w = f(a2, b2)
+    w.backward()
+    torch.testing.assert_close(v, w)
+    torch.testing.assert_close(a.grad, a2.grad)
+    torch.testing.assert_close(b.grad, b2.grad)
+
+
+@pytest.mark.slow
+def test_torch_path_memory_at_16k_has_no_n_by_n_buffer():
+    """N=16384 per view, D=128 on CPU: fwd+bwd peak RSS growth far below one 2N x 2N fp32 matrix (4 GiB)."""
+    import subprocess
+    import sys
+
+    code = ("import resource, torch; from fastssl import losses; torch.manual_seed(0);"
+            "z1 = torch.randn(16384, 128, requires_grad=True); z2 = torch.randn(16384, 128, requires_grad=True);"
+            "r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+            "losses.nt_xent(z1, z2, impl='torch').backward();"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - r0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    peak_kib = int(out.stdout.strip().splitlines()[-1])
+    assert peak_kib * 1024 < (4 << 30) / 4, peak_kib              # < 1 GiB; an N x N buffer alone is 4 GiB
