@@ -1,0 +1,192 @@
+"""``fastssl-bench loss``: forward+backward time and peak memory of each loss implementation, side by side.
+
+    fastssl-bench loss --loss nt_xent --batch 8192 --dim 128 --dtype bf16 --impl all --json
+
+Implementations (``--impl all`` runs every one that applies, in one run):
+
+* ``eager``  contrastive losses: the textbook full (2N x 2N) logit matrix (``contrastive_ce_ref``);
+* ``dxd``    covariance losses: the official D x D cross-covariance (``path="dxd"``);
+* ``torch``  our torch path (chunked rows with recomputation / the Gram identity);
+* ``triton`` our fused kernels (CUDA only here: on CPU the interpreter is far too slow to time).
+
+Time: median over ``--repeats`` timed fwd+bwd calls after ``--warmup`` untimed ones
+(``torch.cuda.synchronize`` around each on CUDA). Peak memory: on CUDA
+``torch.cuda.max_memory_allocated`` minus the allocation before the call (inputs excluded);
+on CPU each implementation runs in a fresh child process and reports the growth of its peak
+RSS (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) over the warm-up and timed calls, measured
+from after the inputs were created. An implementation that runs out of memory reports ``"oom"``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+CONTRASTIVE = ("nt_xent", "info_nce")
+COVARIANCE = ("vicreg", "barlow_twins")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def impls_for(loss: str) -> list[str]:
+    return ["eager", "torch", "triton"] if loss in CONTRASTIVE else ["dxd", "torch", "triton"]
+
+
+def loss_fn(loss: str, impl: str):
+    """f(z1, z2) -> scalar for one implementation of one loss."""
+    from fastssl import losses
+
+    if impl == "eager":  # the full-matrix reference on the same layout as losses.nt_xent / info_nce
+        from fastssl.kernels.contrastive import contrastive_ce_ref
+        import torch.nn.functional as F
+
+        def eager(z1, z2):
+            n = z1.shape[0]
+            i = torch.arange(n, device=z1.device)
+            if loss == "nt_xent":
+                z = F.normalize(torch.cat([z1, z2]).float(), dim=1).to(z1.dtype)
+                rows, _ = contrastive_ce_ref(z, z, torch.cat([i + n, i]), torch.cat([i, i + n]), 10.0)
+            else:
+                q, k = F.normalize(z1.float(), dim=1).to(z1.dtype), F.normalize(z2.float(), dim=1).to(z1.dtype)
+                rows, _ = contrastive_ce_ref(q, k, i, torch.full_like(i, -1), 10.0)
+            return rows.mean()
+
+        return eager
+    fn = getattr(losses, loss)
+    if loss in CONTRASTIVE:
+        return lambda z1, z2: fn(z1, z2, 0.1, impl=impl, gather=False)
+    if impl == "dxd":
+        return lambda z1, z2: fn(z1, z2, impl="torch", path="dxd", gather=False)
+    return lambda z1, z2: fn(z1, z2, impl=impl, path="gram", gather=False)
+
+
+def measure(loss: str, impl: str, n: int, d: int, dtype: str, device: str, repeats: int = 5,
+            warmup: int = 1) -> dict:
+    """Time and peak memory of fwd+bwd in this process (CPU memory: valid only in a fresh process)."""
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    g = torch.Generator(device="cpu").manual_seed(0)
+    z1 = torch.randn(n, d, generator=g).to(dev, DTYPES[dtype]).requires_grad_()
+    z2 = (0.5 * z1.detach().float() + torch.randn(n, d, generator=g).to(dev)).to(DTYPES[dtype]).requires_grad_()
+    fn = loss_fn(loss, impl)
+    import fastssl.kernels.contrastive, fastssl.kernels.covariance  # noqa: F401  (imports outside the measurement)
+    small = torch.randn(4, d, device=dev, dtype=DTYPES[dtype], requires_grad=True)
+    fn(small, small.detach() + 1).backward()                          # first-call library set-up, not measured
+    out = {"loss": loss, "impl": impl, "batch": n, "dim": d, "dtype": dtype, "device": device}
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times = []
+    try:
+        for it in range(warmup + repeats):
+            z1.grad = z2.grad = None
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            v = fn(z1, z2)
+            v.backward()
+            if cuda:
+                torch.cuda.synchronize()
+            if it >= warmup:
+                times.append(time.perf_counter() - t0)
+            value = float(v.detach())
+    except torch.OutOfMemoryError:
+        out.update(status="oom")
+        return out
+    out.update(status="ok", value=value, median_ms=1e3 * statistics.median(times),
+               times_ms=[round(1e3 * t, 3) for t in times], repeats=repeats, warmup=warmup)
+    if cuda:
+        out.update(peak_mem_bytes=torch.cuda.max_memory_allocated() - base,
+                   mem_method="torch.cuda.max_memory_allocated minus allocation before the call")
+    else:
+        out.update(peak_mem_bytes=1024 * (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0),
+                   mem_method="peak RSS growth (ru_maxrss) in a fresh process, after inputs were created")
+    return out
+
+
+def measure_isolated(loss, impl, n, d, dtype, device, repeats, warmup) -> dict:
+    """CPU: run ``measure`` in a fresh child process so its peak RSS belongs to this implementation alone."""
+    args = [sys.executable, "-m", "fastssl.cli.bench_loss", "--_child", "--loss", loss, "--impl", impl,
+            "--batch", str(n), "--dim", str(d), "--dtype", dtype, "--device", device,
+            "--repeats", str(repeats), "--warmup", str(warmup)]
+    p = subprocess.run(args, capture_output=True, text=True)
+    if p.returncode != 0:
+        killed = p.returncode < 0 or "MemoryError" in p.stderr or "alloc" in p.stderr.lower()
+        return {"loss": loss, "impl": impl, "batch": n, "dim": d, "dtype": dtype, "device": device,
+                "status": "oom" if killed else "error", "error": p.stderr.strip().splitlines()[-1:] or [str(p.returncode)]}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def run(loss: str, impls: list[str], n: int, d: int, dtype: str, device: str, repeats: int, warmup: int) -> dict:
+    """Every requested implementation in one run, plus the ratios of the baseline's time to each."""
+    rows = []
+    for impl in impls:
+        if impl == "triton" and device != "cuda":
+            rows.append({"impl": impl, "status": "skipped", "reason": "Triton is timed on CUDA only"})
+            continue
+        if device == "cpu":
+            rows.append(measure_isolated(loss, impl, n, d, dtype, device, repeats, warmup))
+        else:
+            rows.append(measure(loss, impl, n, d, dtype, device, repeats, warmup))
+            torch.cuda.empty_cache()
+    res = {"loss": loss, "batch": n, "dim": d, "dtype": dtype, "device": device, "results": rows}
+    if device == "cuda":
+        res["gpu"] = torch.cuda.get_device_name()
+    base = next((r for r in rows if r.get("impl") in ("eager", "dxd") and r.get("status") == "ok"), None)
+    if base:
+        res["speedup_vs_" + base["impl"]] = {r["impl"]: round(base["median_ms"] / r["median_ms"], 3)
+                                             for r in rows if r.get("status") == "ok"}
+    if loss in CONTRASTIVE:
+        m = 2 * n if loss == "nt_xent" else n
+        res["full_logit_matrix_fp32_bytes"] = 4 * m * m                 # what one M x M fp32 buffer would take
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="fastssl-bench loss", description=__doc__.split("\n")[0])
+    p.add_argument("--loss", required=True, choices=CONTRASTIVE + COVARIANCE)
+    p.add_argument("--batch", type=int, default=4096, help="N per view")
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    p.add_argument("--impl", default="all", choices=["all", "eager", "dxd", "torch", "triton"])
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but no CUDA device is visible; use --device cpu")
+    if a._child:
+        print(json.dumps(measure(a.loss, a.impl, a.batch, a.dim, a.dtype, device, a.repeats, a.warmup)))
+        return 0
+    valid = impls_for(a.loss)
+    if a.impl != "all" and a.impl not in valid:
+        p.error(f"--impl {a.impl} does not apply to {a.loss}; choose from {valid} or all")
+    impls = valid if a.impl == "all" else [a.impl]
+    res = run(a.loss, impls, a.batch, a.dim, a.dtype, device, a.repeats, a.warmup)
+    if a.json:
+        print(json.dumps(res, indent=1))
+    else:
+        for r in res["results"]:
+            if r.get("status") == "ok":
+                print(f"{a.loss:>13} {r['impl']:>7}  N={a.batch} D={a.dim} {a.dtype}: {r['median_ms']:9.2f} ms  "
+                      f"peak {r['peak_mem_bytes'] / 2**20:9.1f} MiB")
+            else:
+                print(f"{a.loss:>13} {r['impl']:>7}  {r.get('status')}: {r.get('reason') or r.get('error', '')}")
+        for k, v in res.items():
+            if k.startswith("speedup"):
+                print(k, v)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
