@@ -259,3 +259,23 @@ def test_torch_path_memory_at_16k_has_no_n_by_n_buffer():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     peak_kib = int(out.stdout.strip().splitlines()[-1])
     assert peak_kib * 1024 < (4 << 30) / 4, peak_kib              # < 1 GiB; an N x N buffer alone is 4 GiB
+
+
+def test_gpu_bench_script_cpu_smoke():
+    """scripts/gpu_bench_loss.py --device cpu --small: kernel checks pass, every implementation agrees."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_bench_loss.py"
+    p = subprocess.run([sys.executable, str(script), "--device", "cpu", "--small", "--repeats", "1"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = json.loads(p.stdout)
+    assert out["checks_ok"] and (out["checks"] or out["env"]["triton"] is None)
+    for bench in out["benchmarks"]:
+        ok = [r for r in bench["results"] if r["status"] == "ok"]
+        assert len(ok) == 2, bench                                  # the baseline and the torch path ran
+        assert math.isclose(ok[0]["value"], ok[1]["value"], rel_tol=1e-4), bench
+        assert all(r["peak_mem_bytes"] >= 0 and r["median_ms"] > 0 for r in ok)

@@ -1,0 +1,165 @@
+"""Every GPU check and benchmark of the loss kernels in one call; prints one JSON object.
+
+    python scripts/gpu_bench_loss.py                      # on a CUDA machine (scripts/gpu_check.sh runs it)
+    python scripts/gpu_bench_loss.py --device cpu --small # CPU smoke run (Triton through the interpreter)
+
+1. Checks: the Triton kernels against their references on the device, fp32 and bf16, shapes
+   not multiples of the blocks: err(kernel) <= 2 * err(low-precision reference) + floor, errors
+   measured against the fp64 reference, for outputs and gradients.
+2. Benchmarks (``fastssl.cli.bench_loss.run``, side by side per shape) and the issue's goals:
+   nt_xent fwd+bwd at N=8192/view, D=128, bf16 >= 2x the eager reference; N=65536/view runs
+   where the eager reference runs out of memory; barlow_twins / vicreg at N=2048, D=8192 >= 3x
+   the D x D reference.
+Exit status 1 when a check fails (goals are reported, not asserted: they are measurements).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--small", action="store_true", help="tiny shapes (smoke test)")
+    p.add_argument("--repeats", type=int, default=None)
+    return p.parse_args(argv)
+
+
+def _err(x, ref):
+    return (x.double() - ref.double()).abs().max().item()
+
+
+def _check_rows(results, name, got, truth, low, floor):
+    ok = True
+    for k, (g, t, lo) in enumerate(zip(got, truth, low)):
+        bound = 2 * _err(lo, t) + floor * max(1.0, t.double().abs().max().item())
+        e = _err(g, t)
+        ok &= e <= bound
+        results.append({"check": name, "output": k, "err": e, "bound": bound, "ok": e <= bound})
+    return ok
+
+
+def checks(device: str, small: bool) -> tuple[list, bool]:
+    import torch
+    import torch.nn.functional as F
+
+    from fastssl.kernels import contrastive as K
+    from fastssl.kernels import covariance as C
+
+    out, all_ok = [], True
+    shapes = [(21, 24)] if small else [(37, 24), (333, 128), (1000, 256), (257, 72)]
+    for n, d in shapes:
+        for dtype, floor in ((torch.float32, 1e-5), (torch.bfloat16, 1e-3)):
+            for excl in (False, True):
+                g = torch.Generator().manual_seed(n + d)
+                i = torch.arange(n, device=device)
+                pos, slf = torch.cat([i + n, i]), torch.cat([i, i + n])
+                z = F.normalize(torch.randn(2 * n, d, generator=g, dtype=torch.float64), dim=1).to(device)
+                w1, w2 = torch.rand(2 * n, generator=g).to(device), torch.rand(2 * n, generator=g).to(device)
+
+                def run(fn, x, ww1, ww2):
+                    a, c = x.clone().requires_grad_(), x.clone().requires_grad_()
+                    loss, lse = fn(a, c, pos, slf, 10.0, excl)
+                    ((loss * ww1).sum() + (lse * ww2).sum()).backward()
+                    return [loss, lse, a.grad, c.grad]
+
+                truth = run(K.contrastive_ce_ref, z, w1.double(), w2.double())
+                low = run(K.contrastive_ce_ref, z.to(dtype), w1, w2)
+                got = run(K.contrastive_ce, z.to(dtype), w1, w2)
+                all_ok &= _check_rows(out, f"contrastive_ce n={n} d={d} {dtype} exclude_pos={excl}", got, truth, low,
+                                      floor)
+    cov_shapes = [(37, 100)] if small else [(37, 100), (300, 1000), (1000, 4000)]
+    for n, d in cov_shapes:
+        for dtype, floor in ((torch.float32, 1e-5), (torch.bfloat16, 1e-3)):
+            g = torch.Generator().manual_seed(n * d)
+            a = torch.randn(n, d, generator=g).to(device, dtype)
+            b = (0.5 * a.float() + torch.randn(n, d, generator=g).to(device)).to(dtype)
+            mu_a, mu_b = a.float().mean(0), b.float().mean(0)
+            s_a, s_b = (torch.rand(d, generator=g) + 0.5).to(device), (torch.rand(d, generator=g) + 0.5).to(device)
+
+            def run(fn, *xs):
+                ins = [x.detach().clone().requires_grad_() for x in xs]
+                v = fn(*ins)
+                v.backward()
+                return [v] + [x.grad for x in ins]
+
+            def low_gram(a_, ma, sa, b_, mb, sb):  # the Gram path with its operands in the low dtype
+                ap = ((a_.float() - ma) * sa).to(dtype)
+                bp = ((b_.float() - mb) * sb).to(dtype)
+                return ((ap @ ap.T).float() * (bp @ bp.T).float()).sum()
+
+            args = (a, mu_a, s_a, b, mu_b, s_b)
+            truth = run(C.cross_frob_ref, *(x.double() for x in args))
+            low = run(low_gram, *args)
+            got = run(C.cross_frob, *args)
+            all_ok &= _check_rows(out, f"cross_frob n={n} d={d} {dtype}", got, truth, low, floor)
+    return out, all_ok
+
+
+def benchmarks(device: str, small: bool, repeats: int | None) -> tuple[list, dict]:
+    from fastssl.cli.bench_loss import impls_for, run
+
+    if small:
+        plan = [("nt_xent", 256, 32, "fp32"), ("barlow_twins", 32, 512, "fp32")]
+    else:
+        plan = [("nt_xent", 8192, 128, "bf16"), ("nt_xent", 8192, 128, "fp32"), ("info_nce", 8192, 256, "bf16"),
+                ("nt_xent", 65536, 128, "bf16"),
+                ("barlow_twins", 2048, 8192, "bf16"), ("vicreg", 2048, 8192, "bf16"),
+                ("barlow_twins", 2048, 8192, "fp32"), ("vicreg", 2048, 8192, "fp32")]
+    rows = []
+    for loss, n, d, dtype in plan:
+        r = repeats or (2 if small else 5)
+        rows.append(run(loss, impls_for(loss), n, d, dtype, device, repeats=r, warmup=1))
+
+    def find(loss, n, d, dtype):
+        return next((x for x in rows if (x["loss"], x["batch"], x["dim"], x["dtype"]) == (loss, n, d, dtype)), None)
+
+    def status(res, impl):
+        return next((x.get("status") for x in res["results"] if x.get("impl") == impl), None) if res else None
+
+    goals = {}
+    if not small:
+        r = find("nt_xent", 8192, 128, "bf16")
+        s = r.get("speedup_vs_eager", {}).get("triton") if r else None
+        goals["nt_xent_8192_bf16_triton_vs_eager>=2x"] = {"measured": s, "met": s is not None and s >= 2}
+        r = find("nt_xent", 65536, 128, "bf16")
+        goals["nt_xent_65536_triton_runs_eager_ooms"] = {
+            "triton": status(r, "triton"), "eager": status(r, "eager"),
+            "met": status(r, "triton") == "ok" and status(r, "eager") == "oom"}
+        for loss in ("barlow_twins", "vicreg"):
+            r = find(loss, 2048, 8192, "bf16")
+            s = r.get("speedup_vs_dxd", {}).get("triton") if r else None
+            goals[f"{loss}_2048x8192_bf16_triton_vs_dxd>=3x"] = {"measured": s, "met": s is not None and s >= 3}
+    return rows, goals
+
+
+def main(argv=None) -> int:
+    a = parse(sys.argv[1:] if argv is None else argv)
+    if a.device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton creates the kernels
+    import torch
+
+    if a.device == "cuda" and not torch.cuda.is_available():
+        print(json.dumps({"error": "no CUDA device; run with --device cpu --small for the smoke test"}))
+        return 2
+    env = {"torch": torch.__version__, "device": a.device, "small": a.small}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if a.device == "cuda":
+        env["gpu"] = torch.cuda.get_device_name()
+    check_rows, ok = checks(a.device, a.small) if env["triton"] else ([], True)
+    bench_rows, goals = benchmarks(a.device, a.small, a.repeats)
+    print(json.dumps({"env": env, "checks_ok": ok, "checks": check_rows, "benchmarks": bench_rows, "goals": goals},
+                     indent=1))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
