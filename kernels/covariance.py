@@ -63,15 +63,34 @@ def cross_frob_ref(a, mu_a, s_a, b=None, mu_b=None, s_b=None):
     return (ap.T @ bp).pow(2).sum()
 
 
+class _GramFrob(torch.autograd.Function):
+    """sum((A' A'^T) * (B' B'^T)) keeping the two (N, N) Grams: the backward is one matmul per branch,
+    dF/dA' = 2 (B' B'^T) A' (autograd through the product would spend two)."""
+
+    @staticmethod
+    def forward(ctx, ap, bp):
+        ga = ap @ ap.T                                                      # (N, N)
+        if bp is None:
+            ctx.save_for_backward(ap, ga)
+            return ga.pow(2).sum()
+        gb = bp @ bp.T
+        ctx.save_for_backward(ap, bp, ga, gb)
+        return (ga * gb).sum()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        if len(ctx.saved_tensors) == 2:
+            ap, ga = ctx.saved_tensors
+            return (4.0 * grad) * (ga @ ap), None
+        ap, bp, ga, gb = ctx.saved_tensors
+        return (2.0 * grad) * (gb @ ap), (2.0 * grad) * (ga @ bp)
+
+
 def cross_frob_gram(a, mu_a, s_a, b=None, mu_b=None, s_b=None):
     """Torch Gram path: ``sum((A' A'^T) * (B' B'^T))``, O(N^2 D), fp32."""
     _check(a, mu_a, s_a, b, mu_b, s_b)
-    ap = _std(a, mu_a, s_a)
-    ga = ap @ ap.T                                                          # (N, N)
-    if b is None:
-        return ga.pow(2).sum()
-    bp = _std(b, mu_b, s_b)
-    return (ga * (bp @ bp.T)).sum()
+    return _GramFrob.apply(_std(a, mu_a, s_a), None if b is None else _std(b, mu_b, s_b))
 
 
 if triton is not None:
