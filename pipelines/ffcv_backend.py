@@ -1,0 +1,291 @@
+"""FFCV back-end: each JPEG is decoded once per epoch and every view is cropped from that decode.
+
+Upstream ffcv (1.0.2) runs one pipeline per field, so a sample's V views are
+packed into one uint8 output row of ``sum_v S_v * S_v * 3`` bytes by our
+decoder :func:`multiview_decoder`; the loader splits the row into per-view
+``(B, S_v, S_v, 3)`` tensors (zero-copy views). Crops follow
+``pipelines.crops`` (counter-based RNG keyed by seed, epoch, sample, view).
+
+Per-epoch values (seed, epoch, view sizes for progressive resolution) live in a
+small int64 array owned by the loader; numba freezes captured arrays as
+constants, so the compiled decoder reads it through its address (a 3-line
+``inttoptr`` intrinsic), and the decoder is compiled once.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from fastssl.pipelines import Batch
+from fastssl.pipelines.crops import center_crop, random_resized_crop, sample_key, view_params
+
+FFCV_INSTALL = ("the ffcv back-end needs ffcv: apt-get install -y pkg-config libturbojpeg0-dev libopencv-dev && "
+                "pip install 'fastssl[ffcv]'")
+# State array layout (int64): [seed, epoch, row_bytes, V, S_0 .. S_{V-1}]
+ST_SEED, ST_EPOCH, ST_ROW, ST_NVIEWS, ST_SIZES = range(5)
+MAX_VIEWS = 64
+
+
+def _intrinsics():
+    from numba import types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def voidptr_from_address(typingctx, addr):
+        """An int64 address -> void* (numba has no public cast)."""
+        sig = types.voidptr(addr)
+
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], cgutils.voidptr_t)
+
+        return sig, codegen
+
+    return voidptr_from_address
+
+
+_VOIDPTR = None
+
+
+def multiview_decoder(params: np.ndarray, state: np.ndarray, counts: np.ndarray, train: bool):
+    """An ffcv decoder ``Operation`` for RGBImageField: decode once, V random-resized crops (+ flip) or one centre crop.
+
+    ``params``: (V, 5) float64 from :func:`pipelines.crops.view_params`; ``state``: the loader's
+    int64 state array (kept alive by the loader); ``counts``: int64 per-sample decode counter.
+    """
+    global _VOIDPTR
+    from dataclasses import replace
+
+    import numba
+    from ffcv.fields.rgb_image import IMAGE_MODES
+    from ffcv.libffcv import imdecode, resize_crop
+    from ffcv.pipeline.allocation_query import AllocationQuery
+    from ffcv.pipeline.compiler import Compiler
+    from ffcv.fields.rgb_image import SimpleRGBImageDecoder
+
+    if _VOIDPTR is None:
+        _VOIDPTR = _intrinsics()
+    voidptr = _VOIDPTR
+
+    class MultiViewCropDecoder(SimpleRGBImageDecoder):  # ffcv takes the first op as decoder only if it is the field's class
+        def declare_state_and_memory(self, previous_state):
+            widths, heights = self.metadata["width"], self.metadata["height"]
+            max_w, max_h = np.uint64(widths.max()), np.uint64(heights.max())
+            row = (int(state[ST_ROW]),)
+            u8 = np.dtype("<u1")
+            return (replace(previous_state, jit_mode=True, shape=row, dtype=u8),
+                    (AllocationQuery(row, u8), AllocationQuery((max_h * max_w * np.uint64(3),), u8)))
+
+        def generate_code(self):
+            jpg = IMAGE_MODES["jpg"]
+            mem_read = self.memory_read
+            my_range = Compiler.get_iterator()
+            imdecode_c = Compiler.compile(imdecode)
+            resize_crop_c = Compiler.compile(resize_crop)
+            rrc, cc, key_of = random_resized_crop, center_crop, sample_key
+            prm = params.copy()
+            st_addr, st_len = int(state.ctypes.data), int(state.shape[0])
+            cnt_addr, cnt_len = int(counts.ctypes.data), int(counts.shape[0])
+            is_train = bool(train)
+
+            def decode(batch_indices, my_storage, metadata, storage_state):
+                destination, temp_storage = my_storage
+                st = numba.carray(voidptr(st_addr), (st_len,), np.int64)
+                cnt = numba.carray(voidptr(cnt_addr), (cnt_len,), np.int64)
+                n = len(batch_indices)
+                if destination.shape[1] != st[ST_ROW]:  # a stale epoch's buffers (sizes changed): never overrun
+                    return destination[:n]
+                seed, epoch, nviews = st[ST_SEED], st[ST_EPOCH], st[ST_NVIEWS]
+                for dst_ix in my_range(n):
+                    source_ix = batch_indices[dst_ix]
+                    field = metadata[source_ix]
+                    image_data = mem_read(field["data_ptr"], storage_state)
+                    height = np.uint32(field["height"])
+                    width = np.uint32(field["width"])
+                    if field["mode"] == jpg:
+                        temp_buffer = temp_storage[dst_ix]
+                        imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1, False, False)
+                        temp_buffer = temp_buffer.reshape(-1)[: 3 * np.int64(height) * np.int64(width)]
+                        img = temp_buffer.reshape(np.int64(height), np.int64(width), 3)
+                    else:
+                        img = image_data.reshape(np.int64(height), np.int64(width), 3)
+                    cnt[np.int64(source_ix) % cnt_len] += 1
+                    row = destination[dst_ix]
+                    off = 0
+                    for v in range(nviews):
+                        s = st[ST_SIZES + v]
+                        out = row[off: off + s * s * 3].reshape(s, s, 3)
+                        if is_train:
+                            top, left, ch, cw, flip = rrc(height, width, prm[v], key_of(seed, epoch, source_ix, v))
+                        else:
+                            top, left, ch, cw = cc(height, width)
+                            flip = False
+                        resize_crop_c(img, top, top + ch, left, left + cw, out)
+                        if flip:  # in place, (s, s, 3): mirror columns
+                            for y in range(s):
+                                for x in range(s // 2):
+                                    for c in range(3):
+                                        t = out[y, x, c]
+                                        out[y, x, c] = out[y, s - 1 - x, c]
+                                        out[y, s - 1 - x, c] = t
+                        off += s * s * 3
+                return destination[:n]
+
+            decode.is_parallel = True
+            return decode
+
+    return MultiViewCropDecoder()
+
+
+def _next_batch(it):
+    """``next(it)`` for an ffcv EpochIterator that raises if its thread died (ffcv would block forever)."""
+    import queue
+
+    while True:
+        try:
+            item = it.output_queue.get(timeout=1.0)
+            break
+        except queue.Empty:
+            if not it.is_alive() and it.output_queue.empty():
+                raise RuntimeError("the ffcv decoding thread stopped with an error (traceback above)") from None
+    if item is None:
+        it.close()
+        return None
+    slot, result = item
+    if getattr(it, "cuda_streams", None) and it.cuda_streams[slot] is not None:
+        it.current_stream.wait_stream(it.cuda_streams[slot])
+    return result
+
+
+class _Order:
+    """ffcv ``TraversalOrder`` stand-in: our epoch order for this rank (see :func:`epoch_order`)."""
+
+    def __init__(self, owner: "FFCVLoader"):
+        self.owner = owner
+
+    def sample_order(self, epoch: int) -> np.ndarray:
+        return self.owner.order(epoch)
+
+
+def epoch_order(n: int, seed: int, epoch: int, rank: int, world_size: int, shuffle: bool, drop_last: bool) -> np.ndarray:
+    """This rank's sample indices for ``epoch`` (uint64).
+
+    Shuffled: one permutation of all ``n`` samples seeded by (seed, epoch), cut into
+    ``world_size`` disjoint equal shards (the ``n % world_size`` left-over samples
+    of the permutation are dropped when ``drop_last``, else shards differ by one).
+    Not shuffled: contiguous shards in dataset order.
+    """
+    idx = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    if drop_last:
+        per = n // world_size
+        mine = idx[rank * per:(rank + 1) * per]
+    else:
+        mine = np.array_split(idx, world_size)[rank]
+    return mine.astype(np.uint64)
+
+
+class FFCVLoader:
+    """Iterable of :class:`Batch` over a ``.beton``; see :func:`pipelines.loader.build_loader`."""
+
+    def __init__(self, path: str, views, batch_size: int, device, *, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, drop_last: bool = True, workers: int = 2, train: bool = True,
+                 in_memory: bool = True, finisher=None, batches_ahead: int = 2):
+        try:
+            from ffcv.fields.basics import IntDecoder
+            from ffcv.loader import Loader, OrderOption
+            from ffcv.transforms import ToTensor
+        except ImportError as e:
+            raise ImportError(FFCV_INSTALL) from e
+        import torch
+
+        if len(views) > MAX_VIEWS:
+            raise ValueError(f"at most {MAX_VIEWS} views per sample, got {len(views)}")
+        self.path, self.views, self.batch_size = str(path), list(views), int(batch_size)
+        self.device = torch.device(device)
+        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
+        self.drop_last, self.train, self.finisher = bool(drop_last), bool(train), finisher
+        self.epoch = 0
+        self.sizes = [v.size for v in self.views] if train else [self.views[0].size]
+        self.params = view_params(self.views if train else self.views[:1])
+        self.state = np.zeros(ST_SIZES + MAX_VIEWS, np.int64)
+        self._write_state()
+        from ffcv.reader import Reader
+
+        reader = Reader(self.path)
+        self.num_samples = int(reader.num_samples)
+        self.counts = np.zeros(self.num_samples, np.int64)  # decodes per sample (decode-once checks)
+        labels = np.asarray(reader.metadata["f1"], np.int64) if "label" in reader.field_names else None
+        self.labelled = labels is not None and bool((labels >= 0).any())
+        from fastssl.pipelines.prepare import read_meta
+
+        meta = read_meta(self.path) or {}
+        self.classes = meta.get("classes")
+        self.num_classes = (len(self.classes) if self.classes else int(labels.max()) + 1) if self.labelled else None
+        if self.num_samples < world_size:
+            raise ValueError(f"{self.path} has {self.num_samples} samples, fewer than world_size={world_size}")
+
+        decoder = multiview_decoder(self.params, self.state, self.counts, self.train)
+        pipelines = {"image": [decoder, ToTensor()],
+                     "label": [IntDecoder(), ToTensor()] if "label" in reader.field_names else None}
+        self._loader = Loader(self.path, batch_size=self.batch_size, num_workers=max(1, int(workers)),
+                              os_cache=not in_memory, order=OrderOption.SEQUENTIAL, seed=self.seed,
+                              pipelines=pipelines, drop_last=self.drop_last, batches_ahead=batches_ahead)
+        self._loader.traversal_order = _Order(self)
+        self._loader.first_traversal_order = self.order(0)
+        self._it = None
+
+    # -- contract
+    def order(self, epoch: int) -> np.ndarray:
+        return epoch_order(self.num_samples, self.seed, epoch, self.rank, self.world_size, self.train, self.drop_last)
+
+    def __len__(self) -> int:
+        n = len(self._loader.first_traversal_order)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def set_epoch(self, epoch: int, global_size: int | None = None) -> None:
+        """Shuffle seed = f(seed, epoch); ``global_size`` resizes every global view from now on."""
+        self._close()
+        self.epoch = int(epoch)
+        if global_size is not None:
+            vs = self.views if self.train else self.views[:1]
+            self.sizes = [s if v.local else int(global_size) for s, v in zip(self.sizes, vs)]
+        self._write_state()
+
+    def _write_state(self) -> None:
+        self.state[ST_SEED], self.state[ST_EPOCH] = self.seed, self.epoch
+        self.state[ST_ROW] = sum(3 * s * s for s in self.sizes)
+        self.state[ST_NVIEWS] = len(self.sizes)
+        self.state[ST_SIZES:ST_SIZES + len(self.sizes)] = self.sizes
+
+    def _close(self) -> None:
+        it, self._it = self._it, None
+        if it is not None:  # stop the previous epoch's decoding thread before the state changes
+            it.close()
+            it.join(timeout=10)
+
+    def __iter__(self):
+        import torch
+
+        self._close()
+        self._loader.next_epoch = self.epoch
+        order = self.order(self.epoch)
+        it = iter(self._loader)
+        self._it = it
+        nb = len(self)
+        offs = np.cumsum([0] + [3 * s * s for s in self.sizes])
+        non_blocking = self.device.type == "cuda"
+        for b in range(nb):
+            out = _next_batch(it)
+            if out is None:
+                break
+            rows = out[0]                                   # (B, sum 3 S^2) uint8, CPU (pinned on CUDA hosts)
+            B = rows.shape[0]
+            idx = torch.from_numpy(order[b * self.batch_size: b * self.batch_size + B].astype(np.int64))
+            rows = rows.to(self.device, non_blocking=non_blocking)
+            crops = [rows[:, offs[v]:offs[v + 1]].unflatten(1, (s, s, 3)) for v, s in enumerate(self.sizes)]
+            labels = None
+            if self.labelled and len(out) > 1:
+                labels = out[1].to(self.device, non_blocking=non_blocking).long().reshape(B)
+            step = self.epoch * nb + b  # deterministic photometric stream: same (seed, epoch, batch) -> same views
+            views = self.finisher(crops, step) if self.finisher is not None else crops
+            yield Batch(views=views, labels=labels, indices=idx.to(self.device, non_blocking=non_blocking))
+        self._it = None

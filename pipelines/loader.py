@@ -1,0 +1,117 @@
+"""``build_loader``: one entry point for the ffcv, torch and DALI back-ends.
+
+Every back-end crops all views of a sample from ONE decode (geometry:
+``pipelines.crops``), hands uint8 ``(B, S, S, 3)`` crops to the device, and the
+photometric stage (``pipelines.augment.Augmenter``) turns them into normalised
+float ``(B, 3, S, S)`` channels_last views. Evaluation loaders (``train=False``)
+yield one centre-cropped view per image in dataset order, normalised only.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+BACKENDS = ("auto", "ffcv", "torch", "dali")
+
+
+class Normalize:
+    """uint8 NHWC crops -> normalised float NCHW (channels_last memory), ImageNet statistics; bf16 on CUDA."""
+
+    def __init__(self, device, dtype: torch.dtype | None = None):
+        self.device = torch.device(device)
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) * 255
+        self.inv_std = 1.0 / (torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * 255)
+
+    def __call__(self, crops: list[torch.Tensor], step: int = 0) -> list[torch.Tensor]:
+        # (B, S, S, 3) uint8 -> permute is a view whose memory is already channels_last
+        return [((c.permute(0, 3, 1, 2).float() - self.mean) * self.inv_std).to(self.dtype)
+                .contiguous(memory_format=torch.channels_last) for c in crops]
+
+
+def make_finisher(views, device, seed: int, train: bool, photometric: bool = True):
+    """The stage after cropping: the recipe's photometric ``Augmenter`` (train), ``Normalize`` (eval), or None (raw crops)."""
+    if not photometric:
+        return None
+    if not train:
+        return Normalize(device)
+    try:
+        from fastssl.pipelines.augment import Augmenter
+    except ImportError:  # the photometric stage is not there yet: normalise only
+        return Normalize(device)
+    return Augmenter(list(views), device, seed=seed)
+
+
+def _field(cfg, name, default=None):
+    return getattr(cfg, name, default) if cfg is not None else default
+
+
+def resolve_backend(path: str, backend: str) -> str:
+    """``auto``: ffcv for a ``.beton`` (torch if ffcv is missing: impossible, it needs ffcv), torch for a folder."""
+    if backend not in BACKENDS:
+        from fastssl.registry import closest
+
+        raise ValueError(f"unknown data back-end {backend!r}: {closest(backend, list(BACKENDS))}")
+    is_beton = str(path).endswith(".beton") or (Path(path).is_file())
+    if backend == "auto":
+        return "ffcv" if is_beton else "torch"
+    if is_beton and backend != "ffcv":
+        raise ValueError(f"{path} is an ffcv .beton: only backend=ffcv (or auto) reads it; for {backend}, "
+                         f"give the image folder it was made from")
+    if not is_beton and backend == "ffcv":
+        raise ValueError(f"backend=ffcv reads a .beton, but {path} is a folder: convert it with "
+                         f"`fastssl-prepare {path} {str(path).rstrip('/')}.beton`")
+    return backend
+
+
+def build_loader(data_cfg, aug_views, split: str, batch_size: int, device, *, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, drop_last: bool = True, backend: str | None = None, workers: int | None = None,
+                 train: bool = True, photometric: bool = True, in_memory: bool | None = None):
+    """A loader of :class:`Batch` for ``split`` ("train"/"val": the path ``data_cfg.<split>``, or a path itself).
+
+    ``aug_views``: the recipe's ``ViewSpec`` list (``train=False`` uses ``aug_views[0].size``, centre crop).
+    ``data_cfg`` is duck-typed (``train``, ``val``, ``backend``, ``workers``, ``in_memory``); explicit
+    keyword arguments win. ``photometric=False`` yields the uint8 ``(B, S, S, 3)`` crops on ``device``
+    (the ``loader`` benchmark stage). The loader has ``len()`` (batches per epoch),
+    ``set_epoch(epoch, global_size=None)``, ``num_samples`` (this dataset's size, all ranks),
+    ``num_classes`` (None when unlabelled).
+    """
+    path = _field(data_cfg, split, None) if split in ("train", "val", "test") else split
+    if not path:
+        raise ValueError(f"data.{split} is empty: give a .beton file or an image folder")
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"data.{split}={path} does not exist: give a .beton file (`fastssl-prepare SRC "
+                                f"OUT.beton`) or an image folder; `fastssl-prepare synthetic DIR` writes the built-in data")
+    backend = backend or _field(data_cfg, "backend", "auto")
+    workers = int(workers if workers is not None else _field(data_cfg, "workers", 2))
+    in_memory = bool(in_memory if in_memory is not None else _field(data_cfg, "in_memory", True))
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    views = list(aug_views)
+    if not views:
+        raise ValueError("aug_views is empty: give the recipe's views (AugConfig.resolved_views())")
+    kind = resolve_backend(path, backend)
+    finisher = make_finisher(views if train else views[:1], device, seed, train, photometric)
+    common = dict(seed=seed, rank=rank, world_size=world_size, drop_last=drop_last if train else False,
+                  workers=workers, train=train, finisher=finisher)
+    if kind == "ffcv":
+        try:
+            from fastssl.pipelines.ffcv_backend import FFCVLoader
+            import ffcv  # noqa: F401
+        except ImportError as e:
+            from fastssl.pipelines.ffcv_backend import FFCV_INSTALL
+
+            raise ImportError(FFCV_INSTALL) from e
+        return FFCVLoader(path, views, batch_size, device, in_memory=in_memory, **common)
+    if kind == "dali":
+        from fastssl.pipelines.dali_backend import DALILoader
+
+        return DALILoader(path, views, batch_size, device, **common)
+    from fastssl.pipelines.torch_backend import TorchLoader
+
+    return TorchLoader(path, views, batch_size, device, **common)
