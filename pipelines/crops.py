@@ -95,6 +95,16 @@ def center_crop(height, width):
 
 
 @njit(cache=True)
+def crop_params(height, width, params, seed, epoch, index, view, train):
+    """(top, left, crop_h, crop_w, flip) of one view of sample ``index``: random-resized crop (train) or centre crop."""
+    if train:
+        t, l, ch, cw, f = random_resized_crop(height, width, params, sample_key(seed, epoch, index, view))
+        return t, l, ch, cw, f
+    t, l, ch, cw = center_crop(height, width)
+    return t, l, ch, cw, False
+
+
+@njit(cache=True)
 def sample_many(heights, widths, params, seed, epoch, view):
     """Crop params of samples ``0..n-1`` for one view: (n, 5) int64 (top, left, h, w, flip). For tests and torch workers."""
     n = heights.shape[0]
@@ -123,3 +133,20 @@ def view_params(views) -> np.ndarray:
             raise ValueError(f"view flip_p must be in [0, 1], got {v.flip_p}")
         rows.append([v.scale_min, v.scale_max, math.log(v.ratio_min), math.log(v.ratio_max), v.flip_p])
     return np.ascontiguousarray(np.array(rows, dtype=np.float64).reshape(-1, 5))
+
+
+def epoch_order(n: int, seed: int, epoch: int, rank: int, world_size: int, shuffle: bool, drop_last: bool) -> np.ndarray:
+    """This rank's sample indices for ``epoch`` (uint64).
+
+    Shuffled: one permutation of all ``n`` samples seeded by (seed, epoch), cut into
+    ``world_size`` disjoint equal shards (the ``n % world_size`` left-over samples
+    of the permutation are dropped when ``drop_last``, else shards differ by one).
+    Not shuffled: contiguous shards in dataset order.
+    """
+    idx = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    if drop_last:
+        per = n // world_size
+        mine = idx[rank * per:(rank + 1) * per]
+    else:
+        mine = np.array_split(idx, world_size)[rank]
+    return mine.astype(np.uint64)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from fastssl.pipelines import Batch
-from fastssl.pipelines.crops import center_crop, random_resized_crop, sample_key, view_params
+from fastssl.pipelines.crops import center_crop, epoch_order, random_resized_crop, sample_key, view_params
 
 FFCV_INSTALL = ("the ffcv back-end needs ffcv: apt-get install -y pkg-config libturbojpeg0-dev libopencv-dev && "
                 "pip install 'fastssl[ffcv]'")
@@ -164,23 +164,6 @@ class _Order:
 
     def sample_order(self, epoch: int) -> np.ndarray:
         return self.owner.order(epoch)
-
-
-def epoch_order(n: int, seed: int, epoch: int, rank: int, world_size: int, shuffle: bool, drop_last: bool) -> np.ndarray:
-    """This rank's sample indices for ``epoch`` (uint64).
-
-    Shuffled: one permutation of all ``n`` samples seeded by (seed, epoch), cut into
-    ``world_size`` disjoint equal shards (the ``n % world_size`` left-over samples
-    of the permutation are dropped when ``drop_last``, else shards differ by one).
-    Not shuffled: contiguous shards in dataset order.
-    """
-    idx = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
-    if drop_last:
-        per = n // world_size
-        mine = idx[rank * per:(rank + 1) * per]
-    else:
-        mine = np.array_split(idx, world_size)[rank]
-    return mine.astype(np.uint64)
 
 
 class FFCVLoader:
