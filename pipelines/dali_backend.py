@@ -1,0 +1,170 @@
+"""NVIDIA DALI back-end: an image folder, decoded once per sample, every view cropped from that decode.
+
+Graph per epoch: ``fn.readers.file`` over this rank's file list in our epoch
+order (``pipelines.crops.epoch_order``, the same shards as every back-end; the
+reader's label carries the dataset index, mapped to the class on the host) ->
+``fn.decoders.image`` (``device="mixed"``: nvJPEG on the GPU; ``"cpu"``:
+libjpeg-turbo, the CPU-only mode with ``device_id=None``) -> per view
+``fn.random_resized_crop`` (scale/ratio of the view spec) + ``fn.flip`` with a
+``fn.random.coin_flip``; evaluation: resize the short side to size / 0.875 and
+centre crop. All randomness is DALI's own, seeded with f(seed, epoch, rank).
+
+Decoder fallback: the mixed decoder sends what the hardware JPEG decoder cannot
+take (``hw_decoder_load`` share, odd subsamplings, CMYK, ...) to nvJPEG's CUDA
+path, and formats nvJPEG cannot decode at all (PNG, ...) to DALI's CPU decoders,
+all inside one op. What no decoder can read (a truncated file) would stop the
+pipeline, so files are validated once (a full decode, cached under
+``~/.cache/fastssl``) and unreadable ones are left out with a warning: the epoch
+never ends early.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastssl.pipelines import Batch
+from fastssl.pipelines.crops import EVAL_CROP_RATIO, epoch_order
+
+DALI_INSTALL = "the dali back-end needs NVIDIA DALI: pip install 'fastssl[dali]'"
+
+
+def _valid_items(items, workers: int):
+    """Items whose file decodes; the verdict per listing is cached in ~/.cache/fastssl/dali-valid-<sha1>.json."""
+    from fastssl.pipelines.prepare import validate
+
+    h = hashlib.sha1()
+    for p, label in items:
+        st = os.stat(p)
+        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastssl" / f"dali-valid-{h.hexdigest()}.json"
+    try:
+        bad = set(json.loads(cache.read_text()))
+    except (OSError, ValueError):
+        bad = {p for p, why, _ in validate([p for p, _ in items], workers, progress=False) if why}
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps(sorted(bad)))
+        except OSError:
+            pass
+    for p in sorted(bad):
+        warnings.warn(f"dali back-end: leaving out {p}: it cannot be decoded (fastssl-prepare lists why)")
+    return [(i, p, label) for i, (p, label) in enumerate(items) if p not in bad]
+
+
+class DALILoader:
+    """Iterable of :class:`Batch` over an image folder through DALI; see :func:`pipelines.loader.build_loader`."""
+
+    def __init__(self, path: str, views, batch_size: int, device, *, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, drop_last: bool = True, workers: int = 2, train: bool = True,
+                 finisher=None, validate: bool = True):
+        try:
+            import nvidia.dali  # noqa: F401
+        except ImportError as e:
+            raise ImportError(DALI_INSTALL) from e
+        from fastssl.pipelines.prepare import list_images
+
+        self.path, self.views, self.batch_size = str(path), list(views), int(batch_size)
+        self.device = torch.device(device)
+        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
+        self.drop_last, self.train, self.finisher, self.workers = bool(drop_last), bool(train), finisher, int(workers)
+        items, self.classes, _ = list_images(self.path)
+        self.num_classes = len(self.classes) if self.classes else None
+        self.entries = _valid_items(items, self.workers) if validate else [(i, p, l) for i, (p, l) in enumerate(items)]
+        if not self.entries:
+            raise ValueError(f"{self.path}: no decodable image")
+        self.num_samples = len(self.entries)
+        self.labels = np.array([label for _, _, label in self.entries], np.int64)
+        self.index = np.array([i for i, _, _ in self.entries], np.int64)  # listing index of each valid entry
+        vs = self.views if train else self.views[:1]
+        self.specs = vs
+        self.sizes = [v.size for v in vs]
+        self.epoch = 0
+        self.gpu = self.device.type == "cuda"
+
+    def order(self, epoch: int) -> np.ndarray:
+        return epoch_order(self.num_samples, self.seed, epoch, self.rank, self.world_size, self.train, self.drop_last)
+
+    def __len__(self) -> int:
+        n = len(self.order(0))
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def set_epoch(self, epoch: int, global_size: int | None = None) -> None:
+        """Shuffle seed = f(seed, epoch); ``global_size`` resizes every global view from now on."""
+        self.epoch = int(epoch)
+        if global_size is not None:
+            self.sizes = [s if v.local else int(global_size) for s, v in zip(self.sizes, self.specs)]
+
+    def _pipeline(self, files: list[str], ids: list[int]):
+        from nvidia.dali import fn, pipeline_def, types
+
+        dali_seed = int(np.random.default_rng([self.seed, self.epoch, self.rank]).integers(0, 2**31 - 1))
+        dec_dev = "mixed" if self.gpu else "cpu"
+        specs, sizes, train = self.specs, self.sizes, self.train
+
+        @pipeline_def(batch_size=self.batch_size, num_threads=max(1, self.workers),
+                      device_id=(self.device.index or 0) if self.gpu else None, seed=dali_seed,
+                      prefetch_queue_depth=2, exec_dynamic=True)
+        def pipe():
+            jpegs, ids_ = fn.readers.file(files=files, labels=ids, random_shuffle=False, name="reader",
+                                          pad_last_batch=True)
+            # hw_decoder_load: share of JPEGs for the A100/H100 hardware decoder; the rest go to nvJPEG CUDA,
+            # anything nvJPEG cannot read to the CPU decoder (DALI's built-in fallback).
+            kw = {"hw_decoder_load": 0.65} if self.gpu else {}
+            images = fn.decoders.image(jpegs, device=dec_dev, output_type=types.RGB, **kw)  # decoded ONCE
+            outs = []
+            for v, s in zip(specs, sizes):
+                if train:
+                    crop = fn.random_resized_crop(images, size=(s, s), random_area=(v.scale_min, v.scale_max),
+                                                  random_aspect_ratio=(v.ratio_min, v.ratio_max),
+                                                  antialias=True)
+                    crop = fn.flip(crop, horizontal=fn.random.coin_flip(probability=v.flip_p))
+                else:
+                    crop = fn.resize(images, resize_shorter=s / EVAL_CROP_RATIO, antialias=True)
+                    crop = fn.crop(crop, crop=(s, s), out_of_bounds_policy="trim_to_shape")
+                outs.append(crop)
+            return (ids_, *outs)
+
+        p = pipe()
+        p.build()
+        return p
+
+    def __iter__(self):
+        order = self.order(self.epoch).astype(np.int64)
+        if len(order) == 0:
+            return
+        nb = len(self)
+        p = self._pipeline([self.entries[i][1] for i in order], [int(i) for i in order])
+        labelled = self.num_classes is not None
+        seen = 0
+        try:
+            for b in range(nb):
+                outs = p.run()
+                take = min(self.batch_size, len(order) - seen)
+                ids = torch.from_numpy(np.array(outs[0].as_cpu().as_tensor()).reshape(-1)[:take].astype(np.int64))
+                seen += take
+                crops = [_to_torch(o, self.device)[:take] for o in outs[1:]]           # V x (B, S, S, 3) uint8
+                step = self.epoch * nb + b
+                views = self.finisher(crops, step) if self.finisher is not None else crops
+                labels = torch.from_numpy(self.labels[ids.numpy()]).to(self.device) if labelled else None
+                yield Batch(views=views, labels=labels, indices=torch.from_numpy(self.index[ids.numpy()]).to(self.device))
+        finally:
+            del p
+
+
+def _to_torch(tl, device) -> torch.Tensor:
+    """A DALI TensorList of equal-shape samples -> one torch tensor on ``device`` (CPU: one copy; GPU: one D2D copy)."""
+    t = tl.as_tensor()
+    if hasattr(t, "device") and "gpu" in type(t).__name__.lower():
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        out = torch.empty(t.shape(), dtype=torch.uint8, device=device)
+        feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(device))
+        return out
+    return torch.from_numpy(np.array(t)).to(device)
