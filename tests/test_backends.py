@@ -1,0 +1,166 @@
+"""Every back-end under the same contract: views, labels, indices, seeds, decode-once, shards, resolution."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fastssl.pipelines.loader import build_loader
+from fastssl.pipelines.recipes import preset
+
+GLOBAL, LOCAL = 32, 16
+
+
+def _views(recipe):
+    v = preset(recipe)
+    for s in v:
+        s.size = LOCAL if s.local else GLOBAL
+    return v
+
+
+def _src(demo_data, backend, split="train"):
+    return str(demo_data / (f"{split}.beton" if backend == "ffcv" else split))
+
+
+def _has(mod):
+    try:
+        __import__(mod)
+        return True
+    except ImportError:
+        return False
+
+
+BACKENDS = [pytest.param("ffcv", marks=pytest.mark.skipif(not _has("ffcv"), reason="ffcv missing")),
+            "torch",
+            pytest.param("dali", marks=pytest.mark.skipif(not _has("nvidia.dali"), reason="DALI missing"))]
+
+
+def _loader(demo_data, backend, recipe="simclr", bs=16, **kw):
+    kw.setdefault("workers", 1)
+    return build_loader(None, _views(recipe), _src(demo_data, backend, kw.pop("split", "train")), bs, "cpu",
+                        backend=backend, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("recipe", ["simclr", pytest.param("byol", marks=pytest.mark.slow), "dino",
+                                    pytest.param("mae", marks=pytest.mark.slow)])
+def test_views_shapes_dtypes_devices(demo_data, backend, recipe):
+    L = _loader(demo_data, backend, recipe)
+    assert L.num_samples == 200 and L.num_classes == 10 and len(L) == 200 // 16
+    batches = list(L)
+    assert len(batches) == len(L)
+    spec = _views(recipe)
+    for b in batches[:2]:
+        assert len(b.views) == len(spec)
+        for v, s in zip(b.views, spec):
+            assert v.shape == (16, 3, s.size, s.size) and v.dtype == torch.float32 and v.device.type == "cpu"
+            assert v.is_contiguous(memory_format=torch.channels_last)
+            assert torch.isfinite(v).all() and v.std() > 0.1          # normalised pixels, not zeros
+        assert b.labels.shape == (16,) and b.labels.dtype == torch.int64 and b.indices.shape == (16,)
+        assert ((b.labels >= 0) & (b.labels < 10)).all()
+    idx = torch.cat([b.indices for b in batches])
+    assert len(idx.unique()) == len(idx)                                  # no repeats within an epoch
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_raw_crops_seeded_reproducible(demo_data, backend):
+    a = [b.views for b in _loader(demo_data, backend, "dino", photometric=False, seed=3)]
+    b = [b.views for b in _loader(demo_data, backend, "dino", photometric=False, seed=3)]
+    c = [b.views for b in _loader(demo_data, backend, "dino", photometric=False, seed=4)]
+    assert a[0][0].dtype == torch.uint8 and a[0][0].shape == (16, GLOBAL, GLOBAL, 3)
+    assert a[0][2].shape == (16, LOCAL, LOCAL, 3)
+    assert all(torch.equal(x, y) for va, vb in zip(a, b) for x, y in zip(va, vb))
+    assert not all(torch.equal(x, y) for va, vc in zip(a, c) for x, y in zip(va, vc))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_epochs_shuffle_and_progressive_resolution(demo_data, backend):
+    L = _loader(demo_data, backend, "dino", photometric=False)
+    e0 = torch.cat([b.indices for b in L])
+    L.set_epoch(1, global_size=24)
+    bs = list(L)
+    assert [tuple(v.shape[1:3]) for v in bs[0].views] == [(24, 24)] * 2 + [(LOCAL, LOCAL)] * 6
+    e1 = torch.cat([b.indices for b in bs])
+    assert len(e0) == len(e1) == 192 and not torch.equal(e0, e1)             # reshuffled, same count
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_loader_sequential_centre_crop(demo_data, backend):
+    E = _loader(demo_data, backend, "dino", bs=32, split="val", train=False)
+    bs = list(E)
+    assert len(bs) == len(E) == 4                                          # 100 images, no drop_last
+    idx = torch.cat([b.indices for b in bs])
+    assert idx.tolist() == list(range(100))
+    assert all(len(b.views) == 1 and b.views[0].shape[1:] == (3, GLOBAL, GLOBAL) for b in bs)
+    again = list(E)
+    assert all(torch.equal(x.views[0], y.views[0]) for x, y in zip(bs, again))   # deterministic features
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_ranks_disjoint_shards(demo_data, backend):
+    shards = [torch.cat([b.indices for b in _loader(demo_data, backend, "simclr", bs=8, photometric=False,
+                                                  rank=r, world_size=2, seed=1)]) for r in range(2)]
+    a, b = set(shards[0].tolist()), set(shards[1].tolist())
+    assert not a & b and len(a) == len(b) == 96                            # 100 per rank, 12 full batches of 8
+
+
+def test_ffcv_decodes_each_image_once_per_epoch(demo_data):
+    L = _loader(demo_data, "ffcv", "dino", photometric=False)               # 8 views per image
+    idx = torch.cat([b.indices for b in L]).numpy()
+    assert (L.counts[idx] == 1).all() and L.counts.sum() == len(idx)
+    list(L)
+    assert (L.counts[idx] == 2).all()
+
+
+def test_ffcv_labels_match_indices(demo_data):
+    L = _loader(demo_data, "ffcv", "simclr", photometric=False)
+    for b in L:
+        assert torch.equal(b.labels, b.indices % 10)                       # SyntheticImages: label = i % classes
+
+
+def test_torch_decodes_each_image_once(demo_data, monkeypatch):
+    from PIL import Image
+
+    opened = []
+    real = Image.open
+    monkeypatch.setattr(Image, "open", lambda p, *a, **k: (opened.append(str(p)), real(p, *a, **k))[1])
+    L = _loader(demo_data, "torch", "dino", photometric=False, workers=0)
+    n = sum(len(b.indices) for b in L)
+    assert len(opened) == n == len(set(opened))
+
+
+def test_torch_gpu_path_matches_cpu_path(demo_data):
+    """The CUDA code path (batched decode_jpeg + roi_align crops), run on the CPU, agrees with the PIL path."""
+    from fastssl.pipelines.torch_backend import TorchLoader
+
+    v = _views("dino")
+    cpu = next(iter(TorchLoader(_src(demo_data, "torch"), v, 16, "cpu", workers=0, gpu_decode=False)))
+    gpu = next(iter(TorchLoader(_src(demo_data, "torch"), v, 16, "cpu", workers=0, gpu_decode=True)))
+    assert torch.equal(cpu.indices, gpu.indices)
+    for a, b in zip(cpu.views, gpu.views):
+        assert a.shape == b.shape and a.dtype == b.dtype == torch.uint8
+        assert (a.float() - b.float()).abs().mean() < 6.0                 # resampling filters differ slightly
+    other = next(iter(TorchLoader(_src(demo_data, "torch"), v, 16, "cpu", workers=0, gpu_decode=True, seed=9)))
+    assert (other.views[0].float() - cpu.views[0].float()).abs().mean() > 6.0   # the bound can fail
+
+
+@pytest.mark.cuda
+def test_torch_gpu_decode_on_cuda(demo_data):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    L = _loader(demo_data, "torch", "dino", bs=16, photometric=False)
+    L.device = torch.device("cuda")
+    from fastssl.pipelines.torch_backend import TorchLoader
+
+    G = TorchLoader(_src(demo_data, "torch"), _views("dino"), 16, "cuda", workers=1)
+    b = next(iter(G))
+    assert G.gpu_decode and all(v.device.type == "cuda" and v.dtype == torch.uint8 for v in b.views)
+
+
+def test_bad_backend_and_path_errors(demo_data):
+    with pytest.raises(ValueError, match="unknown data back-end"):
+        _loader(demo_data, "ffvc")
+    with pytest.raises(ValueError, match="fastssl-prepare"):
+        build_loader(None, _views("simclr"), str(demo_data / "train"), 8, "cpu", backend="ffcv")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_loader(None, _views("simclr"), str(demo_data / "nope.beton"), 8, "cpu")
