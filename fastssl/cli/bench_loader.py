@@ -1,0 +1,189 @@
+"""``fastssl-bench loader``: images/s of ready views per back-end and stage, side by side in one run.
+
+    fastssl-bench loader --make-imagenet-like data/bench [--n 2000]
+    fastssl-bench loader --backend all --data data/bench --recipe simclr --batch-size 64 --workers 2 --json
+
+``--data`` is a folder holding ``train/`` (JPEG ImageFolder) and ``train.beton``
+(what ``--make-imagenet-like`` writes), or a .beton / folder itself.
+Stages: ``loader`` = every view cropped, uint8 on the device, ready for the
+photometric stage; ``full`` = after the photometric stage (normalised float
+views). ``baseline`` = the per-image torchvision pipeline lightly / solo-learn
+users run (PIL decode, RandomResizedCrop, flip, ColorJitter(0.4, 0.4, 0.2, 0.1)
+p=0.8, grayscale p=0.2, GaussianBlur(23, (0.1, 2)) with the recipe's p,
+ToTensor + Normalize, all in DataLoader workers, one decode per view): always ``full``.
+Measured after one warm-up pass (compilation, worker start); CPU use = process +
+reaped children CPU time / wall time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+
+def _cpu_seconds() -> float:
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+def make_imagenet_like(out_dir: str, n: int = 2000, workers: int = 2, seed: int = 0) -> dict:
+    """``n`` JPEGs of 400x350 px at quality 90 (ImageFolder ``out/train``) and the same as ``out/train.beton``."""
+    from fastssl.pipelines.prepare import WriteSettings, prepare_folder
+    from fastssl.pipelines.synthetic import SyntheticImages, write_jpeg_folder
+
+    out = Path(out_dir)
+    folder = out / "train"
+    stamp = out / ".imagenet-like.json"
+    want = {"n": n, "seed": seed, "size": [350, 400], "quality": 90}
+    if not (stamp.is_file() and json.loads(stamp.read_text()) == want):
+        ds = SyntheticImages(num_classes=10, per_class=max(1, n // 10), size=(350, 400), seed=seed, split="train")
+        write_jpeg_folder(ds, folder, quality=90)
+        stamp.write_text(json.dumps(want))
+    summary = prepare_folder(folder, out / "train.beton", WriteSettings(jpeg_quality=90, workers=workers), quiet=True)
+    return {"folder": str(folder), "beton": str(out / "train.beton"), "images": summary["written"],
+            "beton_bytes": summary["bytes"]}
+
+
+class _BaselineViews:
+    """The per-image two-view torchvision transform (one decode per view, as lightly/solo-learn do it)."""
+
+    def __init__(self, views):
+        from torchvision import transforms as T
+
+        self.ts = []
+        for v in views:
+            blur_k = 23 if v.size >= 160 else max(3, (v.size // 10) | 1)
+            self.ts.append(T.Compose([
+                T.RandomResizedCrop(v.size, scale=(v.scale_min, v.scale_max), ratio=(v.ratio_min, v.ratio_max)),
+                T.RandomHorizontalFlip(v.flip_p),
+                T.RandomApply([T.ColorJitter(v.brightness, v.contrast, v.saturation, v.hue)], p=v.jitter_p),
+                T.RandomGrayscale(v.gray_p),
+                T.RandomApply([T.GaussianBlur(blur_k, (v.blur_sigma_min, v.blur_sigma_max))], p=v.blur_p),
+                T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]))
+
+    def __call__(self, img):
+        return [t(img) for t in self.ts]
+
+
+def _baseline_loader(folder: str, views, batch_size: int, workers: int):
+    import torch
+    from torchvision.datasets import ImageFolder
+
+    ds = ImageFolder(folder, transform=_BaselineViews(views))
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers,
+                                       drop_last=True, persistent_workers=False,
+                                       prefetch_factor=4 if workers else None)
+
+
+def _source(data: str, backend: str) -> str:
+    p = Path(data)
+    if p.is_dir() and (p / "train").is_dir() and (p / "train.beton").is_file():
+        return str(p / ("train.beton" if backend == "ffcv" else "train"))
+    return str(p)
+
+
+def measure(backend: str, stage: str, data: str, recipe: str, batch_size: int, workers: int, size: int,
+            epochs: int, max_batches: int, device: str = "cpu", seed: int = 0) -> dict:
+    """One (back-end, stage) measurement: warm-up pass, then ``epochs`` timed passes of up to ``max_batches``."""
+    import torch
+
+    from fastssl.pipelines.recipes import AugConfig
+
+    views = AugConfig(recipe=recipe, global_size=size, local_size=max(16, round(size * 96 / 224))).resolved_views()
+    src = _source(data, backend)
+    if backend == "baseline":
+        if len(views) != 2:
+            views = views[:2]
+        loader = _baseline_loader(src, views, batch_size, workers)
+        stage = "full"
+    else:
+        from fastssl.pipelines.loader import build_loader
+
+        loader = build_loader(None, views, src, batch_size, device, seed=seed, backend=backend, workers=workers,
+                              photometric=(stage == "full"))
+
+    def run(epoch: int, limit: int) -> int:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        n = 0
+        for k, b in enumerate(loader):
+            vs = b.views if hasattr(b, "views") else b[0]
+            n += vs[0].shape[0]
+            if k + 1 >= limit:
+                break
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return n
+
+    run(0, min(max_batches, 4))                                    # warm-up: compile, start workers
+    c0, t0 = _cpu_seconds(), time.perf_counter()
+    images, batches = 0, 0
+    for e in range(epochs):
+        got = run(e + 1, max_batches)
+        images += got
+        batches += -(-got // batch_size)
+    wall = time.perf_counter() - t0
+    cpu = _cpu_seconds() - c0
+    return {"backend": backend, "recipe": recipe, "stage": stage, "views": len(views), "size": size,
+            "batch_size": batch_size, "workers": workers, "images": images, "seconds": round(wall, 3),
+            "images_per_second": round(images / wall, 1), "ms_per_batch": round(1000 * wall / max(1, batches), 2),
+            "cpu_percent": round(100 * cpu / wall, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``fastssl-bench loader``."""
+    ap = argparse.ArgumentParser(prog="fastssl-bench loader", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--backend", default="ffcv", help="ffcv|dali|torch|baseline, comma-separated, or all")
+    ap.add_argument("--data", help="bench folder (train/ + train.beton), a .beton or an image folder")
+    ap.add_argument("--recipe", default="simclr", help="simclr|byol|dino|mae, comma-separated")
+    ap.add_argument("--stage", default="loader,full", help="loader|full, comma-separated")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--max-batches", type=int, default=10**9, help="cap batches per timed pass")
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--out", help="also write the JSON here")
+    ap.add_argument("--make-imagenet-like", metavar="OUT_DIR", help="write the benchmark set and exit")
+    ap.add_argument("--n", type=int, default=2000)
+    a = ap.parse_args(argv)
+    if a.make_imagenet_like:
+        info = make_imagenet_like(a.make_imagenet_like, a.n, a.workers)
+        print(json.dumps(info) if a.json else f"wrote {info}")
+        return 0
+    if not a.data:
+        ap.error("--data is required (make a set with --make-imagenet-like OUT_DIR)")
+    backends = ["baseline", "torch", "dali", "ffcv"] if a.backend == "all" else a.backend.split(",")
+    results = []
+    for recipe in a.recipe.split(","):
+        for be in backends:
+            for stage in (["full"] if be == "baseline" else a.stage.split(",")):
+                r = measure(be, stage, a.data, recipe, a.batch_size, a.workers, a.size, a.epochs, a.max_batches,
+                            a.device)
+                results.append(r)
+                if not a.json:
+                    print(f"{be:>8} {recipe:>6} {stage:>6}: {r['images_per_second']:8.1f} img/s  "
+                          f"{r['ms_per_batch']:8.1f} ms/batch  cpu {r['cpu_percent']:5.0f}%", flush=True)
+    base = {r["recipe"]: r["images_per_second"] for r in results if r["backend"] == "baseline"}
+    for r in results:
+        if r["recipe"] in base:
+            r["x_baseline"] = round(r["images_per_second"] / base[r["recipe"]], 2)
+    out = {"benchmark": "loader", "cpu_count": os.cpu_count(), "argv": sys.argv[1:] if argv is None else argv,
+           "results": results}
+    if len(results) == 1:
+        out.update(results[0])
+    if a.json:
+        print(json.dumps(out, indent=1))
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
