@@ -1,0 +1,176 @@
+"""The photometric stage, batched on the device (cookbook section 3.1).
+
+The loader hands each view's crops as uint8 ``(B, S, S, 3)`` (NHWC, already
+random-resized-cropped and flipped at decode time); :class:`Augmenter` turns
+them into normalised float ``(B, 3, S, S)`` channels_last views. Per-image
+parameters are sampled as tensors and applied with ``torch.where`` masks: no
+per-image Python, no boolean indexing (no host sync), one seeded generator per
+(seed, step, view) so a resumed run sees the same augmentations.
+
+Order per view (SimCLR/BYOL): colour jitter with ``jitter_p`` (brightness,
+contrast, saturation, hue in that fixed order; torchvision draws a random
+order per call, a batched op cannot cheaply), grayscale with ``gray_p``,
+Gaussian blur with ``blur_p`` (sigma ~ U(min, max), kernel ~ 10% of the side,
+odd: 23 px at 224 as SimCLR), solarisation with ``solarize_p``, normalisation.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+import torch.nn.functional as F
+
+from fastssl.pipelines.recipes import ViewSpec
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+
+
+def _seed(*parts: int) -> int:
+    h = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+def sample_params(view: ViewSpec, b: int, generator: torch.Generator, device) -> dict[str, torch.Tensor]:
+    """Per-image parameters of one view: each a (B,) tensor on ``device`` (masks are bool)."""
+    u = torch.rand(10, b, generator=generator, device=device)
+
+    def rng(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+        return lo + (hi - lo) * x
+
+    br, co, sa = view.brightness, view.contrast, view.saturation
+    return {
+        "jitter": u[0] < view.jitter_p,
+        "brightness": rng(u[1], max(0.0, 1 - br), 1 + br),
+        "contrast": rng(u[2], max(0.0, 1 - co), 1 + co),
+        "saturation": rng(u[3], max(0.0, 1 - sa), 1 + sa),
+        "hue": rng(u[4], -view.hue, view.hue),
+        "gray": u[5] < view.gray_p,
+        "blur": u[6] < view.blur_p,
+        "sigma": rng(u[7], view.blur_sigma_min, view.blur_sigma_max),
+        "solarize": u[8] < view.solarize_p,
+    }
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, 1, H, W) luma."""
+    r, g, b = x.unbind(1)
+    return (_GRAY[0] * r + _GRAY[1] * g + _GRAY[2] * b).unsqueeze(1)
+
+
+def _col(t: torch.Tensor) -> torch.Tensor:
+    return t.view(-1, 1, 1, 1)
+
+
+def adjust_hue(x: torch.Tensor, hue: torch.Tensor) -> torch.Tensor:
+    """Per-image hue shift (fraction of a turn) through HSV, as torchvision; x in [0, 1], (B, 3, H, W)."""
+    r, g, b = x.unbind(1)
+    maxc, _ = x.max(1)
+    minc, _ = x.min(1)
+    eqc = maxc == minc
+    cr = maxc - minc
+    ones = torch.ones_like(maxc)
+    s = cr / torch.where(eqc, ones, maxc)
+    cr_div = torch.where(eqc, ones, cr)
+    rc, gc, bc = (maxc - r) / cr_div, (maxc - g) / cr_div, (maxc - b) / cr_div
+    hr = (maxc == r) * (bc - gc)
+    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
+    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
+    h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
+    h = torch.remainder(h + hue.view(-1, 1, 1), 1.0)
+    v = maxc
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    i = i.to(torch.int64) % 6
+    p = (v * (1.0 - s)).clamp(0.0, 1.0)
+    q = (v * (1.0 - s * f)).clamp(0.0, 1.0)
+    t = (v * (1.0 - s * (1.0 - f))).clamp(0.0, 1.0)
+    mask = i.unsqueeze(1) == torch.arange(6, device=x.device).view(1, -1, 1, 1)  # (B, 6, H, W)
+    a1 = torch.stack((v, q, p, p, t, v), dim=1)
+    a2 = torch.stack((t, v, v, q, p, p), dim=1)
+    a3 = torch.stack((p, p, t, v, v, q), dim=1)
+    a4 = torch.stack((a1, a2, a3), dim=1)  # (B, 3, 6, H, W)
+    return (a4 * mask.unsqueeze(1).to(x.dtype)).sum(2)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, ksize: int) -> torch.Tensor:
+    """Separable Gaussian blur with a per-image sigma: grouped convs, reflect padding. x (B, C, H, W)."""
+    b, c, h, w = x.shape
+    half = ksize // 2
+    t = torch.arange(-half, half + 1, device=x.device, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t.view(1, -1) / sigma.view(-1, 1).to(x.dtype)) ** 2)
+    k = k / k.sum(1, keepdim=True)                                        # (B, k)
+    k = k.repeat_interleave(c, 0)                                         # (B*C, k)
+    y = x.reshape(1, b * c, h, w)
+    pad_h, pad_w = min(half, h - 1), min(half, w - 1)
+    y = F.pad(y, (pad_w, pad_w, pad_h, pad_h), mode="reflect")
+    if pad_w < half or pad_h < half:  # tiny images: clip the kernel to what reflect padding allows
+        kw = k[:, half - pad_w: half + pad_w + 1]
+        kh = k[:, half - pad_h: half + pad_h + 1]
+        kw, kh = kw / kw.sum(1, keepdim=True), kh / kh.sum(1, keepdim=True)
+    else:
+        kw = kh = k
+    y = F.conv2d(y, kw.view(b * c, 1, 1, -1), groups=b * c)
+    y = F.conv2d(y, kh.view(b * c, 1, -1, 1), groups=b * c)
+    return y.view(b, c, h, w)
+
+
+def blur_kernel_size(size: int) -> int:
+    """~10% of the side, odd (SimCLR: 23 px at 224)."""
+    k = int(0.1 * size)
+    return max(3, k + 1 if k % 2 == 0 else k)
+
+
+def apply_view(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Photometric ops on float x in [0, 1], (B, 3, S, S), with per-image params ``p``; returns [0, 1]."""
+    j = _col(p["jitter"])
+    y = (x * _col(p["brightness"])).clamp(0, 1)
+    m = _gray(y).mean(dim=(2, 3), keepdim=True)
+    y = ((y - m) * _col(p["contrast"]) + m).clamp(0, 1)
+    g = _gray(y)
+    y = ((y - g) * _col(p["saturation"]) + g).clamp(0, 1)
+    y = adjust_hue(y, p["hue"])
+    x = torch.where(j, y, x)
+    x = torch.where(_col(p["gray"]), _gray(x).expand_as(x), x)
+    blurred = gaussian_blur(x, p["sigma"], blur_kernel_size(x.shape[-1]))
+    x = torch.where(_col(p["blur"]), blurred, x)
+    x = torch.where(_col(p["solarize"]) & (x >= 0.5), 1.0 - x, x)
+    return x
+
+
+class Augmenter:
+    """Per-view photometric augmentation + normalisation of uint8 crops, batched on ``device``."""
+
+    def __init__(self, views: list[ViewSpec], device, seed: int = 0, impl: str = "auto",
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype: torch.dtype | None = None, channels_last: bool = True):
+        if impl not in ("auto", "torch"):
+            raise ValueError(f"Augmenter impl {impl!r} is not available: use 'auto' or 'torch'")
+        self.views, self.seed = list(views), seed
+        self.device = torch.device(device)
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.channels_last = channels_last
+        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
+
+    def _to_float(self, c: torch.Tensor) -> torch.Tensor:
+        c = c.to(self.device, non_blocking=True)
+        if c.shape[-1] == 3 and c.shape[1] != 3:
+            c = c.permute(0, 3, 1, 2)  # NHWC memory == channels_last NCHW
+        return c.float() / 255.0
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        x = ((x - self.mean) / self.std).to(self.dtype)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()
+
+    def __call__(self, crops: list[torch.Tensor], step: int) -> list[torch.Tensor]:
+        out = []
+        for v, (c, spec) in enumerate(zip(crops, self.views)):
+            x = self._to_float(c)
+            g = torch.Generator(device=self.device).manual_seed(_seed(self.seed, step, v))
+            x = apply_view(x, sample_params(spec, x.shape[0], g, self.device))
+            out.append(self._finish(x))
+        return out
+
+    def normalize_only(self, crops: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [self._finish(self._to_float(c)) for c in crops]
