@@ -434,7 +434,7 @@ def prepare_synthetic(out_dir: str | os.PathLike, classes: int = 10, per_class: 
                       size: int | tuple[int, int] = 64, seed: int = 0, jpeg_folders: bool = False,
                       settings: WriteSettings | None = None, force: bool = False, quiet: bool = False) -> dict:
     """The built-in shapes data (``pipelines.synthetic``) as ``out_dir/{train,val}.beton`` (+ JPEG ImageFolders)."""
-    from fastssl.pipelines.synthetic import SyntheticImages, write_jpeg_folder
+    from fastssl.pipelines.synthetic import GENERATOR_VERSION, SyntheticImages, write_jpeg_folder
 
     s = settings or WriteSettings()
     out = Path(out_dir)
@@ -445,7 +445,8 @@ def prepare_synthetic(out_dir: str | os.PathLike, classes: int = 10, per_class: 
             continue
         ds = SyntheticImages(num_classes=classes, per_class=n, size=size, seed=seed, split=split)
         params = {"source": "synthetic", "split": split, "classes": classes, "per_class": n,
-                  "size": list(size) if isinstance(size, tuple) else size, "seed": seed}
+                  "size": list(size) if isinstance(size, tuple) else size, "seed": seed,
+                  "generator_version": GENERATOR_VERSION}
         res[split] = prepare_dataset(ds, out / f"{split}.beton", params, list(ds.classes), s, force, quiet)
         if jpeg_folders:
             folder = out / split
