@@ -77,3 +77,4 @@ def count_params(m: nn.Module) -> int:
 
 
 __all__ = ["BACKBONES", "create_backbone", "register_backbone", "mlp", "count_params", "torch"]
+from fastssl.models import vit as _vit  # noqa: E402,F401  (registers ViTs)

@@ -1,0 +1,182 @@
+"""Small helpers the method families share: EMA teachers, schedules, Sinkhorn, queues, multi-crop.
+
+Everything that advances during training (EMA weights, centres, queues) is
+updated once per optimizer step, from the method's ``after_step(step)``: a
+forward only *records* what it saw (``pending`` tensors), so k micro-batches of
+B images advance the state exactly as one step of k*B images would.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastssl.distributed import is_distributed
+from fastssl.schedules import cosine
+
+
+# ----------------------------------------------------------------------------- teachers and schedules
+
+
+def make_teacher(student: nn.Module) -> nn.Module:
+    """A frozen deep copy: requires_grad False, so it is in no optimizer group and DDP ignores it.
+
+    It is a submodule, so it is checkpointed once under its own prefix (``teacher.*``).
+    The teacher sees every token and no stochastic depth (DINO's teacher is built without
+    drop-path); BatchNorm stays in training mode (BYOL's target uses batch statistics).
+    """
+    t = copy.deepcopy(_orig(student))
+    for p in t.parameters():
+        p.requires_grad_(False)
+    for m in t.modules():
+        if hasattr(m, "drop_prob"):          # timm DropPath
+            m.drop_prob = 0.0
+        if hasattr(m, "patch_drop"):         # our ViT's token dropping
+            m.patch_drop = 0.0
+    return t
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """teacher <- m * teacher + (1 - m) * student (parameters); buffers (BN statistics) are copied."""
+    tp = [p for p in teacher.parameters()]
+    sp = [p.detach() for p in _orig(student).parameters()]
+    if len(tp) != len(sp):
+        raise RuntimeError("EMA teacher and student have different parameter lists")
+    torch._foreach_mul_(tp, momentum)
+    torch._foreach_add_(tp, sp, alpha=1.0 - momentum)
+    for tb, sb in zip(teacher.buffers(), _orig(student).buffers()):
+        tb.copy_(sb)
+
+
+def _orig(m: nn.Module) -> nn.Module:
+    """The module under a torch.compile wrapper (the trainer compiles ``method.backbone``)."""
+    return getattr(m, "_orig_mod", m)
+
+
+def momentum_schedule(base: float, total_steps: int, final: float = 1.0) -> np.ndarray:
+    """BYOL's EMA momentum: 1 - (1 - base) (cos(pi k / K) + 1) / 2, i.e. a cosine from ``base`` to 1 (section 2.3)."""
+    return cosine(base, final, total_steps)
+
+
+def steps_per_epoch(cfg, total_steps: int) -> float:
+    """Optimizer steps per epoch (the trainer's schedules span ``train.epochs``)."""
+    return max(total_steps / max(cfg.train.epochs, 1), 1.0)
+
+
+# ----------------------------------------------------------------------------- distributed (no grad)
+
+
+@torch.no_grad()
+def all_gather_nograd(x: torch.Tensor) -> torch.Tensor:
+    """(n, ...) on each rank -> (world * n, ...) everywhere; identity in one process (queues)."""
+    if not is_distributed():
+        return x
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if is_distributed():
+        dist.all_reduce(x)
+    return x
+
+
+# ----------------------------------------------------------------------------- losses shared by families
+
+
+def neg_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Mean negative cosine similarity -cos(p_i, z_i) over rows, in fp32; z is detached (stop-gradient)."""
+    return -(F.normalize(p.float(), dim=1) * F.normalize(z.detach().float(), dim=1)).sum(dim=1).mean()
+
+
+@torch.no_grad()
+def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.Tensor:
+    """SwAV's Sinkhorn-Knopp (Caron et al. 2020, Algorithm 1; cookbook section 2.4.2).
+
+    scores: (B, K) prototype scores of this rank's rows. Returns codes Q (B, K): rows sum
+    to 1, columns to B/K over the global batch (equipartition), from exp(scores / eps)
+    with ``iters`` alternating normalisations, in fp32, summed across processes.
+    """
+    q = torch.exp((scores.float() - scores.float().max()) / eps).t()        # (K, B); the shift cancels out
+    b = torch.tensor(float(q.shape[1]), device=q.device)
+    all_reduce_sum(b)
+    k = q.shape[0]
+    total = all_reduce_sum(q.sum())
+    q = q / total
+    for _ in range(iters):
+        rows = all_reduce_sum(q.sum(dim=1, keepdim=True))                  # (K, 1) prototype marginals
+        q = q / rows / k
+        q = q / q.sum(dim=0, keepdim=True) / b                             # (1, B) sample marginals
+    return (q * b).t()                                                      # (B, K), rows sum to 1
+
+
+class FeatureQueue(nn.Module):
+    """A FIFO of the last ``size`` rows (a support set / SwAV queue), in the state dict.
+
+    ``stage(x)`` records rows during forward (no grad); ``commit()`` (from ``after_step``)
+    gathers them over processes and enqueues them all at once, newest first.
+    ``filled`` counts valid rows so lookups ignore the still-empty slots.
+    """
+
+    def __init__(self, size: int, dim: int):
+        super().__init__()
+        self.register_buffer("rows", torch.zeros(size, dim))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+        self._pending: list[torch.Tensor] = []
+
+    def stage(self, x: torch.Tensor) -> None:
+        self._pending.append(x.detach().float())
+
+    @torch.no_grad()
+    def commit(self) -> None:
+        if not self._pending:
+            return
+        x = all_gather_nograd(torch.cat(self._pending))                    # (n, D)
+        self._pending.clear()
+        size = self.rows.shape[0]
+        x = x[-size:]                                                       # more rows than slots: keep the newest
+        n = x.shape[0]
+        idx = (self.ptr + torch.arange(n, device=x.device)) % size          # device-side pointer: no host sync
+        self.rows.index_copy_(0, idx, x.to(self.rows.dtype))
+        self.ptr.copy_((self.ptr + n) % size)
+        self.filled.copy_(torch.clamp(self.filled + n, max=size))
+
+    def filled_mask(self) -> torch.Tensor:
+        """(size,) bool: slots holding a row (filled from slot 0 on, so the first ``filled``)."""
+        return torch.arange(self.rows.shape[0], device=self.rows.device) < self.filled
+
+
+# ----------------------------------------------------------------------------- multi-crop / multi-resolution
+
+
+def resolution_groups(views: list[torch.Tensor]) -> list[tuple[int, int]]:
+    """[start, end) runs of consecutive views with the same shape (DINO: globals, then locals)."""
+    groups, start = [], 0
+    for i in range(1, len(views) + 1):
+        if i == len(views) or views[i].shape != views[start].shape:
+            groups.append((start, i))
+            start = i
+    return groups
+
+
+def forward_by_resolution(fn, views: list[torch.Tensor]) -> torch.Tensor:
+    """Run ``fn`` once per resolution group on the concatenated views; returns (V*B, ...) in view order.
+
+    One batch per resolution keeps the GPU busy and gives ``torch.compile`` one graph per
+    distinct size (cookbook section 3.1.1 multi-crop).
+    """
+    return torch.cat([fn(torch.cat(views[a:b])) for a, b in resolution_groups(views)])
+
+
+@torch.no_grad()
+def embedding_std(z: torch.Tensor) -> torch.Tensor:
+    """Mean per-dimension std of L2-normalised rows: 0 when collapsed, about 1/sqrt(D) when spread."""
+    return F.normalize(z.float(), dim=1).std(dim=0).mean()

@@ -1,0 +1,68 @@
+"""BYOL (Grill et al. 2020), cookbook section 2.3: self-distillation with an EMA teacher.
+
+online: backbone -> projector -> predictor; target: EMA copy of backbone -> projector
+(momentum cosine 0.996 -> 1, advanced once per optimizer step). Loss per direction
+||p/|p| - z'/|z'|||^2 = 2 - 2 cos(p, z'), symmetrised (summed over both directions).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastssl.config import MethodConfig
+from fastssl.methods import register_method
+from fastssl.methods._common import embedding_std, ema_update, make_teacher, momentum_schedule
+from fastssl.models import create_backbone, mlp
+
+
+@dataclass
+class BYOLConfig(MethodConfig):
+    name: str = "byol"
+    proj_hidden: int = 4096
+    proj_dim: int = 256
+    pred_hidden: int = 4096
+    momentum: float = 0.996         # base EMA momentum; cosine to momentum_end (BYOL section 3.3)
+    momentum_end: float = 1.0
+
+
+def byol_pair_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of 2 - 2 cos(p_i, z_i), fp32; z is the (already no-grad) target."""
+    return (2 - 2 * (F.normalize(p.float(), dim=1) * F.normalize(z.float(), dim=1)).sum(dim=1)).mean()
+
+
+@register_method("byol", config=BYOLConfig, recipe="byol")
+class BYOL(nn.Module):
+    def __init__(self, cfg, total_steps: int):
+        super().__init__()
+        m = cfg.method
+        self.backbone, self.feat_dim = create_backbone(cfg.model)
+        self.projector = mlp(self.feat_dim, m.proj_hidden, m.proj_dim)
+        self.predictor = mlp(m.proj_dim, m.pred_hidden, m.proj_dim)
+        self.teacher = nn.ModuleDict({"backbone": make_teacher(self.backbone), "projector": make_teacher(self.projector)})
+        self.momentum = momentum_schedule(m.momentum, total_steps, m.momentum_end)   # (total_steps,) numpy
+
+    def forward(self, views: list[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        b = views[0].shape[0]
+        x = torch.cat(views[:2])                                            # (2B, 3, S, S): one backbone call
+        feats = self.backbone(x)
+        p = self.predictor(self.projector(feats))                           # (2B, d)
+        with torch.no_grad():
+            zt = self.teacher["projector"](self.teacher["backbone"](x))     # (2B, d) targets
+        loss = byol_pair_loss(p[:b], zt[b:]) + byol_pair_loss(p[b:], zt[:b])
+        return {"loss": loss, "features": feats[:b].detach(), "z_std": embedding_std(p[:b]),
+                "target_std": embedding_std(zt[:b]), "ema_momentum": torch.tensor(self._m(step))}
+
+    def _m(self, step: int) -> float:
+        return float(self.momentum[min(step, len(self.momentum) - 1)])
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        m = self._m(step)
+        ema_update(self.teacher["backbone"], self.backbone, m)
+        ema_update(self.teacher["projector"], self.projector, m)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(images)

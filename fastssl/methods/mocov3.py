@@ -1,0 +1,67 @@
+"""MoCo v3 (Chen, Xie & He 2021), cookbook sections 2.2-2.3: momentum encoder + InfoNCE.
+
+query: backbone -> projector -> predictor; key: momentum (EMA) backbone -> projector
+(momentum cosine from 0.99 to 1). Symmetric loss ctr(q1, k2) + ctr(q2, k1) with
+ctr = 2 tau * CrossEntropy(q k^T / tau), keys gathered across processes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from fastssl import losses
+from fastssl.config import MethodConfig
+from fastssl.methods import register_method
+from fastssl.methods._common import embedding_std, ema_update, make_teacher, momentum_schedule
+from fastssl.models import create_backbone, mlp
+
+
+@dataclass
+class MoCoV3Config(MethodConfig):
+    name: str = "mocov3"
+    proj_hidden: int = 4096
+    proj_dim: int = 256
+    pred_hidden: int = 4096
+    temperature: float = 0.2        # ViT setting (1.0 for ResNet-50 in the paper)
+    momentum: float = 0.99          # cosine to momentum_end
+    momentum_end: float = 1.0
+
+
+@register_method("mocov3", config=MoCoV3Config, recipe="byol")
+class MoCoV3(nn.Module):
+    def __init__(self, cfg, total_steps: int):
+        super().__init__()
+        m = cfg.method
+        self.temperature = m.temperature
+        self.backbone, self.feat_dim = create_backbone(cfg.model)
+        # MoCo v3: 3-layer projector, 2-layer predictor, BN after every layer (last ones without affine).
+        self.projector = mlp(self.feat_dim, m.proj_hidden, m.proj_dim, layers=3, bn_last=True)
+        self.predictor = mlp(m.proj_dim, m.pred_hidden, m.proj_dim, layers=2, bn_last=True)
+        self.teacher = nn.ModuleDict({"backbone": make_teacher(self.backbone), "projector": make_teacher(self.projector)})
+        self.momentum = momentum_schedule(m.momentum, total_steps, m.momentum_end)
+
+    def _m(self, step: int) -> float:
+        return float(self.momentum[min(step, len(self.momentum) - 1)])
+
+    def forward(self, views: list[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        b = views[0].shape[0]
+        x = torch.cat(views[:2])
+        feats = self.backbone(x)
+        q = self.predictor(self.projector(feats)).float()                   # (2B, d)
+        with torch.no_grad():
+            k = self.teacher["projector"](self.teacher["backbone"](x)).float()
+        t = self.temperature
+        loss = 2 * t * (losses.info_nce(q[:b], k[b:], temperature=t) + losses.info_nce(q[b:], k[:b], temperature=t))
+        return {"loss": loss, "features": feats[:b].detach(), "z_std": embedding_std(q[:b]),
+                "ema_momentum": torch.tensor(self._m(step))}
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        m = self._m(step)
+        ema_update(self.teacher["backbone"], self.backbone, m)
+        ema_update(self.teacher["projector"], self.projector, m)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(images)

@@ -1,0 +1,50 @@
+"""SimSiam (Chen & He 2021), cookbook section 2.3: self-distillation without a teacher.
+
+Both views through the same network; the stop-gradient on the projection z is
+what prevents collapse. Loss 1/2 D(p1, sg(z2)) + 1/2 D(p2, sg(z1)), D = -cos.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from fastssl.config import MethodConfig
+from fastssl.methods import register_method
+from fastssl.methods._common import embedding_std, neg_cosine
+from fastssl.models import create_backbone, mlp
+
+
+@dataclass
+class SimSiamConfig(MethodConfig):
+    name: str = "simsiam"
+    proj_hidden: int = 2048         # 3-layer projector with BN on the output (SimSiam section 3)
+    proj_dim: int = 2048
+    pred_hidden: int = 512          # bottleneck predictor
+
+
+@register_method("simsiam", config=SimSiamConfig, recipe="simclr")
+class SimSiam(nn.Module):
+    def __init__(self, cfg, total_steps: int):
+        super().__init__()
+        m = cfg.method
+        self.backbone, self.feat_dim = create_backbone(cfg.model)
+        self.projector = mlp(self.feat_dim, m.proj_hidden, m.proj_dim, layers=3, bn_last=True)
+        self.predictor = mlp(m.proj_dim, m.pred_hidden, m.proj_dim, layers=2)
+
+    def forward(self, views: list[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        b = views[0].shape[0]
+        feats = self.backbone(torch.cat(views[:2]))
+        z = self.projector(feats)                                           # (2B, d)
+        p = self.predictor(z)
+        loss = 0.5 * neg_cosine(p[:b], z[b:]) + 0.5 * neg_cosine(p[b:], z[:b])   # neg_cosine detaches z
+        # SimSiam's collapse monitor: std of l2-normalised z, ~1/sqrt(d) healthy, 0 collapsed.
+        return {"loss": loss, "features": feats[:b].detach(), "z_std": embedding_std(z[:b])}
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        pass
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(images)
