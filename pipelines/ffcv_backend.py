@@ -267,7 +267,9 @@ class FFCVLoader:
             crops = [rows[:, offs[v]:offs[v + 1]].unflatten(1, (s, s, 3)) for v, s in enumerate(self.sizes)]
             labels = None
             if self.labelled and len(out) > 1:
-                labels = out[1].to(self.device, non_blocking=non_blocking).long().reshape(B)
+                # Copy: ffcv reuses its batch slots, and a caller that keeps labels across batches
+                # (feature extraction for kNN) would otherwise see them overwritten.
+                labels = out[1].to(self.device, dtype=torch.long, non_blocking=non_blocking, copy=True).reshape(B)
             step = self.epoch * nb + b  # deterministic photometric stream: same (seed, epoch, batch) -> same views
             views = self.finisher(crops, step) if self.finisher is not None else crops
             yield Batch(views=views, labels=labels, indices=idx.to(self.device, non_blocking=non_blocking))
