@@ -380,8 +380,7 @@ def _demo_overrides(name, data, out):
     return [f"{k}={v}" for k, v in kv.items()]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", METHODS.names())
+@pytest.mark.parametrize("name", METHODS.names())  # 5-10 s each on one CPU thread
 def test_demo_config_runs_20_cpu_steps_without_collapse(name, demo_data, tmp_path):
     from fastssl.train import main
 
