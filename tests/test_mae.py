@@ -97,3 +97,15 @@ def test_mae_needs_a_vit():
     cfg = load_config(None, ["method.name=mae", "model.backbone=resnet_tiny"])
     with pytest.raises(ValueError, match="needs a ViT backbone"):
         create_method(cfg, 10)
+
+
+@pytest.mark.parametrize("ratio", [0.75, 0.0])
+def test_masked_tokens_embed_only_kept_patches_but_equal_the_full_embedding(ratio):
+    m = tiny_mae(ratio)
+    x = torch.randn(2, 3, 32, 48)
+    noise = torch.rand(2, 24)
+    ours, mask, ids = m.backbone.masked_tokens(x, ratio, noise)
+    full, _ = m.backbone.tokens(x)                                           # conv on every patch
+    want, mask2, ids2 = random_masking(full, ratio, noise)
+    torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-5)
+    assert torch.equal(mask, mask2) and torch.equal(ids, ids2)

@@ -204,6 +204,28 @@ class VisionTransformer(nn.Module):
         t = t.flatten(2).transpose(1, 2)                                    # (B, N, D)
         return t + self.pos_embed_for(grid), grid
 
+    def masked_tokens(self, x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
+        """MAE's kept tokens, embedding only the kept patches: (B, 3, H, W) -> (B, K, D), mask, ids_restore.
+
+        Equal to ``random_masking(self.tokens(x)[0], mask_ratio, noise)``, but the patch
+        projection (a stride-p conv = a Linear on flattened (C, p, p) patches) runs on the
+        K kept patches instead of all N.
+        """
+        b, c, h, w = x.shape
+        p = self.patch
+        if h % p or w % p:
+            raise ValueError(f"ViT input {h}x{w} px is not divisible by the patch size {p}; "
+                             f"use crop sizes that are multiples of {p}")
+        grid = (h // p, w // p)
+        n = grid[0] * grid[1]
+        pix = x.reshape(b, c, grid[0], p, grid[1], p).permute(0, 2, 4, 1, 3, 5).reshape(b, n, c * p * p)
+        if noise is None:
+            noise = torch.rand(b, n, device=x.device)
+        pix, mask, ids_restore = random_masking(pix, mask_ratio, noise)     # (B, K, C*p*p)
+        pos, _, _ = random_masking(self.pos_embed_for(grid).expand(b, -1, -1), mask_ratio, noise)
+        w_ = self.patch_embed.weight.reshape(self.dim, -1)                  # (D, C*p*p), the conv's (C, p, p) order
+        return F.linear(pix, w_.to(pix.dtype), self.patch_embed.bias) + pos, mask, ids_restore
+
     def encode(self, t: torch.Tensor) -> torch.Tensor:
         """Patch tokens (B, K, D) (any subset) -> class token prepended, blocks, norm -> (B, 1+K, D)."""
         cls = (self.cls_token + self.cls_pos).expand(t.shape[0], -1, -1)
@@ -223,10 +245,10 @@ class VisionTransformer(nn.Module):
         (see :func:`random_masking` for mask / ids_restore). Both paths are one call, so
         a compiled backbone compiles either.
         """
-        t, _ = self.tokens(x)
         if mask_ratio is not None:
-            t, mask, ids_restore = random_masking(t, mask_ratio)
+            t, mask, ids_restore = self.masked_tokens(x, mask_ratio)
             return self.encode(t), mask, ids_restore
+        t, _ = self.tokens(x)
         if self.training and self.patch_drop > 0:
             t, _, _ = random_masking(t, self.patch_drop)                    # fewer tokens: faster (section 3.8)
         return self.pool(self.encode(t))
