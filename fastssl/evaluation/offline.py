@@ -1,0 +1,140 @@
+"""Offline evaluation of a checkpoint (cookbook section 3.7): cached features, kNN, linear probe, spectra.
+
+Features of the frozen backbone are extracted once per (checkpoint step, split,
+image size) and cached in ``RUN_DIR/features/``; every probe then works on the
+cached tensors, so the backbone never runs once per probe epoch.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from fastssl.evaluation import extract_features, knn_scores, rankme
+
+
+def cached_features(run_dir: str | Path, split: str, step: int, meta: dict, extract_fn) -> tuple[torch.Tensor, torch.Tensor]:
+    """``extract_fn() -> (feats, labels)`` run once; later calls with the same key load ``features/<split>_step<step>.pt``."""
+    path = Path(run_dir) / "features" / f"{split}_step{step}.pt"
+    if path.is_file():
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+        if blob.get("meta") == meta:
+            return blob["feats"], blob["labels"]
+    feats, labels = extract_fn()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"feats": feats, "labels": labels, "meta": meta}, tmp)
+    tmp.replace(path)
+    return feats, labels
+
+
+def alpha_req(z: torch.Tensor, rank_fraction: float = 0.9) -> float:
+    """alpha-ReQ (Agrawal et al. 2022; section 3.7.2): the power-law decay exponent of the eigenspectrum.
+
+    Least-squares slope of log(eigenvalue) against log(rank) over the top ``rank_fraction``
+    of the non-zero eigenvalues of the feature covariance (the tail is numerical noise).
+    """
+    z = z.double()
+    z = z - z.mean(0)
+    ev = torch.linalg.eigvalsh(z.T @ z / max(z.shape[0] - 1, 1)).flip(0)
+    ev = ev[ev > ev[0] * 1e-12]
+    n = max(2, int(len(ev) * rank_fraction))
+    x = torch.log(torch.arange(1, n + 1, dtype=torch.float64))
+    y = torch.log(ev[:n])
+    x = x - x.mean()
+    return float(-(x * (y - y.mean())).sum() / (x * x).sum())
+
+
+def fit_linear_probe(train_x, train_y, val_x, val_y, num_classes: int, lrs=(0.3, 0.1, 0.03, 0.01),
+                     wds=(0.0, 1e-4), epochs: int = 30, batch_size: int = 256, holdout: float = 0.1,
+                     seed: int = 0) -> dict:
+    """Linear probes for a grid of (lr, wd), trained together in one pass per epoch over cached features.
+
+    The grid is one batched weight ``(G, F, C)``; the best head is chosen on a seeded held-out
+    ``holdout`` part of the TRAINING split (never the validation split), then reported on val.
+    """
+    g = torch.Generator().manual_seed(seed)
+    mu, sd = train_x.mean(0), train_x.std(0) + 1e-6
+    tx, vx = (train_x - mu) / sd, (val_x - mu) / sd
+    perm = torch.randperm(len(tx), generator=g)
+    n_hold = max(1, int(len(tx) * holdout))
+    hold, fit = perm[:n_hold], perm[n_hold:]
+    grid = [(lr, wd) for lr in lrs for wd in wds]
+    G, Fdim = len(grid), tx.shape[1]
+    W = torch.zeros(G, Fdim, num_classes, requires_grad=True)
+    b = torch.zeros(G, 1, num_classes, requires_grad=True)
+    lr_t = torch.tensor([lr for lr, _ in grid]).view(G, 1, 1)
+    wd_t = torch.tensor([wd for _, wd in grid]).view(G, 1, 1)
+    steps = epochs * math.ceil(len(fit) / batch_size)
+    k = 0
+    for _ in range(epochs):
+        order = fit[torch.randperm(len(fit), generator=g)]
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            logits = torch.einsum("nf,gfc->gnc", tx[idx], W) + b                  # (G, n, C)
+            loss = F.cross_entropy(logits.reshape(-1, num_classes), train_y[idx].repeat(G), reduction="sum") / len(idx)
+            gw, gb = torch.autograd.grad(loss, (W, b))
+            cos = 0.5 * (1 + math.cos(math.pi * k / steps))                       # cosine lr per step
+            with torch.no_grad():
+                W -= lr_t * cos * (gw + wd_t * W)
+                b -= lr_t * cos * gb
+            k += 1
+
+    @torch.no_grad()
+    def acc(x, y, heads, topk=1):
+        logits = torch.einsum("nf,gfc->gnc", x, W[heads]) + b[heads]
+        top = logits.topk(topk, dim=2).indices
+        return 100.0 * (top == y.view(1, -1, 1)).any(2).float().mean(1)
+
+    hold_acc = acc(tx[hold], train_y[hold], slice(None))
+    best = int(hold_acc.argmax())
+    return {
+        "linear_top1": float(acc(vx, val_y, [best])[0]),
+        "linear_top5": float(acc(vx, val_y, [best], topk=min(5, num_classes))[0]),
+        "protocol": {"grid": [{"lr": lr, "wd": wd} for lr, wd in grid], "chosen": {"lr": grid[best][0], "wd": grid[best][1]},
+                     "selection": f"held-out {n_hold} of the train split (seed {seed}); val never used for selection",
+                     "epochs": epochs, "batch_size": batch_size, "optimizer": "SGD, cosine lr, features standardised",
+                     "train_size": len(fit), "val_size": len(val_x),
+                     "holdout_top1": [float(a) for a in hold_acc]},
+    }
+
+
+def evaluate(cfg, method, step: int, run_dir: str | Path, knn: bool = True, linear: bool = True,
+             rank: bool = True, alpha: bool = True, k: int | None = None, temperature: float | None = None,
+             device="cpu", loaders=None) -> dict:
+    """Evaluate ``method``'s frozen backbone; results (each with its protocol) also go to ``RUN_DIR/eval.json``."""
+    if loaders is None:
+        from fastssl.pipelines.loader import build_loader
+
+        views = cfg.aug.resolved_views()[:1]
+        loaders = {s: build_loader(cfg.data, views, s, 256, device, train=False, drop_last=False,
+                                   backend=cfg.data.backend, workers=cfg.data.workers) for s in ("train", "val")}
+    method.eval()
+    size = cfg.aug.global_size
+    feats = {}
+    for split, ld in loaders.items():
+        meta = {"step": step, "split": split, "path": str(getattr(cfg.data, split)), "image_size": size,
+                "features": "backbone, global pooled"}
+        feats[split] = cached_features(run_dir, split, step, meta, lambda ld=ld: extract_features(method.embed, ld, device))
+    (tx, ty), (vx, vy) = feats["train"], feats["val"]
+    num_classes = int(max(ty.max(), vy.max())) + 1
+    k = k or cfg.eval.knn_k
+    t = temperature or cfg.eval.knn_temperature
+    out: dict = {"checkpoint_step": step, "image_size": size, "features": "backbone, global pooled, centre crop",
+                 "train_size": len(tx), "val_size": len(vx)}
+    if knn:
+        scores = knn_scores(tx, ty, vx, num_classes, k, t)
+        out["knn_top1"] = 100.0 * float((scores.argmax(1) == vy).float().mean())
+        out["knn_protocol"] = {"k": k, "temperature": t, "similarity": "cosine, weighted votes exp(s/T)"}
+    if linear:
+        res = fit_linear_probe(tx, ty, vx, vy, num_classes)
+        out.update(linear_top1=res["linear_top1"], linear_top5=res["linear_top5"], linear_protocol=res["protocol"])
+    if rank:
+        out["rankme"] = rankme(vx)
+    if alpha:
+        out["alpha_req"] = alpha_req(vx)
+    Path(run_dir, "eval.json").write_text(json.dumps(out, indent=2))
+    return out
