@@ -398,3 +398,33 @@ def test_demo_config_runs_20_cpu_steps_without_collapse(name, demo_data, tmp_pat
     # ... and the method's own spread indicator (std of l2-normalised embeddings) away from 0.
     if "z_std" in train[-1]:
         assert train[-1]["z_std"] > 0.02, train[-1]["z_std"]
+
+
+# ----------------------------------------------------------------------------- fastssl-bench step
+
+
+def test_bench_step_json_with_compare_variant(capsys):
+    from fastssl.cli.bench import main
+
+    rc = main(["step", "--config", str(ROOT / "configs/demo/mae.yaml"), "--device", "cpu", "--batch", "4",
+               "--steps", "2", "--rounds", "2", "--warmup", "1", "--json", "--compare", "method.mask_ratio=0.0"])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out)
+    base, var = res["variants"]
+    assert base["method"] == "mae" and var["overrides"][-1] == "method.mask_ratio=0.0"
+    assert base["batch"] == 4 and base["finite"] and var["finite"] and len(base["round_sec_per_step"]) == 2
+    assert base["images_per_s"] == pytest.approx(4 / base["sec_per_step"])
+    assert var["images_per_s_vs_base"] == pytest.approx(var["images_per_s"] / base["images_per_s"])
+    assert main(["step", "--config", str(ROOT / "configs/demo/mae.yaml"), "method.mask_ratoi=0.1"]) == 2
+
+
+def test_gpu_bench_step_script_smoke_on_cpu(capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_bench_step", ROOT / "scripts" / "gpu_bench_step.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--smoke"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert set(res) == {"simclr_demo", "mae_demo", "dino_demo"}
+    assert [v["overrides"][-1] for v in res["dino_demo"]["variants"]][1] == "model.attn=naive"
