@@ -13,7 +13,7 @@ def read_metrics(run_dir, kind="train"):
 
 def test_short_cpu_run_loss_decreases_and_run_dir_describes_itself(demo_data, tmp_path):
     args = ["--config", "configs/demo/simclr.yaml"] + tiny_overrides(
-        demo_data, tmp_path, **{"train.epochs": 4, "optim.lr": 0.5, "eval.final": True})
+        demo_data, tmp_path, **{"train.epochs": 4, "optim.lr": 0.002, "eval.final": True})
     assert main(args) == 0
     run = tmp_path / "t"
     m = read_metrics(run)
