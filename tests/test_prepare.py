@@ -142,5 +142,8 @@ def test_synthetic_cli(tmp_path):
     assert json.loads(meta_path(tmp_path / "train.beton").read_text())["classes"] == ["disk", "square", "triangle"]
     from fastssl.pipelines.synthetic import SyntheticImages
 
-    img0 = SyntheticImages(3, 4, 24, seed=0, split="train")[0][0]
-    assert np.abs(read_image(tmp_path / "train.beton", 0).astype(int) - img0).mean() < 8
+    ds = SyntheticImages(3, 4, 24, seed=0, split="train")
+    got = read_image(tmp_path / "train.beton", 0).astype(int)
+    err = np.abs(got - ds[0][0]).mean()
+    # Saturated palette edges at 24 px cost JPEG's 4:2:0 chroma a few levels; any other image is far off.
+    assert err < 12 and all(err < np.abs(got - ds[i][0]).mean() / 2 for i in range(1, len(ds)))
