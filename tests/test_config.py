@@ -84,3 +84,13 @@ def test_progressive_resolution():
     assert sizes[0] == 160 and sizes[-1] == 224 and sorted(sizes) == sizes
     assert set(sizes) <= {160, 192, 224}
     assert progressive_size(3, 10, 0, 224, 0.85, 32) == 224  # off
+
+
+def test_bench_dispatcher_lists_only_existing_benchmarks(capsys):
+    import importlib
+
+    from fastssl.cli.bench import SUBCOMMANDS, main as bench
+
+    for sub in SUBCOMMANDS:
+        assert callable(importlib.import_module(f"fastssl.cli.bench_{sub}").main)
+    assert bench(["lodaer"]) == 2 and "did you mean 'loader'" in capsys.readouterr().err

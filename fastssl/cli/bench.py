@@ -1,4 +1,4 @@
-"""``fastssl-bench loader|loss|step|augment|eval ...``: every speed claim is one of these.
+"""``fastssl-bench loader|loss|step ...``: every speed claim is one of these.
 
 Each sub-command lives in ``fastssl/cli/bench_<name>.py`` with ``main(argv)``,
 measures side by side in one run after warm-up, and prints JSON with ``--json``.
@@ -10,10 +10,8 @@ import sys
 
 SUBCOMMANDS = {
     "loader": "data loading: images/s of ready views per back-end (issue: pipelines)",
-    "augment": "the photometric stage alone: views/s per implementation",
     "loss": "loss kernels: forward+backward time and peak memory per implementation",
     "step": "training steps/s of a method on synthetic tensors (no data loading)",
-    "eval": "offline linear probe on cached features vs re-extraction",
 }
 
 
