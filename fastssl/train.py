@@ -124,6 +124,10 @@ def train(cfg: Config) -> dict:
     acc = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not cuda)
     device = acc.device
     rank, world = acc.process_index, acc.num_processes
+    if device.type == "cpu":
+        # Decoding threads and torch's intra-op threads share the cores: oversubscribing them
+        # made a CPU step tens of times slower. Leave the decoders their cores.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world - cfg.data.workers))
     set_seed(cfg.train.seed + rank)
     out = run_dir_for(cfg)
     ckpt_path = out / "checkpoints" / "last.pt"

@@ -13,6 +13,8 @@ constants, so the compiled decoder reads it through its address (a 3-line
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from fastssl.pipelines import Batch
@@ -166,6 +168,27 @@ class _Order:
         return self.owner.order(epoch)
 
 
+def _keep_torch_threads() -> None:
+    """Make ffcv's ``Compiler.set_num_threads`` set numba's threads only.
+
+    Upstream also calls ``torch.set_num_threads(workers)`` (process-wide) every epoch, from
+    its loader thread; with the decoders busy on the same cores that oversubscribes the CPU
+    and undoes the trainer's own choice of torch threads.
+    """
+    from ffcv.pipeline import compiler as ffcv_compiler
+
+    if getattr(ffcv_compiler.Compiler, "_fastssl_patched", False):
+        return
+
+    def set_num_threads(cls, n):
+        n = n if n >= 1 else (os.cpu_count() or 1)
+        cls.num_threads = n
+        ffcv_compiler.set_num_threads(n)  # numba's
+
+    ffcv_compiler.Compiler.set_num_threads = classmethod(set_num_threads)
+    ffcv_compiler.Compiler._fastssl_patched = True
+
+
 class FFCVLoader:
     """Iterable of :class:`Batch` over a ``.beton``; see :func:`pipelines.loader.build_loader`."""
 
@@ -180,6 +203,7 @@ class FFCVLoader:
             raise ImportError(FFCV_INSTALL) from e
         import torch
 
+        _keep_torch_threads()
         if len(views) > MAX_VIEWS:
             raise ValueError(f"at most {MAX_VIEWS} views per sample, got {len(views)}")
         self.path, self.views, self.batch_size = str(path), list(views), int(batch_size)

@@ -77,7 +77,7 @@ def preset(name: str) -> list[ViewSpec]:
 class AugConfig:
     """``aug.*`` keys. ``views`` starts as the preset of ``recipe``; sizes rescale it."""
 
-    recipe: str = "simclr"
+    recipe: str = ""                # empty: the method's own recipe (SimCLR's, BYOL's, DINO's, MAE's)
     global_size: int = 224          # overrides the size of every global view
     local_size: int = 96            # overrides the size of every local view
     num_local: int = -1             # -1: the preset's count (DINO: 6)
@@ -85,7 +85,7 @@ class AugConfig:
 
     def resolved_views(self) -> list[ViewSpec]:
         """The views to produce, with sizes and local-crop count applied."""
-        views = copy.deepcopy(self.views) if self.views else preset(self.recipe)
+        views = copy.deepcopy(self.views) if self.views else preset(self.recipe or "simclr")
         if self.num_local >= 0:
             glob = [v for v in views if not v.local]
             locs = [v for v in views if v.local]
