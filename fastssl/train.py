@@ -187,14 +187,17 @@ def train(cfg: Config) -> dict:
             (out / "metrics.jsonl").unlink()
     log = MetricsLog(out / "metrics.jsonl", acc.is_main_process)
 
-    eval_loaders = None
-    if (cfg.eval.final or cfg.eval.every_epochs) and cfg.data.val and num_classes:
-        eval_loaders = tuple(
+    def eval_loaders():
+        # Fresh loaders per evaluation: a second pass over a kept ffcv eval loader returned
+        # the first pass's images (every in-training kNN repeated the initial one).
+        return tuple(
             build_loader(cfg.data, views[:1], split, 256, device, seed=0, rank=0, world_size=1,
                          backend=cfg.data.backend, workers=cfg.data.workers, train=False, drop_last=False)
             for split in ("train", "val"))
-    if eval_loaders and knn_init is None and acc.is_main_process and cfg.eval.final:
-        knn_init = evaluate_knn(core, *eval_loaders, cfg, device, num_classes)
+
+    can_eval = bool((cfg.eval.final or cfg.eval.every_epochs) and cfg.data.val and num_classes)
+    if can_eval and knn_init is None and acc.is_main_process and cfg.eval.final:
+        knn_init = evaluate_knn(core, *eval_loaders(), cfg, device, num_classes)
         log.write(kind="eval", step=0, epoch=0, wall=0.0, init=True, **{k: v for k, v in knn_init.items() if k != "protocol"})
 
     first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
@@ -317,9 +320,9 @@ def train(cfg: Config) -> dict:
         done = step >= d.run_steps
         end_of_epoch = bi >= d.steps_per_epoch
         ep_done = epoch + 1 if end_of_epoch else epoch
-        if eval_loaders and cfg.eval.every_epochs and end_of_epoch and ep_done % cfg.eval.every_epochs == 0 \
+        if can_eval and cfg.eval.every_epochs and end_of_epoch and ep_done % cfg.eval.every_epochs == 0 \
                 and acc.is_main_process and not done:
-            last_eval = evaluate_knn(core, *eval_loaders, cfg, device, num_classes, cfg.eval.val_subset)
+            last_eval = evaluate_knn(core, *eval_loaders(), cfg, device, num_classes, cfg.eval.val_subset)
             log.write(kind="eval", step=step, epoch=ep_done, wall=wall0 + time.perf_counter() - t_run,
                       **{k: v for k, v in last_eval.items() if k != "protocol"})
         if end_of_epoch and cfg.train.ckpt_every_epochs and ep_done % cfg.train.ckpt_every_epochs == 0:
@@ -334,7 +337,7 @@ def train(cfg: Config) -> dict:
 
     summary: dict = {}
     if acc.is_main_process:
-        final = evaluate_knn(core, *eval_loaders, cfg, device, num_classes) if eval_loaders and cfg.eval.final else {}
+        final = evaluate_knn(core, *eval_loaders(), cfg, device, num_classes) if can_eval and cfg.eval.final else {}
         if final:
             log.write(kind="eval", step=step, epoch=epoch + 1, wall=wall, **{k: v for k, v in final.items() if k != "protocol"})
         summary = make_summary(cfg, d, totals, final, knn_init, wall, step, bf16, device)
