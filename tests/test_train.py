@@ -28,6 +28,16 @@ def test_short_cpu_run_loss_decreases_and_run_dir_describes_itself(demo_data, tm
         assert s[k] is not None, k
     assert s["protocol"]["knn"]["k"] == 20 and s["protocol"]["knn"]["temperature"] == 0.07
     assert 0.0 <= s["data_wait_fraction"] <= 1.0
+    # The trainer's final kNN equals an independent evaluation of the saved checkpoint on fresh loaders.
+    from fastssl.checkpoint import load_for_eval
+    from fastssl.pipelines.loader import build_loader
+    from fastssl.train import evaluate_knn
+
+    cfg, method, _ = load_for_eval(run)
+    fresh = [build_loader(cfg.data, cfg.aug.resolved_views()[:1], split, 64, "cpu", train=False, drop_last=False,
+                          workers=1) for split in ("train", "val")]
+    again = evaluate_knn(method, *fresh, cfg, "cpu", 10)
+    assert again["knn_top1"] == pytest.approx(s["knn_top1"], abs=1e-6)
 
 
 def test_resume_continues_step_count_and_schedule_exactly(demo_data, tmp_path):
