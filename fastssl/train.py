@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import platform
 import sys
@@ -232,7 +231,6 @@ def train(cfg: Config) -> dict:
     totals: dict = {}
     bi = batch0
     t_run = time.perf_counter()
-    last_eval: dict = {}
     bar = None
     if cfg.train.progress and acc.is_main_process:
         from tqdm import tqdm
