@@ -187,8 +187,8 @@ def train(cfg: Config) -> dict:
     log = MetricsLog(out / "metrics.jsonl", acc.is_main_process)
 
     def eval_loaders():
-        # Fresh loaders per evaluation: a second pass over a kept ffcv eval loader returned
-        # the first pass's images (every in-training kNN repeated the initial one).
+        # Fresh loaders per evaluation (evaluation is rare; building one costs about a second),
+        # so an evaluation never depends on the state a previous pass left in a loader.
         return tuple(
             build_loader(cfg.data, views[:1], split, 256, device, seed=0, rank=0, world_size=1,
                          backend=cfg.data.backend, workers=cfg.data.workers, train=False, drop_last=False)
