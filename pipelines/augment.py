@@ -144,10 +144,24 @@ class Augmenter:
 
     def __init__(self, views: list[ViewSpec], device, seed: int = 0, impl: str = "auto",
                  mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype: torch.dtype | None = None, channels_last: bool = True):
-        if impl not in ("auto", "torch"):
-            raise ValueError(f"Augmenter impl {impl!r} is not available: use 'auto' or 'torch'")
+        if impl not in ("auto", "torch", "cv2"):
+            raise ValueError(f"Augmenter impl {impl!r} is not available: use 'auto', 'torch' or 'cv2'")
         self.views, self.seed = list(views), seed
         self.device = torch.device(device)
+        if impl == "auto":
+            # On the CPU, OpenCV on uint8 is several times faster than float torch ops (pipelines/augment_cpu.py).
+            from fastssl.pipelines import augment_cpu
+
+            impl = "cv2" if self.device.type == "cpu" and augment_cpu.available() else "torch"
+        if impl == "cv2" and self.device.type != "cpu":
+            raise ValueError(f"Augmenter impl 'cv2' runs on the CPU only, not on {self.device}: use 'torch' or 'auto'")
+        self.impl = impl
+        self._cpu = None
+        if impl == "cv2":
+            from fastssl.pipelines.augment_cpu import CpuPhotometric, _cv2
+
+            _cv2()  # named explicitly and missing: fail now with the install command
+            self._cpu = CpuPhotometric()
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.channels_last = channels_last
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
@@ -166,8 +180,14 @@ class Augmenter:
     def __call__(self, crops: list[torch.Tensor], step: int) -> list[torch.Tensor]:
         out = []
         for v, (c, spec) in enumerate(zip(crops, self.views)):
-            x = self._to_float(c)
             g = torch.Generator(device=self.device).manual_seed(_seed(self.seed, step, v))
+            if self._cpu is not None:
+                nhwc = c if c.shape[-1] == 3 else c.permute(0, 2, 3, 1)
+                params = sample_params(spec, nhwc.shape[0], g, self.device)
+                y = self._cpu(nhwc.contiguous().numpy(), params, blur_kernel_size(nhwc.shape[2]))
+                out.append(self._finish(self._to_float(torch.from_numpy(y))))
+                continue
+            x = self._to_float(c)
             x = apply_view(x, sample_params(spec, x.shape[0], g, self.device))
             out.append(self._finish(x))
         return out

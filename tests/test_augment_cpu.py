@@ -1,0 +1,120 @@
+"""The OpenCV uint8 photometric path (the CPU fallback) against torchvision's functional ops.
+
+The reference is torchvision's float op on x / 255 (the exact maths, as the torch path is
+tested), scaled back to grey levels. Tolerances are in grey levels (0-255): uint8 results
+are rounded after every op, and OpenCV's full-range HSV quantises hue to 1/256 of a turn.
+"""
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+
+cv2 = pytest.importorskip("cv2")
+
+from fastssl.pipelines.augment import Augmenter, blur_kernel_size  # noqa: E402
+from fastssl.pipelines.augment_cpu import CpuPhotometric, augment_image  # noqa: E402
+from fastssl.pipelines.recipes import ViewSpec  # noqa: E402
+
+OFF = {"jitter": False, "brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.0,
+       "gray": False, "blur": False, "sigma": 1.0, "solarize": False}
+
+
+@pytest.fixture(scope="module")
+def photos():
+    """Three real photos, uint8 (3, 64, 64, 3) NHWC."""
+    skimage_data = pytest.importorskip("skimage.data")
+    imgs = [skimage_data.astronaut(), skimage_data.coffee(), skimage_data.chelsea()]
+    return np.stack([cv2.resize(np.ascontiguousarray(i[:256, :256]), (64, 64), interpolation=cv2.INTER_AREA)
+                     for i in imgs])
+
+
+def tv(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1).float() / 255  # float (3, H, W) in [0, 1]
+
+
+def diff(ours: np.ndarray, ref: torch.Tensor) -> tuple[float, float]:
+    """(max, mean) absolute difference in grey levels between a uint8 HWC result and a float CHW reference."""
+    d = (torch.from_numpy(ours).permute(2, 0, 1).float() - ref * 255).abs()
+    return float(d.max()), float(d.mean())
+
+
+@pytest.mark.parametrize("op,value,tv_fn,max_tol,mean_tol", [
+    ("brightness", 0.6, TF.adjust_brightness, 1, 0.5),
+    ("brightness", 1.5, TF.adjust_brightness, 1, 0.5),
+    ("contrast", 0.5, TF.adjust_contrast, 2, 0.7),
+    ("contrast", 1.6, TF.adjust_contrast, 2, 0.7),
+    ("saturation", 0.3, TF.adjust_saturation, 2, 0.7),
+    ("saturation", 1.8, TF.adjust_saturation, 2, 0.7),
+    ("hue", 0.1, TF.adjust_hue, 8, 1.0),
+    ("hue", -0.27, TF.adjust_hue, 8, 1.0),
+])
+def test_each_jitter_op_matches_torchvision_uint8(photos, op, value, tv_fn, max_tol, mean_tol):
+    for img in photos:
+        p = {**OFF, "jitter": True, op: value}
+        ours = augment_image(img, p, 7)
+        m, mean = diff(ours, tv_fn(tv(img), value))
+        assert m <= max_tol and mean <= mean_tol, (op, value, m, mean)
+
+
+def test_gray_blur_solarize_match_torchvision_uint8(photos):
+    k = blur_kernel_size(64)
+    for img in photos:
+        m, _ = diff(augment_image(img, {**OFF, "gray": True}, k), TF.rgb_to_grayscale(tv(img), num_output_channels=3))
+        assert m <= 1
+        for sigma in (0.3, 1.0, 2.0):
+            m, mean = diff(augment_image(img, {**OFF, "blur": True, "sigma": sigma}, k),
+                           TF.gaussian_blur(tv(img), [k, k], [sigma, sigma]))
+            assert m <= 2 and mean <= 0.6, (sigma, m, mean)
+        m, _ = diff(augment_image(img, {**OFF, "solarize": True}, k), TF.solarize(tv(img), 0.5))
+        assert m < 1e-3
+
+
+def test_full_sequence_matches_torchvision_in_one_batch(photos):
+    b = len(photos)
+    params = {"jitter": torch.tensor([True, True, False]), "brightness": torch.tensor([0.7, 1.3, 1.1]),
+              "contrast": torch.tensor([1.2, 0.8, 1.0]), "saturation": torch.tensor([0.9, 1.2, 1.0]),
+              "hue": torch.tensor([0.05, -0.08, 0.0]), "gray": torch.tensor([False, True, False]),
+              "blur": torch.tensor([True, False, True]), "sigma": torch.tensor([1.0, 0.5, 1.5]),
+              "solarize": torch.tensor([False, False, True])}
+    k = blur_kernel_size(64)
+    ours = CpuPhotometric(threads=2)(photos, params, k)
+    assert ours.shape == photos.shape and ours.dtype == np.uint8
+    for i in range(b):
+        x = tv(photos[i])
+        if params["jitter"][i]:
+            x = TF.adjust_brightness(x, float(params["brightness"][i]))
+            x = TF.adjust_contrast(x, float(params["contrast"][i]))
+            x = TF.adjust_saturation(x, float(params["saturation"][i]))
+            x = TF.adjust_hue(x, float(params["hue"][i]))
+        if params["gray"][i]:
+            x = TF.rgb_to_grayscale(x, num_output_channels=3)
+        if params["blur"][i]:
+            x = TF.gaussian_blur(x, [k, k], [float(params["sigma"][i])] * 2)
+        if params["solarize"][i]:
+            x = TF.solarize(x, 0.5)
+        m, mean = diff(ours[i], x)
+        assert m <= 8 and mean <= 1.5, (i, m, mean)
+
+
+def test_augmenter_cv2_and_torch_paths_agree_with_the_same_seed(photos):
+    views = [ViewSpec(jitter_p=0.8, gray_p=0.2, blur_p=0.5, solarize_p=0.2, brightness=0.4, contrast=0.4,
+                      saturation=0.2, hue=0.1)]
+    crops = [torch.from_numpy(np.concatenate([photos] * 6))]  # (18, 64, 64, 3)
+    a = Augmenter(views, "cpu", seed=3, impl="cv2")
+    t = Augmenter(views, "cpu", seed=3, impl="torch")
+    assert a.impl == "cv2" and t.impl == "torch"
+    ya, yt = a(crops, step=5)[0], t(crops, step=5)[0]
+    assert ya.shape == yt.shape == (18, 3, 64, 64) and ya.dtype == torch.float32
+    assert ya.is_contiguous(memory_format=torch.channels_last)
+    # Same parameters from the same seed: outputs agree up to uint8 rounding (normalised units: 1/255/0.225 ~ 0.017).
+    d = (ya - yt).abs()
+    assert float(d.mean()) < 0.02 and float(d.flatten(1).max(1).values.median()) < 0.2
+    # Another step draws other parameters.
+    assert not torch.equal(a(crops, step=6)[0], ya)
+
+
+def test_auto_picks_cv2_on_cpu_and_cv2_refuses_cuda():
+    views = [ViewSpec()]
+    assert Augmenter(views, "cpu").impl == "cv2"
+    with pytest.raises(ValueError, match="CPU only"):
+        Augmenter(views, "cuda", impl="cv2")
