@@ -55,8 +55,16 @@ def fit_linear_probe(train_x, train_y, val_x, val_y, num_classes: int, lrs=(0.3,
 
     The grid is one batched weight ``(G, F, C)``; the best head is chosen on a seeded held-out
     ``holdout`` part of the TRAINING split (never the validation split), then reported on val.
+
+    ``train_x`` is the (N, F) feature tensor, or a callable ``epoch -> (N, F)`` called once per
+    epoch (features re-extracted every epoch, as DINO-style linear evaluation does; this is
+    the baseline ``fastssl-bench eval`` times against the cache). Standardisation statistics
+    come from epoch 0's features either way.
     """
+    per_epoch = callable(train_x)
+    features_for = train_x if per_epoch else (lambda epoch: train_x)
     g = torch.Generator().manual_seed(seed)
+    train_x = features_for(0)
     mu, sd = train_x.mean(0), train_x.std(0) + 1e-6
     tx, vx = (train_x - mu) / sd, (val_x - mu) / sd
     perm = torch.randperm(len(tx), generator=g)
@@ -70,7 +78,9 @@ def fit_linear_probe(train_x, train_y, val_x, val_y, num_classes: int, lrs=(0.3,
     wd_t = torch.tensor([wd for _, wd in grid]).view(G, 1, 1)
     steps = epochs * math.ceil(len(fit) / batch_size)
     k = 0
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        if epoch and per_epoch:
+            tx = (features_for(epoch) - mu) / sd
         order = fit[torch.randperm(len(fit), generator=g)]
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
@@ -102,23 +112,32 @@ def fit_linear_probe(train_x, train_y, val_x, val_y, num_classes: int, lrs=(0.3,
     }
 
 
+def eval_loaders(cfg, device) -> dict:
+    """Deterministic (centre-crop, unshuffled) loaders of the train and val splits at the global size."""
+    from fastssl.pipelines.loader import build_loader
+
+    views = cfg.aug.resolved_views()[:1]
+    return {s: build_loader(cfg.data, views, s, 256, device, train=False, drop_last=False,
+                            backend=cfg.data.backend, workers=cfg.data.workers) for s in ("train", "val")}
+
+
+def feature_meta(cfg, split: str, step: int) -> dict:
+    """What a cached feature file depends on: a cache whose meta differs is re-extracted."""
+    return {"step": step, "split": split, "path": str(getattr(cfg.data, split)), "image_size": cfg.aug.global_size,
+            "features": "backbone, global pooled"}
+
+
 def evaluate(cfg, method, step: int, run_dir: str | Path, knn: bool = True, linear: bool = True,
              rank: bool = True, alpha: bool = True, k: int | None = None, temperature: float | None = None,
              device="cpu", loaders=None) -> dict:
     """Evaluate ``method``'s frozen backbone; results (each with its protocol) also go to ``RUN_DIR/eval.json``."""
-    if loaders is None:
-        from fastssl.pipelines.loader import build_loader
-
-        views = cfg.aug.resolved_views()[:1]
-        loaders = {s: build_loader(cfg.data, views, s, 256, device, train=False, drop_last=False,
-                                   backend=cfg.data.backend, workers=cfg.data.workers) for s in ("train", "val")}
+    loaders = loaders or eval_loaders(cfg, device)
     method.eval()
     size = cfg.aug.global_size
     feats = {}
     for split, ld in loaders.items():
-        meta = {"step": step, "split": split, "path": str(getattr(cfg.data, split)), "image_size": size,
-                "features": "backbone, global pooled"}
-        feats[split] = cached_features(run_dir, split, step, meta, lambda ld=ld: extract_features(method.embed, ld, device))
+        feats[split] = cached_features(run_dir, split, step, feature_meta(cfg, split, step),
+                                       lambda ld=ld: extract_features(method.embed, ld, device))
     (tx, ty), (vx, vy) = feats["train"], feats["val"]
     num_classes = int(max(ty.max(), vy.max())) + 1
     k = k or cfg.eval.knn_k
