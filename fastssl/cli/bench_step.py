@@ -48,8 +48,8 @@ class Variant:
         self.bf16 = cuda and cfg.train.precision != "fp32" or cfg.train.precision == "bf16"
         torch.manual_seed(cfg.train.seed)
         method = create_method(cfg, total_steps=10_000).to(device)
-        fmt = torch.channels_last if cuda and cfg.train.channels_last else torch.contiguous_format
-        if cuda and cfg.train.channels_last:
+        fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        if cfg.train.channels_last:  # as the trainer: NHWC on CUDA and on the CPU (oneDNN)
             method = method.to(memory_format=torch.channels_last)
         self.compiled = cfg.train.compile == "on" or (cfg.train.compile == "auto" and cuda)
         if self.compiled:
