@@ -20,11 +20,12 @@ Per op, on one uint8 (H, W, 3) RGB image:
 * saturation s:  ``sat(s * x + (1 - s) * gray(x))``             (addWeighted)
 * hue h:         HSV (full 0-255 hue range), hue channel + round(256 h) mod 256 via a LUT
 * grayscale:     ``gray(x)`` in all channels (BT.601 weights, as torchvision)
-* blur sigma:    ``GaussianBlur`` (kernel ~10% of the side, reflect-101 borders as torch's reflect pad)
+* blur sigma:    ``GaussianBlur`` (kernel ~10% of the side, cut at 4 sigma; reflect-101 borders as torch's reflect pad)
 * solarise:      ``x >= 128 -> 255 - x`` via a LUT
 """
 from __future__ import annotations
 
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -74,7 +75,11 @@ def augment_image(x: np.ndarray, p: dict, ksize: int) -> np.ndarray:
     if p["gray"]:
         x = cv2.cvtColor(cv2.cvtColor(x, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
     if p["blur"]:
-        x = cv2.GaussianBlur(x, (ksize, ksize), sigmaX=p["sigma"], sigmaY=p["sigma"], borderType=cv2.BORDER_REFLECT_101)
+        # Taps beyond 4 sigma carry < 1e-4 of the kernel's weight (under a grey level here), and
+        # OpenCV's cost grows with the kernel: SimCLR's 23 px at sigma 0.5 is 5 taps, ~9x faster.
+        sigma = p["sigma"]
+        k = min(ksize, 2 * math.ceil(4.0 * sigma) + 1)
+        x = cv2.GaussianBlur(x, (k, k), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT_101)
     if p["solarize"]:
         x = cv2.LUT(x, _SOLARIZE_LUT)
     return x

@@ -62,9 +62,10 @@ def test_gray_blur_solarize_match_torchvision_uint8(photos):
         m, _ = diff(augment_image(img, {**OFF, "gray": True}, k), TF.rgb_to_grayscale(tv(img), num_output_channels=3))
         assert m <= 1
         for sigma in (0.3, 1.0, 2.0):
-            m, mean = diff(augment_image(img, {**OFF, "blur": True, "sigma": sigma}, k),
-                           TF.gaussian_blur(tv(img), [k, k], [sigma, sigma]))
-            assert m <= 2 and mean <= 0.6, (sigma, m, mean)
+            for ks in (k, 23):  # 23: SimCLR's kernel at 224 px, which the cv2 path cuts at 4 sigma
+                m, mean = diff(augment_image(img, {**OFF, "blur": True, "sigma": sigma}, ks),
+                               TF.gaussian_blur(tv(img), [ks, ks], [sigma, sigma]))
+                assert m <= 2 and mean <= 0.6, (sigma, ks, m, mean)
         m, _ = diff(augment_image(img, {**OFF, "solarize": True}, k), TF.solarize(tv(img), 0.5))
         assert m < 1e-3
 
