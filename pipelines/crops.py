@@ -150,3 +150,32 @@ def epoch_order(n: int, seed: int, epoch: int, rank: int, world_size: int, shuff
     else:
         mine = np.array_split(idx, world_size)[rank]
     return mine.astype(np.uint64)
+
+
+def shard_size(n: int, rank: int, world_size: int, drop_last: bool) -> int:
+    """``len(epoch_order(...))`` without building the permutation."""
+    if drop_last:
+        return n // world_size
+    return n // world_size + (1 if rank < n % world_size else 0)
+
+
+class EpochContract:
+    """The epoch half of the loader contract, shared by every back-end (a mixin, no state of its own).
+
+    Needs ``num_samples, seed, rank, world_size, train, drop_last, batch_size, epoch, views, sizes``.
+    """
+
+    def order(self, epoch: int) -> np.ndarray:
+        """This rank's sample indices for ``epoch`` (see :func:`epoch_order`)."""
+        return epoch_order(self.num_samples, self.seed, epoch, self.rank, self.world_size, self.train, self.drop_last)
+
+    def __len__(self) -> int:
+        n = shard_size(self.num_samples, self.rank, self.world_size, self.drop_last)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def set_epoch(self, epoch: int, global_size: int | None = None) -> None:
+        """Shuffle seed = f(seed, epoch); ``global_size`` resizes every global view from now on."""
+        self.epoch = int(epoch)
+        if global_size is not None:
+            vs = self.views if self.train else self.views[:1]
+            self.sizes = [s if v.local else int(global_size) for s, v in zip(self.sizes, vs)]

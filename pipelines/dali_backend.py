@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import warnings
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 
 from fastssl.pipelines import Batch
-from fastssl.pipelines.crops import EVAL_CROP_RATIO, epoch_order
+from fastssl.pipelines.crops import EVAL_CROP_RATIO, EpochContract
 
 DALI_INSTALL = "the dali back-end needs NVIDIA DALI: pip install 'fastssl[dali]'"
 
@@ -58,7 +57,7 @@ def _valid_items(items, workers: int):
     return [(i, p, label) for i, (p, label) in enumerate(items) if p not in bad]
 
 
-class DALILoader:
+class DALILoader(EpochContract):
     """Iterable of :class:`Batch` over an image folder through DALI; see :func:`pipelines.loader.build_loader`."""
 
     def __init__(self, path: str, views, batch_size: int, device, *, seed: int = 0, rank: int = 0,
@@ -87,19 +86,6 @@ class DALILoader:
         self.sizes = [v.size for v in vs]
         self.epoch = 0
         self.gpu = self.device.type == "cuda"
-
-    def order(self, epoch: int) -> np.ndarray:
-        return epoch_order(self.num_samples, self.seed, epoch, self.rank, self.world_size, self.train, self.drop_last)
-
-    def __len__(self) -> int:
-        n = len(self.order(0))
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    def set_epoch(self, epoch: int, global_size: int | None = None) -> None:
-        """Shuffle seed = f(seed, epoch); ``global_size`` resizes every global view from now on."""
-        self.epoch = int(epoch)
-        if global_size is not None:
-            self.sizes = [s if v.local else int(global_size) for s, v in zip(self.sizes, self.specs)]
 
     def _pipeline(self, files: list[str], ids: list[int]):
         from nvidia.dali import fn, pipeline_def, types

@@ -18,7 +18,7 @@ import os
 import numpy as np
 
 from fastssl.pipelines import Batch
-from fastssl.pipelines.crops import center_crop, epoch_order, random_resized_crop, sample_key, view_params
+from fastssl.pipelines.crops import EpochContract, center_crop, random_resized_crop, sample_key, view_params
 
 FFCV_INSTALL = ("the ffcv back-end needs ffcv: apt-get install -y pkg-config libturbojpeg0-dev libopencv-dev && "
                 "pip install 'fastssl[ffcv]'")
@@ -74,8 +74,10 @@ def multiview_decoder(params: np.ndarray, state: np.ndarray, counts: np.ndarray,
             max_w, max_h = np.uint64(widths.max()), np.uint64(heights.max())
             row = (int(state[ST_ROW]),)
             u8 = np.dtype("<u1")
+            half = (max_h // np.uint64(2) + np.uint64(1)) * (max_w // np.uint64(2) + np.uint64(1)) * np.uint64(3)
             return (replace(previous_state, jit_mode=True, shape=row, dtype=u8),
-                    (AllocationQuery(row, u8), AllocationQuery((max_h * max_w * np.uint64(3),), u8)))
+                    (AllocationQuery(row, u8), AllocationQuery((max_h * max_w * np.uint64(3),), u8),
+                     AllocationQuery((half,), u8), AllocationQuery((row[0],), u8)))
 
         def generate_code(self):
             jpg = IMAGE_MODES["jpg"]
@@ -90,7 +92,7 @@ def multiview_decoder(params: np.ndarray, state: np.ndarray, counts: np.ndarray,
             is_train = bool(train)
 
             def decode(batch_indices, my_storage, metadata, storage_state):
-                destination, temp_storage = my_storage
+                destination, temp_storage, half_storage, flip_storage = my_storage
                 st = numba.carray(voidptr(st_addr), (st_len,), np.int64)
                 cnt = numba.carray(voidptr(cnt_addr), (cnt_len,), np.int64)
                 n = len(batch_indices)
@@ -112,6 +114,14 @@ def multiview_decoder(params: np.ndarray, state: np.ndarray, counts: np.ndarray,
                         img = image_data.reshape(np.int64(height), np.int64(width), 3)
                     cnt[np.int64(source_ix) % cnt_len] += 1
                     row = destination[dst_ix]
+                    flip_buf = flip_storage[dst_ix]
+                    # The image at half resolution, made on first need (OpenCV's integer-factor area
+                    # path, about a tenth of a general INTER_AREA resize): a crop at least twice its
+                    # output size is resized from it, so its resize reads a quarter of the pixels.
+                    # Typical for DINO's local crops (BENCHMARKS.md, "multi-crop cost").
+                    hh, hw = np.int64(height) // 2, np.int64(width) // 2
+                    half = half_storage[dst_ix][: hh * hw * 3].reshape(hh, hw, 3)
+                    have_half = False
                     off = 0
                     for v in range(nviews):
                         s = st[ST_SIZES + v]
@@ -121,14 +131,22 @@ def multiview_decoder(params: np.ndarray, state: np.ndarray, counts: np.ndarray,
                         else:
                             top, left, ch, cw = cc(height, width)
                             flip = False
-                        resize_crop_c(img, top, top + ch, left, left + cw, out)
-                        if flip:  # in place, (s, s, 3): mirror columns
+                        dst = flip_buf[: s * s * 3].reshape(s, s, 3) if flip else out
+                        if min(ch, cw) >= 2 * s and hh >= 1 and hw >= 1:
+                            if not have_half:
+                                resize_crop_c(img, 0, 2 * hh, 0, 2 * hw, half)
+                                have_half = True
+                            t2, l2 = top // 2, left // 2
+                            resize_crop_c(half, t2, min(hh, (top + ch) // 2), l2, min(hw, (left + cw) // 2), dst)
+                        else:
+                            resize_crop_c(img, top, top + ch, left, left + cw, dst)
+                        if flip:  # mirror columns while copying into the output row: one pass, whole pixels
                             for y in range(s):
-                                for x in range(s // 2):
-                                    for c in range(3):
-                                        t = out[y, x, c]
-                                        out[y, x, c] = out[y, s - 1 - x, c]
-                                        out[y, s - 1 - x, c] = t
+                                for x in range(s):
+                                    xs = s - 1 - x
+                                    out[y, x, 0] = dst[y, xs, 0]
+                                    out[y, x, 1] = dst[y, xs, 1]
+                                    out[y, x, 2] = dst[y, xs, 2]
                         off += s * s * 3
                 return destination[:n]
 
@@ -189,7 +207,7 @@ def _keep_torch_threads() -> None:
     ffcv_compiler.Compiler._fastssl_patched = True
 
 
-class FFCVLoader:
+class FFCVLoader(EpochContract):
     """Iterable of :class:`Batch` over a ``.beton``; see :func:`pipelines.loader.build_loader`."""
 
     def __init__(self, path: str, views, batch_size: int, device, *, seed: int = 0, rank: int = 0,
@@ -240,21 +258,11 @@ class FFCVLoader:
         self._loader.first_traversal_order = self.order(0)
         self._it = None
 
-    # -- contract
-    def order(self, epoch: int) -> np.ndarray:
-        return epoch_order(self.num_samples, self.seed, epoch, self.rank, self.world_size, self.train, self.drop_last)
-
-    def __len__(self) -> int:
-        n = len(self._loader.first_traversal_order)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
+    # -- contract (order, __len__ from EpochContract)
     def set_epoch(self, epoch: int, global_size: int | None = None) -> None:
         """Shuffle seed = f(seed, epoch); ``global_size`` resizes every global view from now on."""
         self._close()
-        self.epoch = int(epoch)
-        if global_size is not None:
-            vs = self.views if self.train else self.views[:1]
-            self.sizes = [s if v.local else int(global_size) for s, v in zip(self.sizes, vs)]
+        super().set_epoch(epoch, global_size)
         self._write_state()
 
     def _write_state(self) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from fastssl.pipelines import Batch
-from fastssl.pipelines.crops import crop_params, epoch_order, view_params
+from fastssl.pipelines.crops import EpochContract, crop_params, view_params
 
 
 def _crop_geometry(h: int, w: int, params: np.ndarray, seed: int, epoch: int, index: int, train: bool) -> np.ndarray:
@@ -105,7 +105,7 @@ def gpu_decode_and_crop(payloads: list[torch.Tensor], geo: torch.Tensor, sizes: 
     for k, p in enumerate(payloads):
         if images[k] is None:
             images[k] = p.to(device, non_blocking=True).permute(2, 0, 1)
-    B, V = geo.shape[0], geo.shape[1]
+    B = geo.shape[0]
     g = geo.to(device=device, dtype=torch.float32)
     out = [torch.empty(B, s, s, 3, dtype=torch.uint8, device=device) for s in sizes]
     by_size: dict[int, list[int]] = {}
@@ -125,7 +125,7 @@ def gpu_decode_and_crop(payloads: list[torch.Tensor], geo: torch.Tensor, sizes: 
     return out
 
 
-class TorchLoader:
+class TorchLoader(EpochContract):
     """Iterable of :class:`Batch` over an image folder; see :func:`pipelines.loader.build_loader`."""
 
     def __init__(self, path: str, views, batch_size: int, device, *, seed: int = 0, rank: int = 0,
@@ -146,20 +146,6 @@ class TorchLoader:
         self.gpu_decode = (self.device.type == "cuda") if gpu_decode is None else bool(gpu_decode)
         self.dataset = FolderViews(self.items, self.sizes, view_params(vs), self.seed, self.train, self.gpu_decode)
         self.decodes = 0  # images decoded by the last epoch (decode-once checks): one per yielded sample
-
-    def order(self, epoch: int) -> np.ndarray:
-        return epoch_order(self.num_samples, self.seed, epoch, self.rank, self.world_size, self.train, self.drop_last)
-
-    def __len__(self) -> int:
-        n = len(self.order(0))
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    def set_epoch(self, epoch: int, global_size: int | None = None) -> None:
-        """Shuffle seed = f(seed, epoch); ``global_size`` resizes every global view from now on."""
-        self.epoch = int(epoch)
-        if global_size is not None:
-            vs = self.views if self.train else self.views[:1]
-            self.sizes = [s if v.local else int(global_size) for s, v in zip(self.sizes, vs)]
 
     def __iter__(self):
         order = self.order(self.epoch).astype(np.int64)

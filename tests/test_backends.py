@@ -164,3 +164,49 @@ def test_bad_backend_and_path_errors(demo_data):
         build_loader(None, _views("simclr"), str(demo_data / "train"), 8, "cpu", backend="ffcv")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         build_loader(None, _views("simclr"), str(demo_data / "nope.beton"), 8, "cpu")
+
+
+@pytest.mark.skipif(not _has("ffcv"), reason="ffcv missing")
+def test_ffcv_crops_equal_a_reference_crop_and_resize(tmp_path):
+    """Raw-stored images: each view is OpenCV INTER_AREA of the sampled crop (+ flip), exactly; a crop at least
+    2x its output is resized from the image at half resolution (exactly that two-stage reference, and close
+    to the direct resize: the halved crop box moves by at most one pixel)."""
+    import cv2
+
+    from fastssl.pipelines.crops import random_resized_crop, sample_key, view_params
+    from fastssl.pipelines.ffcv_backend import FFCVLoader
+    from fastssl.pipelines.prepare import WriteSettings, prepare_dataset, read_image
+    from fastssl.pipelines.recipes import ViewSpec
+    from fastssl.pipelines.synthetic import SyntheticImages
+
+    ds = SyntheticImages(num_classes=4, per_class=6, size=(60, 70), seed=0)
+    beton = tmp_path / "raw.beton"
+    prepare_dataset(ds, beton, {"t": 1}, list(ds.classes), WriteSettings(write_mode="raw", workers=1), quiet=True)
+    views = [ViewSpec(size=24, scale_min=0.6, scale_max=1.0),      # crop side >= 46: mostly >= 2 x 24, half-res
+             ViewSpec(size=40, scale_min=0.2, scale_max=1.0)]      # crop side < 80: full-res path
+    L = FFCVLoader(str(beton), views, 8, "cpu", seed=5, workers=1, train=True)
+    params = view_params(views)
+    area = cv2.INTER_AREA
+    seen = {"half": 0, "full": 0}
+    for b in L:
+        for j, i in enumerate(b.indices.tolist()):
+            img = read_image(beton, i)
+            h, w = img.shape[:2]
+            hh, hw = h // 2, w // 2
+            half = cv2.resize(img[:2 * hh, :2 * hw], (hw, hh), interpolation=area)
+            for v, spec in enumerate(views):
+                top, left, ch, cw, flip = random_resized_crop(h, w, params[v], np.uint64(sample_key(5, 0, i, v)))
+                s = spec.size
+                direct = cv2.resize(img[top:top + ch, left:left + cw], (s, s), interpolation=area)
+                if min(ch, cw) >= 2 * s:
+                    seen["half"] += 1
+                    t2, l2 = top // 2, left // 2
+                    ref = cv2.resize(half[t2:(top + ch) // 2, l2:(left + cw) // 2], (s, s), interpolation=area)
+                    # The same picture: a box off by more than a pixel or a flip gives 30-60 on this data.
+                    assert np.abs(ref.astype(int) - direct).mean() < 16.0
+                else:
+                    seen["full"] += 1
+                    ref = direct
+                ref = ref[:, ::-1] if flip else ref
+                assert np.array_equal(b.views[v][j].numpy(), ref), (i, v, top, left, ch, cw, flip)
+    assert seen["half"] > 5 and seen["full"] > 5, seen

@@ -19,6 +19,7 @@ def test_bench_eval_arms_agree_and_reextract_runs_the_backbone_every_epoch(demo_
         return real(*a, **kw)
 
     monkeypatch.setattr(ev, "extract_features", counting)
+    capsys.readouterr()  # drop the trainer's output: the benchmark's stdout must be one JSON object
     assert bench_eval.main([str(tmp_path / "t"), "--epochs", "3", "--json", "--device", "cpu"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["accuracies_agree"] and out["linear_top1_cached"] == out["linear_top1_reextract"]

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from fastssl.pipelines.crops import crop_params, epoch_order, sample_many, view_params
+from fastssl.pipelines.crops import crop_params, epoch_order, sample_many, shard_size, view_params
 from fastssl.pipelines.recipes import ViewSpec, preset
 
 N = 4000
@@ -108,3 +108,5 @@ def test_epoch_order_shards(world, drop_last):
     assert len(np.unique(allidx)) == len(allidx)                       # disjoint, no repeats
     assert len(allidx) == (n - n % world if drop_last else n)          # nothing else dropped
     assert not np.array_equal(epoch_order(n, 0, 4, 0, world, True, drop_last), shards[0])  # reshuffled per epoch
+    # Loaders count batches from shard_size without building the permutation.
+    assert [shard_size(n, r, world, drop_last) for r in range(world)] == [len(s) for s in shards]
