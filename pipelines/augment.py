@@ -12,6 +12,11 @@ contrast, saturation, hue in that fixed order; torchvision draws a random
 order per call, a batched op cannot cheaply), grayscale with ``gray_p``,
 Gaussian blur with ``blur_p`` (sigma ~ U(min, max), kernel ~ 10% of the side,
 odd: 23 px at 224 as SimCLR), solarisation with ``solarize_p``, normalisation.
+
+``impl``: ``torch`` (the batched float ops above; the GPU path), ``cv2`` (OpenCV on
+uint8 with the same parameters, images in a thread pool: the CPU path, several
+times faster there, ``pipelines/augment_cpu.py``), or ``auto`` (``cv2`` on the CPU
+when OpenCV is installed, else ``torch``).
 """
 from __future__ import annotations
 
@@ -164,6 +169,7 @@ class Augmenter:
             self._cpu = CpuPhotometric()
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.channels_last = channels_last
+        self.mean_std = (tuple(mean), tuple(std))
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
 
@@ -184,8 +190,10 @@ class Augmenter:
             if self._cpu is not None:
                 nhwc = c if c.shape[-1] == 3 else c.permute(0, 2, 3, 1)
                 params = sample_params(spec, nhwc.shape[0], g, self.device)
-                y = self._cpu(nhwc.contiguous().numpy(), params, blur_kernel_size(nhwc.shape[2]))
-                out.append(self._finish(self._to_float(torch.from_numpy(y))))
+                y = self._cpu(nhwc.contiguous().numpy(), params, blur_kernel_size(nhwc.shape[2]),
+                              mean=self.mean_std[0], std=self.mean_std[1])
+                x = torch.from_numpy(y).permute(0, 3, 1, 2)  # NHWC memory = channels_last (B, 3, S, S)
+                out.append(x.to(self.dtype) if self.channels_last else x.contiguous().to(self.dtype))
                 continue
             x = self._to_float(c)
             x = apply_view(x, sample_params(spec, x.shape[0], g, self.device))

@@ -90,18 +90,41 @@ class CpuPhotometric:
 
     def __init__(self, threads: int | None = None):
         self.threads = threads or max(1, min(4, os.cpu_count() or 1))
+        # Parallel over images, so OpenCV's own per-call threads only contend with ours (measured:
+        # normalising 64 views at 224 px took 88 ms more with them, 8 ms without). This is the
+        # opencv-python module's setting; ffcv's libffcv links its own OpenCV and is unaffected.
+        _cv2().setNumThreads(1)
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="fastssl-cv2") if self.threads > 1 else None
 
-    def __call__(self, crops: np.ndarray, params: dict[str, torch.Tensor], ksize: int) -> np.ndarray:
-        """``crops`` uint8 (B, H, W, 3) NHWC; ``params`` (B,) tensors from ``sample_params``; returns uint8 (B, H, W, 3)."""
+    def __call__(self, crops: np.ndarray, params: dict[str, torch.Tensor], ksize: int,
+                 mean: tuple[float, float, float] | None = None,
+                 std: tuple[float, float, float] | None = None) -> np.ndarray:
+        """``crops`` uint8 (B, H, W, 3) NHWC; ``params`` (B,) tensors from ``sample_params``.
+
+        Returns uint8 (B, H, W, 3), or with ``mean``/``std`` (in [0, 1] units) float32
+        ``(x / 255 - mean) / std`` (B, H, W, 3): normalising inside the threads, per image
+        while it is in cache, costs a fraction of a batched torch pass after them.
+        """
         b = crops.shape[0]
         cols = {k: v.tolist() for k, v in params.items()}  # CPU tensors: no device sync
         per = [{k: cols[k][i] for k in cols} for i in range(b)]
-        out = np.empty_like(crops)
+        norm = mean is not None
+        # torch's allocator, not numpy's: a fresh 38 MB numpy buffer page-faults in both threads
+        # (measured 69 ms vs 14 ms to normalise 64 views at 224 px).
+        out = torch.empty(crops.shape, dtype=torch.float32 if norm else torch.uint8).numpy()
+        if norm:
+            cv2 = _cv2()
+            scale = tuple(1.0 / (255.0 * s) for s in std) + (0.0,)
+            shift = tuple(m / s for m, s in zip(mean, std)) + (0.0,)
 
         def run(lo: int, hi: int) -> None:
             for i in range(lo, hi):
-                out[i] = augment_image(np.ascontiguousarray(crops[i]), per[i], ksize)
+                y = augment_image(np.ascontiguousarray(crops[i]), per[i], ksize)
+                if norm:
+                    cv2.multiply(y, scale, dst=out[i], dtype=cv2.CV_32F)
+                    cv2.subtract(out[i], shift, dst=out[i])
+                else:
+                    out[i] = y
 
         if self._pool is None or b < 2:
             run(0, b)
