@@ -53,6 +53,23 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
         tb.copy_(sb)
 
 
+def make_teachers(**students: nn.Module) -> nn.ModuleDict:
+    """``teacher[name]`` = a frozen copy of each named student module (``method.<name>``)."""
+    return nn.ModuleDict({name: make_teacher(m) for name, m in students.items()})
+
+
+@torch.no_grad()
+def ema_update_teachers(teachers: nn.ModuleDict, owner: nn.Module, momentum: float) -> None:
+    """:func:`ema_update` of every ``teachers[name]`` towards ``owner.<name>``."""
+    for name, t in teachers.items():
+        ema_update(t, getattr(owner, name), momentum)
+
+
+def at_step(schedule: np.ndarray, step: int) -> float:
+    """A precomputed per-step schedule's value at ``step`` (held at its last value after the end)."""
+    return float(schedule[min(step, len(schedule) - 1)])
+
+
 def _orig(m: nn.Module) -> nn.Module:
     """The module under a torch.compile wrapper (the trainer compiles ``method.backbone``)."""
     return getattr(m, "_orig_mod", m)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from fastssl.config import MethodConfig
 from fastssl.methods import register_method
-from fastssl.methods._common import embedding_std, ema_update, make_teacher, momentum_schedule
+from fastssl.methods._common import at_step, ema_update_teachers, embedding_std, make_teachers, momentum_schedule
 from fastssl.models import create_backbone, mlp
 
 
@@ -41,7 +41,7 @@ class BYOL(nn.Module):
         self.backbone, self.feat_dim = create_backbone(cfg.model)
         self.projector = mlp(self.feat_dim, m.proj_hidden, m.proj_dim)
         self.predictor = mlp(m.proj_dim, m.pred_hidden, m.proj_dim)
-        self.teacher = nn.ModuleDict({"backbone": make_teacher(self.backbone), "projector": make_teacher(self.projector)})
+        self.teacher = make_teachers(backbone=self.backbone, projector=self.projector)
         self.momentum = momentum_schedule(m.momentum, total_steps, m.momentum_end)   # (total_steps,) numpy
 
     def forward(self, views: list[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
@@ -53,16 +53,11 @@ class BYOL(nn.Module):
             zt = self.teacher["projector"](self.teacher["backbone"](x))     # (2B, d) targets
         loss = byol_pair_loss(p[:b], zt[b:]) + byol_pair_loss(p[b:], zt[:b])
         return {"loss": loss, "features": feats[:b].detach(), "z_std": embedding_std(p[:b]),
-                "target_std": embedding_std(zt[:b]), "ema_momentum": torch.tensor(self._m(step))}
-
-    def _m(self, step: int) -> float:
-        return float(self.momentum[min(step, len(self.momentum) - 1)])
+                "target_std": embedding_std(zt[:b]), "ema_momentum": torch.tensor(at_step(self.momentum, step))}
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:
-        m = self._m(step)
-        ema_update(self.teacher["backbone"], self.backbone, m)
-        ema_update(self.teacher["projector"], self.projector, m)
+        ema_update_teachers(self.teacher, self, at_step(self.momentum, step))
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images)

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from fastssl.config import MethodConfig
 from fastssl.distributed import world_size
 from fastssl.methods import register_method
-from fastssl.methods._common import (all_reduce_sum, ema_update, embedding_std, forward_by_resolution, make_teacher,
-                                     momentum_schedule, resolution_groups, steps_per_epoch)
+from fastssl.methods._common import (all_reduce_sum, at_step, ema_update_teachers, embedding_std, forward_by_resolution,
+                                     make_teachers, momentum_schedule, resolution_groups, steps_per_epoch)
 
 
 @dataclass
@@ -86,7 +86,7 @@ class DINO(nn.Module):
         self.cfg = m
         self.backbone, self.feat_dim = create_backbone(cfg.model)
         self.head = DINOHead(self.feat_dim, m.out_dim, m.hidden, m.bottleneck, m.head_layers, m.head_bn)
-        self.teacher = nn.ModuleDict({"backbone": make_teacher(self.backbone), "head": make_teacher(self.head)})
+        self.teacher = make_teachers(backbone=self.backbone, head=self.head)
         spe = steps_per_epoch(cfg, total_steps)
         self.momentum = momentum_schedule(m.momentum, total_steps, m.momentum_end)
         self.teacher_temp = teacher_temp_schedule(m.teacher_temp, m.teacher_temp_end,
@@ -96,9 +96,6 @@ class DINO(nn.Module):
         self._center_sum: torch.Tensor | None = None                         # this step's teacher outputs (pending)
         self._center_n = 0
 
-    def _at(self, arr: np.ndarray, step: int) -> float:
-        return float(arr[min(step, len(arr) - 1)])
-
     def forward(self, views: list[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         b = views[0].shape[0]
         n_glob = resolution_groups(views)[0][1]                             # the leading full-size views
@@ -106,7 +103,7 @@ class DINO(nn.Module):
         s = self.head(feats_all) / self.cfg.student_temp                    # (V*B, K), fp32
         with torch.no_grad():
             g = self.teacher["head"](self.teacher["backbone"](torch.cat(views[:n_glob])))  # (G*B, K)
-            tt = self._at(self.teacher_temp, step)
+            tt = at_step(self.teacher_temp, step)
             pt = F.softmax((g - self.center) / tt, dim=-1)                 # centred + sharpened targets
             self._stage_center(g)
         loss = dino_loss(pt.chunk(n_glob), F.log_softmax(s, dim=-1).chunk(len(views)))
@@ -116,7 +113,7 @@ class DINO(nn.Module):
             batch_ent = -(pbar * torch.log(pbar.clamp_min(1e-12))).sum()    # -> 0: uniform collapse is high ent
         return {"loss": loss, "features": feats_all[:b].detach(), "teacher_entropy": ent,
                 "teacher_batch_entropy": batch_ent, "teacher_temp": torch.tensor(tt),
-                "ema_momentum": torch.tensor(self._at(self.momentum, step)),
+                "ema_momentum": torch.tensor(at_step(self.momentum, step)),
                 "z_std": embedding_std(feats_all[:b])}
 
     @torch.no_grad()
@@ -132,9 +129,7 @@ class DINO(nn.Module):
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:
-        m = self._at(self.momentum, step)
-        ema_update(self.teacher["backbone"], self.backbone, m)
-        ema_update(self.teacher["head"], self.head, m)
+        ema_update_teachers(self.teacher, self, at_step(self.momentum, step))
         if self._center_sum is not None:
             batch_center = all_reduce_sum(self._center_sum) / (self._center_n * world_size())
             cm = self.cfg.center_momentum

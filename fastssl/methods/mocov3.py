@@ -14,7 +14,7 @@ import torch.nn as nn
 from fastssl import losses
 from fastssl.config import MethodConfig
 from fastssl.methods import register_method
-from fastssl.methods._common import embedding_std, ema_update, make_teacher, momentum_schedule
+from fastssl.methods._common import at_step, ema_update_teachers, embedding_std, make_teachers, momentum_schedule
 from fastssl.models import create_backbone, mlp
 
 
@@ -39,11 +39,8 @@ class MoCoV3(nn.Module):
         # MoCo v3: 3-layer projector, 2-layer predictor, BN after every layer (last ones without affine).
         self.projector = mlp(self.feat_dim, m.proj_hidden, m.proj_dim, layers=3, bn_last=True)
         self.predictor = mlp(m.proj_dim, m.pred_hidden, m.proj_dim, layers=2, bn_last=True)
-        self.teacher = nn.ModuleDict({"backbone": make_teacher(self.backbone), "projector": make_teacher(self.projector)})
+        self.teacher = make_teachers(backbone=self.backbone, projector=self.projector)
         self.momentum = momentum_schedule(m.momentum, total_steps, m.momentum_end)
-
-    def _m(self, step: int) -> float:
-        return float(self.momentum[min(step, len(self.momentum) - 1)])
 
     def forward(self, views: list[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         b = views[0].shape[0]
@@ -55,13 +52,11 @@ class MoCoV3(nn.Module):
         t = self.temperature
         loss = 2 * t * (losses.info_nce(q[:b], k[b:], temperature=t) + losses.info_nce(q[b:], k[:b], temperature=t))
         return {"loss": loss, "features": feats[:b].detach(), "z_std": embedding_std(q[:b]),
-                "ema_momentum": torch.tensor(self._m(step))}
+                "ema_momentum": torch.tensor(at_step(self.momentum, step))}
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:
-        m = self._m(step)
-        ema_update(self.teacher["backbone"], self.backbone, m)
-        ema_update(self.teacher["projector"], self.projector, m)
+        ema_update_teachers(self.teacher, self, at_step(self.momentum, step))
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images)
