@@ -28,3 +28,46 @@ def tiny_overrides(data, out_dir, **extra):
     }
     kv.update(extra)
     return [f"{k}={v}" for k, v in kv.items()]
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread: on a shared 2-core machine two OpenMP threads contend and run ~50x slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def every_op_params():
+    """Per-image photometric parameters of 3 images that exercise every op (as ``sample_params`` returns)."""
+    import torch
+
+    return {"jitter": torch.tensor([True, True, False]), "brightness": torch.tensor([0.7, 1.3, 1.1]),
+            "contrast": torch.tensor([1.2, 0.8, 1.0]), "saturation": torch.tensor([0.9, 1.2, 1.0]),
+            "hue": torch.tensor([0.05, -0.08, 0.0]), "gray": torch.tensor([False, True, False]),
+            "blur": torch.tensor([True, False, True]), "sigma": torch.tensor([1.0, 0.5, 1.5]),
+            "solarize": torch.tensor([False, False, True])}
+
+
+def torchvision_view(x, p: dict, i: int, ksize: int):
+    """The photometric sequence of image ``i`` by torchvision's functional ops: the reference for both paths.
+
+    ``x`` float (3, H, W) in [0, 1]; the order is the Augmenter's (jitter b/c/s/h, gray, blur, solarise).
+    """
+    import torchvision.transforms.v2.functional as TF
+
+    if p["jitter"][i]:
+        x = TF.adjust_brightness(x, float(p["brightness"][i]))
+        x = TF.adjust_contrast(x, float(p["contrast"][i]))
+        x = TF.adjust_saturation(x, float(p["saturation"][i]))
+        x = TF.adjust_hue(x, float(p["hue"][i]))
+    if p["gray"][i]:
+        x = TF.rgb_to_grayscale(x, num_output_channels=3)
+    if p["blur"][i]:
+        x = TF.gaussian_blur(x, [ksize, ksize], [float(p["sigma"][i])] * 2)
+    if p["solarize"][i]:
+        x = TF.solarize(x, 0.5)
+    return x

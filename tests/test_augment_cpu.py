@@ -14,6 +14,7 @@ cv2 = pytest.importorskip("cv2")
 from fastssl.pipelines.augment import Augmenter, blur_kernel_size  # noqa: E402
 from fastssl.pipelines.augment_cpu import CpuPhotometric, augment_image  # noqa: E402
 from fastssl.pipelines.recipes import ViewSpec  # noqa: E402
+from conftest import torchvision_view, every_op_params  # noqa: E402
 
 OFF = {"jitter": False, "brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.0,
        "gray": False, "blur": False, "sigma": 1.0, "solarize": False}
@@ -71,29 +72,12 @@ def test_gray_blur_solarize_match_torchvision_uint8(photos):
 
 
 def test_full_sequence_matches_torchvision_in_one_batch(photos):
-    b = len(photos)
-    params = {"jitter": torch.tensor([True, True, False]), "brightness": torch.tensor([0.7, 1.3, 1.1]),
-              "contrast": torch.tensor([1.2, 0.8, 1.0]), "saturation": torch.tensor([0.9, 1.2, 1.0]),
-              "hue": torch.tensor([0.05, -0.08, 0.0]), "gray": torch.tensor([False, True, False]),
-              "blur": torch.tensor([True, False, True]), "sigma": torch.tensor([1.0, 0.5, 1.5]),
-              "solarize": torch.tensor([False, False, True])}
+    params = every_op_params()
     k = blur_kernel_size(64)
     ours = CpuPhotometric(threads=2)(photos, params, k)
     assert ours.shape == photos.shape and ours.dtype == np.uint8
-    for i in range(b):
-        x = tv(photos[i])
-        if params["jitter"][i]:
-            x = TF.adjust_brightness(x, float(params["brightness"][i]))
-            x = TF.adjust_contrast(x, float(params["contrast"][i]))
-            x = TF.adjust_saturation(x, float(params["saturation"][i]))
-            x = TF.adjust_hue(x, float(params["hue"][i]))
-        if params["gray"][i]:
-            x = TF.rgb_to_grayscale(x, num_output_channels=3)
-        if params["blur"][i]:
-            x = TF.gaussian_blur(x, [k, k], [float(params["sigma"][i])] * 2)
-        if params["solarize"][i]:
-            x = TF.solarize(x, 0.5)
-        m, mean = diff(ours[i], x)
+    for i in range(len(photos)):
+        m, mean = diff(ours[i], torchvision_view(tv(photos[i]), params, i, k))
         assert m <= 8 and mean <= 1.5, (i, m, mean)
 
 

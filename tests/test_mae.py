@@ -9,12 +9,7 @@ from fastssl.models.mae import mae_loss, patchify
 from fastssl.models.vit import random_masking
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_mae(mask_ratio=0.75):

@@ -21,13 +21,7 @@ VIT_METHODS = {"mae", "dino"}        # demo/tests with a micro ViT
 MULTICROP = {"dino", "swav"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two OpenMP threads contend and run ~50x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 SMALL = {"proj_hidden": 32, "proj_dim": 16, "pred_hidden": 32, "hidden": 32, "bottleneck": 16, "out_dim": 64,

@@ -8,12 +8,7 @@ from fastssl.models import create_backbone
 from fastssl.models.vit import Attention, VisionTransformer, naive_attention, resample_pos_embed
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def micro(**kw):
