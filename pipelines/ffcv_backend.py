@@ -19,6 +19,7 @@ import numpy as np
 
 from fastssl.pipelines import Batch
 from fastssl.pipelines.crops import EpochContract, center_crop, random_resized_crop, sample_key, view_params
+from fastssl.pipelines.resize import area_resize
 
 FFCV_INSTALL = ("the ffcv back-end needs ffcv: apt-get install -y pkg-config libturbojpeg0-dev libopencv-dev && "
                 "pip install 'fastssl[ffcv]'")
@@ -86,6 +87,7 @@ def multiview_decoder(params: np.ndarray, state: np.ndarray, counts: np.ndarray,
             imdecode_c = Compiler.compile(imdecode)
             resize_crop_c = Compiler.compile(resize_crop)
             rrc, cc, key_of = random_resized_crop, center_crop, sample_key
+            area = area_resize
             prm = params.copy()
             st_addr, st_len = int(state.ctypes.data), int(state.shape[0])
             cnt_addr, cnt_len = int(counts.ctypes.data), int(counts.shape[0])
@@ -136,10 +138,14 @@ def multiview_decoder(params: np.ndarray, state: np.ndarray, counts: np.ndarray,
                             if not have_half:
                                 resize_crop_c(img, 0, 2 * hh, 0, 2 * hw, half)
                                 have_half = True
-                            t2, l2 = top // 2, left // 2
-                            resize_crop_c(half, t2, min(hh, (top + ch) // 2), l2, min(hw, (left + cw) // 2), dst)
+                            src, t, l = half, top // 2, left // 2
+                            h, w = min(hh, (top + ch) // 2) - t, min(hw, (left + cw) // 2) - l
                         else:
-                            resize_crop_c(img, top, top + ch, left, left + cw, dst)
+                            src, t, l, h, w = img, top, left, ch, cw
+                        if h >= s and w >= s:  # shrinking: our area resize (OpenCV's INTER_AREA maths, faster)
+                            area(src, t, l, h, w, dst, np.empty(s * w * 3, np.float32))
+                        else:                  # enlarging on an axis: OpenCV (bilinear there)
+                            resize_crop_c(src, t, t + h, l, l + w, dst)
                         if flip:  # mirror columns while copying into the output row: one pass, whole pixels
                             for y in range(s):
                                 for x in range(s):

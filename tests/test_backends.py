@@ -168,7 +168,7 @@ def test_bad_backend_and_path_errors(demo_data):
 
 @pytest.mark.skipif(not _has("ffcv"), reason="ffcv missing")
 def test_ffcv_crops_equal_a_reference_crop_and_resize(tmp_path):
-    """Raw-stored images: each view is OpenCV INTER_AREA of the sampled crop (+ flip), exactly; a crop at least
+    """Raw-stored images: each view is OpenCV INTER_AREA of the sampled crop (+ flip), to a grey level; a crop at least
     2x its output is resized from the image at half resolution (exactly that two-stage reference, and close
     to the direct resize: the halved crop box moves by at most one pixel)."""
     import cv2
@@ -208,5 +208,8 @@ def test_ffcv_crops_equal_a_reference_crop_and_resize(tmp_path):
                     seen["full"] += 1
                     ref = direct
                 ref = ref[:, ::-1] if flip else ref
-                assert np.array_equal(b.views[v][j].numpy(), ref), (i, v, top, left, ch, cw, flip)
+                # Our area resize (pipelines/resize.py) is OpenCV's INTER_AREA maths in another
+                # summation order (float32): equal up to one grey level, on a few per cent of the values.
+                d = np.abs(b.views[v][j].numpy().astype(int) - ref)
+                assert d.max() <= 1 and d.mean() < 0.1, (i, v, top, left, ch, cw, flip, d.max(), d.mean())
     assert seen["half"] > 5 and seen["full"] > 5, seen
