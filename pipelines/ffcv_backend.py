@@ -26,6 +26,9 @@ FFCV_INSTALL = ("the ffcv back-end needs ffcv: apt-get install -y pkg-config lib
 # State array layout (int64): [seed, epoch, row_bytes, V, S_0 .. S_{V-1}]
 ST_SEED, ST_EPOCH, ST_ROW, ST_NVIEWS, ST_SIZES = range(5)
 MAX_VIEWS = 64
+# Shrink crops with our area resize (pipelines/resize.py); False: OpenCV's INTER_AREA for every
+# crop, as upstream ffcv. Read when a loader is built; `fastssl-bench loader --backend ffcv-opencv`.
+AREA_RESIZE = True
 
 
 def _intrinsics():
@@ -49,11 +52,14 @@ def _intrinsics():
 _VOIDPTR = None
 
 
-def multiview_decoder(params: np.ndarray, state: np.ndarray, counts: np.ndarray, train: bool):
+def multiview_decoder(params: np.ndarray, state: np.ndarray, counts: np.ndarray, train: bool,
+                      scratch: np.ndarray, per_thread: int):
     """An ffcv decoder ``Operation`` for RGBImageField: decode once, V random-resized crops (+ flip) or one centre crop.
 
     ``params``: (V, 5) float64 from :func:`pipelines.crops.view_params`; ``state``: the loader's
-    int64 state array (kept alive by the loader); ``counts``: int64 per-sample decode counter.
+    int64 state array (kept alive by the loader); ``counts``: int64 per-sample decode counter;
+    ``scratch``: float32, ``per_thread`` elements for each numba thread (the area resize's rows;
+    a crop needing more falls back to OpenCV).
     """
     global _VOIDPTR
     from dataclasses import replace
@@ -88,15 +94,18 @@ def multiview_decoder(params: np.ndarray, state: np.ndarray, counts: np.ndarray,
             resize_crop_c = Compiler.compile(resize_crop)
             rrc, cc, key_of = random_resized_crop, center_crop, sample_key
             area = area_resize
+            use_area = bool(AREA_RESIZE)
             prm = params.copy()
             st_addr, st_len = int(state.ctypes.data), int(state.shape[0])
             cnt_addr, cnt_len = int(counts.ctypes.data), int(counts.shape[0])
+            scr_addr, scr_len, per = int(scratch.ctypes.data), int(scratch.shape[0]), int(per_thread)
             is_train = bool(train)
 
             def decode(batch_indices, my_storage, metadata, storage_state):
                 destination, temp_storage, half_storage, flip_storage = my_storage
                 st = numba.carray(voidptr(st_addr), (st_len,), np.int64)
                 cnt = numba.carray(voidptr(cnt_addr), (cnt_len,), np.int64)
+                scr = numba.carray(voidptr(scr_addr), (scr_len,), np.float32)
                 n = len(batch_indices)
                 if destination.shape[1] != st[ST_ROW]:  # a stale epoch's buffers (sizes changed): never overrun
                     return destination[:n]
@@ -142,8 +151,10 @@ def multiview_decoder(params: np.ndarray, state: np.ndarray, counts: np.ndarray,
                             h, w = min(hh, (top + ch) // 2) - t, min(hw, (left + cw) // 2) - l
                         else:
                             src, t, l, h, w = img, top, left, ch, cw
-                        if h >= s and w >= s:  # shrinking: our area resize (OpenCV's INTER_AREA maths, faster)
-                            area(src, t, l, h, w, dst, np.empty(s * w * 3, np.float32))
+                        if use_area and h >= s and w >= s and s * w * 3 <= per:
+                            # Shrinking: our area resize (INTER_AREA maths, faster), in this thread's scratch.
+                            tid = numba.get_thread_id()
+                            area(src, t, l, h, w, dst, scr[tid * per:(tid + 1) * per])
                         else:                  # enlarging on an axis: OpenCV (bilinear there)
                             resize_crop_c(src, t, t + h, l, l + w, dst)
                         if flip:  # mirror columns while copying into the output row: one pass, whole pixels
@@ -254,7 +265,15 @@ class FFCVLoader(EpochContract):
         if self.num_samples < world_size:
             raise ValueError(f"{self.path} has {self.num_samples} samples, fewer than world_size={world_size}")
 
-        decoder = multiview_decoder(self.params, self.state, self.counts, self.train)
+        # Area-resize scratch, one slice per numba thread (a per-call allocation of ~1 MB page-faults):
+        # rows of the largest view size by the widest image, float32.
+        import numba
+
+        widths = np.asarray(reader.metadata["f0"]["width"])
+        self.scratch_per_thread = int(max(self.sizes) * int(widths.max()) * 3)
+        self.scratch = np.empty(numba.config.NUMBA_NUM_THREADS * self.scratch_per_thread, np.float32)
+        decoder = multiview_decoder(self.params, self.state, self.counts, self.train, self.scratch,
+                                    self.scratch_per_thread)
         pipelines = {"image": [decoder, ToTensor()],
                      "label": [IntDecoder(), ToTensor()] if "label" in reader.field_names else None}
         self._loader = Loader(self.path, batch_size=self.batch_size, num_workers=max(1, int(workers)),

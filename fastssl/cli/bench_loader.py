@@ -94,17 +94,25 @@ def measure(backend: str, stage: str, data: str, recipe: str, batch_size: int, w
     from fastssl.pipelines.recipes import AugConfig
 
     views = AugConfig(recipe=recipe, global_size=size, local_size=max(16, round(size * 96 / 224))).resolved_views()
-    src = _source(data, backend)
+    src = _source(data, "ffcv" if backend == "ffcv-opencv" else backend)
     if backend == "baseline":
         if len(views) != 2:
             views = views[:2]
         loader = _baseline_loader(src, views, batch_size, workers)
         stage = "full"
     else:
+        from fastssl.pipelines import ffcv_backend
         from fastssl.pipelines.loader import build_loader
 
-        loader = build_loader(None, views, src, batch_size, device, seed=seed, backend=backend, workers=workers,
-                              photometric=(stage == "full"))
+        # ffcv-opencv: the ffcv back-end with OpenCV's INTER_AREA for every crop (upstream ffcv's
+        # resize), to measure our area resize side by side.
+        ffcv_backend.AREA_RESIZE = backend != "ffcv-opencv"
+        try:
+            loader = build_loader(None, views, src, batch_size, device, seed=seed, workers=workers,
+                                  backend="ffcv" if backend == "ffcv-opencv" else backend,
+                                  photometric=(stage == "full"))
+        finally:
+            ffcv_backend.AREA_RESIZE = True
 
     def run(epoch: int, limit: int) -> tuple[int, float, float]:
         """One pass of up to ``limit`` batches: (images, wall seconds, CPU seconds).
@@ -144,7 +152,7 @@ def measure(backend: str, stage: str, data: str, recipe: str, batch_size: int, w
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fastssl-bench loader``."""
     ap = argparse.ArgumentParser(prog="fastssl-bench loader", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--backend", default="ffcv", help="ffcv|dali|torch|baseline, comma-separated, or all")
+    ap.add_argument("--backend", default="ffcv", help="ffcv|dali|torch|baseline|ffcv-opencv (ffcv resizing with OpenCV), comma-separated, or all")
     ap.add_argument("--data", help="bench folder (train/ + train.beton), a .beton or an image folder")
     ap.add_argument("--recipe", default="simclr", help="simclr|byol|dino|mae, comma-separated")
     ap.add_argument("--stage", default="loader,full", help="loader|full, comma-separated")
