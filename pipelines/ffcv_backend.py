@@ -151,9 +151,10 @@ def multiview_decoder(params: np.ndarray, state: np.ndarray, counts: np.ndarray,
                             h, w = min(hh, (top + ch) // 2) - t, min(hw, (left + cw) // 2) - l
                         else:
                             src, t, l, h, w = img, top, left, ch, cw
-                        if use_area and h >= s and w >= s and s * w * 3 <= per:
+                        tid = numba.get_thread_id()
+                        if use_area and h >= s and w >= s and s * w * 3 <= per and (tid + 1) * per <= scr_len:
                             # Shrinking: our area resize (INTER_AREA maths, faster), in this thread's scratch.
-                            tid = numba.get_thread_id()
+                            # numba does not bounds-check, hence the explicit slice bounds above.
                             area(src, t, l, h, w, dst, scr[tid * per:(tid + 1) * per])
                         else:                  # enlarging on an axis: OpenCV (bilinear there)
                             resize_crop_c(src, t, t + h, l, l + w, dst)
