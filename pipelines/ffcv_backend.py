@@ -142,7 +142,6 @@ def multiview_decoder(params: np.ndarray, state: np.ndarray, counts: np.ndarray,
                         else:
                             top, left, ch, cw = cc(height, width)
                             flip = False
-                        dst = flip_buf[: s * s * 3].reshape(s, s, 3) if flip else out
                         if min(ch, cw) >= 2 * s and hh >= 1 and hw >= 1:
                             if not have_half:
                                 resize_crop_c(img, 0, 2 * hh, 0, 2 * hw, half)
@@ -153,12 +152,15 @@ def multiview_decoder(params: np.ndarray, state: np.ndarray, counts: np.ndarray,
                             src, t, l, h, w = img, top, left, ch, cw
                         tid = numba.get_thread_id()
                         if use_area and h >= s and w >= s and s * w * 3 <= per and (tid + 1) * per <= scr_len:
-                            # Shrinking: our area resize (INTER_AREA maths, faster), in this thread's scratch.
-                            # numba does not bounds-check, hence the explicit slice bounds above.
-                            area(src, t, l, h, w, dst, scr[tid * per:(tid + 1) * per])
-                        else:                  # enlarging on an axis: OpenCV (bilinear there)
+                            # Shrinking: our area resize (INTER_AREA maths, faster), in this thread's
+                            # scratch, flipping as it writes. numba does not bounds-check, hence the
+                            # explicit slice bounds above.
+                            area(src, t, l, h, w, out, scr[tid * per:(tid + 1) * per], flip)
+                        elif not flip:         # enlarging on an axis: OpenCV (bilinear there)
+                            resize_crop_c(src, t, t + h, l, l + w, out)
+                        else:  # resize aside, then mirror columns while copying into the row
+                            dst = flip_buf[: s * s * 3].reshape(s, s, 3)
                             resize_crop_c(src, t, t + h, l, l + w, dst)
-                        if flip:  # mirror columns while copying into the output row: one pass, whole pixels
                             for y in range(s):
                                 for x in range(s):
                                     xs = s - 1 - x

@@ -32,3 +32,13 @@ def test_area_resize_of_a_constant_is_the_constant_and_identity_is_exact():
     same = np.empty((20, 30, 3), np.uint8)
     area_resize(rnd, 0, 0, 20, 30, same, np.empty(20 * 30 * 3, np.float32))
     assert np.array_equal(same, rnd)
+
+
+def test_area_resize_flip_mirrors_the_columns():
+    img = np.random.default_rng(1).integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    plain, mirrored = np.empty((40, 50, 3), np.uint8), np.empty((40, 50, 3), np.uint8)
+    tmp = np.empty(40 * 110 * 3, np.float32)
+    area_resize(img, 5, 4, 80, 110, plain, tmp)
+    area_resize(img, 5, 4, 80, 110, mirrored, tmp, True)
+    assert np.array_equal(mirrored, plain[:, ::-1])
+    assert not np.array_equal(mirrored, plain)
