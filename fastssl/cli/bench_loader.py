@@ -149,6 +149,35 @@ def measure(backend: str, stage: str, data: str, recipe: str, batch_size: int, w
             "cpu_percent": round(100 * cpu / wall, 1)}
 
 
+def _merge_rounds(rounds: list[list[dict]]) -> list[dict]:
+    """One row per configuration: the median round's figures, with every round's images/s beside them."""
+    if len(rounds) == 1:
+        return rounds[0]
+    merged = []
+    for i, first in enumerate(rounds[0]):
+        per = sorted((rows[i] for rows in rounds), key=lambda r: r["images_per_second"])
+        row = dict(per[len(per) // 2])
+        row["rounds"] = len(rounds)
+        row["images_per_second_rounds"] = [rows[i]["images_per_second"] for rows in rounds]
+        merged.append(row)
+    return merged
+
+
+def _recipe_cost_ratios(results: list[dict], rounds: list[list[dict]], ref: str) -> None:
+    """Per back-end and stage: time per image of each recipe over ``ref``'s, the median of per-round ratios."""
+    for i, r in enumerate(results):
+        if r["recipe"] == ref:
+            continue
+        j = next((j for j, q in enumerate(results)
+                  if q["recipe"] == ref and q["backend"] == r["backend"] and q["stage"] == r["stage"]), None)
+        if j is None:
+            continue
+        ratios = sorted(rows[j]["images_per_second"] / rows[i]["images_per_second"] for rows in rounds)
+        r[f"time_per_image_vs_{ref}"] = round(ratios[len(ratios) // 2], 3)
+        if len(rounds) > 1:
+            r[f"time_per_image_vs_{ref}_rounds"] = [round(x, 3) for x in ratios]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fastssl-bench loader``."""
     ap = argparse.ArgumentParser(prog="fastssl-bench loader", description=__doc__.split("\n\n")[0])
@@ -160,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--max-batches", type=int, default=10**9, help="cap batches per timed pass")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure the whole grid this many times, interleaved, and report medians (noisy machines)")
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
@@ -174,20 +205,27 @@ def main(argv: list[str] | None = None) -> int:
     if not a.data:
         ap.error("--data is required (make a set with --make-imagenet-like OUT_DIR)")
     backends = ["baseline", "torch", "dali", "ffcv"] if a.backend == "all" else a.backend.split(",")
-    results = []
-    for recipe in a.recipe.split(","):
-        for be in backends:
-            for stage in (["full"] if be == "baseline" else a.stage.split(",")):
-                r = measure(be, stage, a.data, recipe, a.batch_size, a.workers, a.size, a.epochs, a.max_batches,
-                            a.device)
-                results.append(r)
-                if not a.json:
-                    print(f"{be:>8} {recipe:>6} {stage:>6}: {r['images_per_second']:8.1f} img/s  "
-                          f"{r['ms_per_batch']:8.1f} ms/batch  cpu {r['cpu_percent']:5.0f}%", flush=True)
+    grid = [(recipe, be, stage) for recipe in a.recipe.split(",") for be in backends
+            for stage in (["full"] if be == "baseline" else a.stage.split(","))]
+    rounds: list[list[dict]] = []
+    for k in range(max(1, a.rounds)):
+        # Whole grid per round, so slow drifts of a shared machine hit every configuration alike.
+        rows = []
+        for recipe, be, stage in grid:
+            r = measure(be, stage, a.data, recipe, a.batch_size, a.workers, a.size, a.epochs, a.max_batches,
+                        a.device)
+            rows.append(r)
+            if not a.json:
+                tag = f" [round {k + 1}]" if a.rounds > 1 else ""
+                print(f"{be:>8} {recipe:>6} {stage:>6}: {r['images_per_second']:8.1f} img/s  "
+                      f"{r['ms_per_batch']:8.1f} ms/batch  cpu {r['cpu_percent']:5.0f}%{tag}", flush=True)
+        rounds.append(rows)
+    results = _merge_rounds(rounds)
     base = {r["recipe"]: r["images_per_second"] for r in results if r["backend"] == "baseline"}
     for r in results:
         if r["recipe"] in base:
             r["x_baseline"] = round(r["images_per_second"] / base[r["recipe"]], 2)
+    _recipe_cost_ratios(results, rounds, a.recipe.split(",")[0])
     out = {"benchmark": "loader", "cpu_count": os.cpu_count(), "argv": sys.argv[1:] if argv is None else argv,
            "results": results}
     if len(results) == 1:
