@@ -5,8 +5,9 @@ mean of the source area it covers, partial pixels weighted by their overlap), wh
 is what ffcv's ``resize_crop`` calls. OpenCV's general (non-integer factor) area path
 is scalar; this one is separable with the vertical pass first, so the inner loop runs
 over whole contiguous rows (vectorised), and the horizontal pass then reads only
-``out_h`` rows (with unsigned indices, so numba drops its wrap-around branches). Equal to OpenCV up to one grey level (``tests/test_resize.py``); the
-ffcv loader runs faster with it than with OpenCV's resize, most for DINO's multi-crop
+``out_h`` rows, with unsigned indices so numba drops its wrap-around branches. Equal
+to OpenCV up to one grey level (``tests/test_resize.py``); the ffcv loader runs faster
+with it than with OpenCV's resize, most for DINO's multi-crop
 (``fastssl-bench loader --backend ffcv,ffcv-opencv``, BENCHMARKS.md).
 
 Shrinking only: callers use OpenCV for a crop smaller than its output on either axis.

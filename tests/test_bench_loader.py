@@ -27,3 +27,30 @@ def test_bench_loader_json_rounds_and_recipe_ratio(demo_data, capsys):
         d["time_per_image_vs_simclr_rounds"])
     assert "time_per_image_vs_simclr" not in rows[("ffcv", "simclr", "loader")]
     assert rows[("baseline", "simclr", "full")]["x_baseline"] == 1.0
+
+
+def test_gpu_bench_loader_script_smoke_on_cpu_and_its_goal_check(tmp_path, capsys):
+    """``scripts/gpu_bench_loader.py --smoke``: the GPU script's code path, tiny, on the CPU; the goal compares
+    the GPU-decode full-stage SimCLR loader with the step benchmark's ResNet-50 figure."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("gpu_bench_loader", root / "scripts" / "gpu_bench_loader.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    step = tmp_path / "step.json"
+    step.write_text(json.dumps({"simclr_rn50_bf16_compiled": {"variants": [{"images_per_s": 1e9}]}}))
+    assert mod.main(["--smoke", "--recipes", "simclr", "--step-json", str(step)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    runs = {(r["pipeline"], r["stage"]): r for r in out["runs"]}
+    assert set(runs) == {("torch_cpu_decode", "loader"), ("torch_cpu_decode", "full"), ("torch_gpu_decode", "loader"),
+                         ("torch_gpu_decode", "full"), ("baseline_torchvision", "full")}
+    assert all(r["images_per_second"] > 0 for r in runs.values())
+    goal = out["goal"]
+    assert goal["loader_images_per_second"] == runs[("torch_gpu_decode", "full")]["images_per_second"]
+    assert goal["met"] is False and goal["loader_over_step"] < 1                 # nothing feeds 1e9 images/s
+    fast = mod._goal(out["runs"], step.with_name("missing.json"))
+    assert "error" in fast                                                        # a missing yardstick says so
+    step.write_text(json.dumps({"simclr_rn50_bf16_compiled": {"variants": [{"images_per_s": 1e-3}]}}))
+    assert mod._goal(out["runs"], step)["met"] is True
