@@ -154,7 +154,7 @@ def _merge_rounds(rounds: list[list[dict]]) -> list[dict]:
     if len(rounds) == 1:
         return rounds[0]
     merged = []
-    for i, first in enumerate(rounds[0]):
+    for i in range(len(rounds[0])):
         per = sorted((rows[i] for rows in rounds), key=lambda r: r["images_per_second"])
         row = dict(per[len(per) // 2])
         row["rounds"] = len(rounds)
