@@ -58,7 +58,7 @@ def multiview_decoder(params: np.ndarray, state: np.ndarray, counts: np.ndarray,
 
     ``params``: (V, 5) float64 from :func:`pipelines.crops.view_params`; ``state``: the loader's
     int64 state array (kept alive by the loader); ``counts``: int64 per-sample decode counter;
-    ``scratch``: float32, ``per_thread`` elements for each numba thread (the area resize's rows;
+    ``scratch``: float32, ``per_thread`` elements for each numba thread (the area resize's row;
     a crop needing more falls back to OpenCV).
     """
     global _VOIDPTR
@@ -151,7 +151,7 @@ def multiview_decoder(params: np.ndarray, state: np.ndarray, counts: np.ndarray,
                         else:
                             src, t, l, h, w = img, top, left, ch, cw
                         tid = numba.get_thread_id()
-                        if use_area and h >= s and w >= s and s * w * 3 <= per and (tid + 1) * per <= scr_len:
+                        if use_area and h >= s and w >= s and w * 3 <= per and (tid + 1) * per <= scr_len:
                             # Shrinking: our area resize (INTER_AREA maths, faster), in this thread's
                             # scratch, flipping as it writes. numba does not bounds-check, hence the
                             # explicit slice bounds above.
@@ -268,12 +268,12 @@ class FFCVLoader(EpochContract):
         if self.num_samples < world_size:
             raise ValueError(f"{self.path} has {self.num_samples} samples, fewer than world_size={world_size}")
 
-        # Area-resize scratch, one slice per numba thread (a per-call allocation of ~1 MB page-faults):
-        # rows of the largest view size by the widest image, float32.
+        # Area-resize scratch, one slice per numba thread (a per-call allocation page-faults):
+        # one float32 row of the widest image.
         import numba
 
         widths = np.asarray(reader.metadata["f0"]["width"])
-        self.scratch_per_thread = int(max(self.sizes) * int(widths.max()) * 3)
+        self.scratch_per_thread = int(widths.max()) * 3
         self.scratch = np.empty(numba.config.NUMBA_NUM_THREADS * self.scratch_per_thread, np.float32)
         decoder = multiview_decoder(self.params, self.state, self.counts, self.train, self.scratch,
                                     self.scratch_per_thread)

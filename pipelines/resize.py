@@ -5,7 +5,7 @@ mean of the source area it covers, partial pixels weighted by their overlap), wh
 is what ffcv's ``resize_crop`` calls. OpenCV's general (non-integer factor) area path
 is scalar; this one is separable with the vertical pass first, so the inner loop runs
 over whole contiguous rows (vectorised), and the horizontal pass then reads only
-``out_h`` rows, with unsigned indices so numba drops its wrap-around branches. Equal
+``out_h`` rows, each straight after it is made, with unsigned indices so numba drops its wrap-around branches. Equal
 to OpenCV up to one grey level (``tests/test_resize.py``); the ffcv loader runs faster
 with it than with OpenCV's resize, most for DINO's multi-crop
 (``fastssl-bench loader --backend ffcv,ffcv-opencv``, BENCHMARKS.md).
@@ -39,7 +39,7 @@ def _axis_table(src, dst, start, cnt, w):
 def area_resize(img, top, left, ch, cw, out, tmp, flip=False):
     """``out`` (S_h, S_w, 3) uint8 <- area average of ``img[top:top+ch, left:left+cw]`` (ch >= S_h, cw >= S_w).
 
-    ``tmp``: float32 scratch of at least ``S_h * cw * 3`` elements (the vertically reduced rows).
+    ``tmp``: float32 scratch of at least ``cw * 3`` elements (one vertically reduced row).
     ``flip``: mirror the output's columns (the random horizontal flip, free here: the
     horizontal pass writes one pixel at a time anyway).
     """
@@ -56,9 +56,12 @@ def area_resize(img, top, left, ch, cw, out, tmp, flip=False):
     _axis_table(ch, sh, ys, yc, yw)
     _axis_table(cw, sw, xs, xc, xw)
     row = cw * 3
-    # Vertical: (S_h, cw*3) float rows, each a weighted sum of whole source rows (contiguous, vectorised).
+    acc = tmp[:row]
+    u1, u2, u3 = np.uint64(1), np.uint64(2), np.uint64(3)
     for oy in range(sh):
-        acc = tmp[oy * row:(oy + 1) * row]
+        # Vertical: one (cw*3,) float row, a weighted sum of whole source rows (contiguous,
+        # vectorised). One row at a time, so it stays in L1 for the horizontal pass (all
+        # S_h rows first, through L2, was 15% slower).
         w0 = yw[oy, 0]
         src = img[top + ys[oy], left:left + cw].reshape(row)
         for j in range(row):
@@ -68,12 +71,9 @@ def area_resize(img, top, left, ch, cw, out, tmp, flip=False):
             src = img[top + ys[oy] + k, left:left + cw].reshape(row)
             for j in range(row):
                 acc[j] += wk * np.float32(src[j])
-    # Horizontal: each output pixel a weighted sum of a few reduced pixels, rounded. Indices
-    # are unsigned: numba then drops its negative-index wrap-around branch on every load,
-    # which made this pass 1.6x slower (it is most of the resize's time).
-    u1, u2, u3 = np.uint64(1), np.uint64(2), np.uint64(3)
-    for oy in range(sh):
-        acc = tmp[oy * row:(oy + 1) * row]
+        # Horizontal: each output pixel a weighted sum of a few reduced pixels, rounded.
+        # Indices are unsigned: numba then drops its negative-index wrap-around branch on
+        # every load, which made this pass 1.6x slower (it is most of the resize's time).
         o = out[oy]
         for ox in range(sw):
             d = sw - 1 - ox if flip else ox
