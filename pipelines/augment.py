@@ -163,10 +163,9 @@ class Augmenter:
         self.impl = impl
         self._cpu = None
         if impl == "cv2":
-            from fastssl.pipelines.augment_cpu import CpuPhotometric, _cv2
+            from fastssl.pipelines.augment_cpu import CpuPhotometric
 
-            _cv2()  # named explicitly and missing: fail now with the install command
-            self._cpu = CpuPhotometric()
+            self._cpu = CpuPhotometric()  # without OpenCV: fails here, naming the install command
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.channels_last = channels_last
         self.mean_std = (tuple(mean), tuple(std))

@@ -82,9 +82,11 @@ def multiview_decoder(params: np.ndarray, state: np.ndarray, counts: np.ndarray,
             row = (int(state[ST_ROW]),)
             u8 = np.dtype("<u1")
             half = (max_h // np.uint64(2) + np.uint64(1)) * (max_w // np.uint64(2) + np.uint64(1)) * np.uint64(3)
+            # The flip buffer holds one view (an enlarged crop, resized aside then mirrored): the largest.
+            largest = max(int(state[ST_SIZES + v]) for v in range(int(state[ST_NVIEWS])))
             return (replace(previous_state, jit_mode=True, shape=row, dtype=u8),
                     (AllocationQuery(row, u8), AllocationQuery((max_h * max_w * np.uint64(3),), u8),
-                     AllocationQuery((half,), u8), AllocationQuery((row[0],), u8)))
+                     AllocationQuery((half,), u8), AllocationQuery((3 * largest * largest,), u8)))
 
         def generate_code(self):
             jpg = IMAGE_MODES["jpg"]
