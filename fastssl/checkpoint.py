@@ -63,6 +63,8 @@ def load_for_eval(path: str | os.PathLike, device: str | torch.device = "cpu"):
 
     ckpt = load(resolve(path))
     cfg = config_from_dict(ckpt["config"])
+    from fastssl.compile import clean_state_dict
+
     method = create_method(cfg, ckpt["total_steps"])
-    method.load_state_dict(ckpt["method"])
+    method.load_state_dict(clean_state_dict(ckpt["method"]))  # older checkpoints carry `_orig_mod.` keys
     return cfg, method.to(device).eval(), int(ckpt["step"])

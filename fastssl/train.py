@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from fastssl import checkpoint as ckpt_io
+from fastssl.compile import clean_state_dict, compile_module
 from fastssl.config import Config, ConfigError, Derived, all_keys, derive, load_config, save_config, to_dict
 from fastssl.schedules import cosine, progressive_size
 
@@ -120,6 +121,11 @@ def train(cfg: Config) -> dict:
     device = pick_device(cfg)
     cuda = device.type == "cuda"
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and cuda)
+    from accelerate.state import AcceleratorState
+
+    # A second run in one process (tests, notebooks, sweeps) may change precision: accelerate keeps
+    # its first choice unless its state is reset (the distributed part, PartialState, is kept).
+    AcceleratorState._reset_state()
     acc = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not cuda)
     device = acc.device
     rank, world = acc.process_index, acc.num_processes
@@ -137,12 +143,16 @@ def train(cfg: Config) -> dict:
 
     # ---- data: each process a disjoint shard; micro-batch = global batch / (world * accum)
     views = cfg.aug.resolved_views()
+    # Views in the step's precision: bf16 halves the bytes the loader writes; fp32 runs need fp32 input.
+    view_dtype = torch.bfloat16 if bf16 else torch.float32
     probe_loader = build_loader(cfg.data, views, "train", 2, device, seed=cfg.train.seed, rank=rank,
-                                world_size=world, backend=cfg.data.backend, workers=cfg.data.workers, train=True)
+                                world_size=world, backend=cfg.data.backend, workers=cfg.data.workers, train=True,
+                                dtype=view_dtype)
     d: Derived = derive(cfg, probe_loader.num_samples, world)
     del probe_loader
     loader = build_loader(cfg.data, views, "train", d.micro_batch, device, seed=cfg.train.seed, rank=rank,
-                          world_size=world, backend=cfg.data.backend, workers=cfg.data.workers, train=True)
+                          world_size=world, backend=cfg.data.backend, workers=cfg.data.workers, train=True,
+                          dtype=view_dtype)
     num_classes = loader.num_classes
 
     # ---- model, optimizer, schedules (precomputed per step)
@@ -160,10 +170,8 @@ def train(cfg: Config) -> dict:
 
         probe = OnlineLinearProbe(method.feat_dim, num_classes, lr=cfg.eval.probe_lr).to(device)
     if cfg.train.compile == "on" or (cfg.train.compile == "auto" and cuda):
-        try:
-            method.backbone = torch.compile(method.backbone)
-        except Exception as e:  # eager fallback: compile is a speed-up, never a requirement
-            print(f"[fastssl] torch.compile failed ({e}); running eager", file=sys.stderr)
+        # In place (state-dict keys keep no `_orig_mod.`), eager fallback at the first failing call.
+        compile_module(method.backbone)
     model, opt = acc.prepare(method, opt)
     core = acc.unwrap_model(model)
 
@@ -171,7 +179,7 @@ def train(cfg: Config) -> dict:
     step, epoch0, batch0, wall0, knn_init = 0, 0, 0, 0.0, None
     if resume:
         state = ckpt_io.load(ckpt_path)
-        core.load_state_dict(state["method"])
+        core.load_state_dict(clean_state_dict(state["method"]))
         opt.load_state_dict(state["optimizer"])
         if probe is not None and state.get("probe"):
             probe.load_state_dict(state["probe"])
@@ -192,7 +200,8 @@ def train(cfg: Config) -> dict:
         # so an evaluation never depends on the state a previous pass left in a loader.
         return tuple(
             build_loader(cfg.data, views[:1], split, 256, device, seed=0, rank=0, world_size=1,
-                         backend=cfg.data.backend, workers=cfg.data.workers, train=False, drop_last=False)
+                         backend=cfg.data.backend, workers=cfg.data.workers, train=False, drop_last=False,
+                         dtype=view_dtype)
             for split in ("train", "val"))
 
     can_eval = bool((cfg.eval.final or cfg.eval.every_epochs) and cfg.data.val and num_classes)

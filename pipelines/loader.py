@@ -33,17 +33,18 @@ class Normalize:
                 .contiguous(memory_format=torch.channels_last) for c in crops]
 
 
-def make_finisher(views, device, seed: int, train: bool, photometric: bool = True):
-    """The stage after cropping: the recipe's photometric ``Augmenter`` (train), ``Normalize`` (eval), or None (raw crops)."""
+def make_finisher(views, device, seed: int, train: bool, photometric: bool = True, dtype: torch.dtype | None = None):
+    """The stage after cropping: the recipe's photometric ``Augmenter`` (train), ``Normalize`` (eval), or None (raw crops).
+
+    ``dtype``: of the views (default bf16 on CUDA, fp32 on the CPU); the trainer passes its step's precision.
+    """
     if not photometric:
         return None
     if not train:
-        return Normalize(device)
-    try:
-        from fastssl.pipelines.augment import Augmenter
-    except ImportError:  # the photometric stage is not there yet: normalise only
-        return Normalize(device)
-    return Augmenter(list(views), device, seed=seed)
+        return Normalize(device, dtype)
+    from fastssl.pipelines.augment import Augmenter
+
+    return Augmenter(list(views), device, seed=seed, dtype=dtype)
 
 
 def _field(cfg, name, default=None):
@@ -70,13 +71,15 @@ def resolve_backend(path: str, backend: str) -> str:
 
 def build_loader(data_cfg, aug_views, split: str, batch_size: int, device, *, seed: int = 0, rank: int = 0,
                  world_size: int = 1, drop_last: bool = True, backend: str | None = None, workers: int | None = None,
-                 train: bool = True, photometric: bool = True, in_memory: bool | None = None):
+                 train: bool = True, photometric: bool = True, in_memory: bool | None = None,
+                 dtype: torch.dtype | None = None):
     """A loader of :class:`Batch` for ``split`` ("train"/"val": the path ``data_cfg.<split>``, or a path itself).
 
     ``aug_views``: the recipe's ``ViewSpec`` list (``train=False`` uses ``aug_views[0].size``, centre crop).
     ``data_cfg`` is duck-typed (``train``, ``val``, ``backend``, ``workers``, ``in_memory``); explicit
     keyword arguments win. ``photometric=False`` yields the uint8 ``(B, S, S, 3)`` crops on ``device``
-    (the ``loader`` benchmark stage). The loader has ``len()`` (batches per epoch),
+    (the ``loader`` benchmark stage). ``dtype``: of the normalised views (default bf16 on CUDA, fp32
+    on the CPU; the trainer passes fp32 for ``train.precision=fp32``). The loader has ``len()`` (batches per epoch),
     ``set_epoch(epoch, global_size=None)``, ``num_samples`` (this dataset's size, all ranks),
     ``num_classes`` (None when unlabelled).
     """
@@ -96,7 +99,7 @@ def build_loader(data_cfg, aug_views, split: str, batch_size: int, device, *, se
     if not views:
         raise ValueError("aug_views is empty: give the recipe's views (AugConfig.resolved_views())")
     kind = resolve_backend(path, backend)
-    finisher = make_finisher(views if train else views[:1], device, seed, train, photometric)
+    finisher = make_finisher(views if train else views[:1], device, seed, train, photometric, dtype)
     common = dict(seed=seed, rank=rank, world_size=world_size, drop_last=drop_last if train else False,
                   workers=workers, train=train, finisher=finisher)
     if kind == "ffcv":

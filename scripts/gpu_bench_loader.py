@@ -43,7 +43,7 @@ def _render(args):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--recipes", default="simclr,dino")
@@ -101,13 +101,16 @@ def main(argv=None) -> int:
 
     for recipe in a.recipes.split(","):
         views = AugConfig(recipe=recipe).resolved_views()
-        for name, gpu in (("torch_cpu_decode", False), ("torch_gpu_decode", True)):
+        # On a GPU machine only the GPU-decode arms: CPU decode is measured on the CPU (fastssl-bench loader).
+        arms = (("torch_cpu_decode", False),) * (device.type == "cpu") + (("torch_gpu_decode", True),)
+        for name, gpu in arms:
             for stage in ("loader", "full"):
                 fin = make_finisher(views, device, 0, True, photometric=stage == "full")
                 L = TorchLoader(str(tmp), views, a.batch_size, device, workers=a.workers, gpu_decode=gpu, finisher=fin)
                 ips = timed(L, lambda b: b.views, a.batches)
                 results["runs"].append({"recipe": recipe, "pipeline": name, "stage": stage, "views": len(views),
                                         "images_per_second": round(ips, 1)})
+                print(json.dumps({"run": results["runs"][-1]}), file=sys.stderr, flush=True)
         if recipe == "simclr":
             B = _baseline_loader(str(tmp), views[:2], a.batch_size, a.workers)
             ips = timed(B, lambda b: [v.to(device, non_blocking=True) for v in b[0]], a.batches)
@@ -124,8 +127,12 @@ def _goal(runs: list[dict], step_json: Path) -> dict:
     loader = next((r["images_per_second"] for r in runs if r["recipe"] == "simclr"
                    and r["pipeline"] == "torch_gpu_decode" and r["stage"] == "full"), None)
     try:
-        case = json.loads(step_json.read_text())["simclr_rn50_bf16_compiled"]
-        step = case["variants"][0]["images_per_s"]
+        text = step_json.read_text()
+        try:
+            cases = json.loads(text)                         # one document (gpu_bench_step.py --out)
+        except ValueError:                                   # or its stdout: one JSON line per case
+            cases = {r.get("case"): r for r in map(json.loads, filter(str.strip, text.splitlines()))}
+        step = cases["simclr_rn50_bf16_compiled"]["variants"][0]["images_per_s"]
     except (OSError, ValueError, KeyError, IndexError) as e:
         return {"error": f"no ResNet-50 step figure in {step_json}: {type(e).__name__}: {e}"}
     return {"loader_images_per_second": loader, "step_images_per_second": round(step, 1),

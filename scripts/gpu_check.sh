@@ -1,29 +1,62 @@
 #!/usr/bin/env bash
-# Every GPU check and benchmark in one call, for a lent GPU machine (the
-# workplace's `device` tool runs it in a copy of this repo; results land in
-# $OUT, default ./gpu-results). That machine has torch, triton, timm,
-# accelerate and numba but no ffcv, DALI or xformers and no network, so the
-# project is installed without dependencies and the CUDA-marked tests plus the
-# loss, step and torch-loader benchmarks run.
+# Every GPU check and benchmark in one call, for a lent GPU machine (the workplace's
+# `device` tool runs it in a copy of this repo; results land in $OUT, default
+# ./gpu-results). That machine has torch, triton, timm, accelerate and numba but no
+# ffcv, DALI or xformers and no network: the project is installed without
+# dependencies, and the CUDA-marked tests plus the loss, step and loader benchmarks run.
+#
+#   bash scripts/gpu_check.sh              # on the GPU machine; whole call <= BUDGET s (default 420)
+#   bash scripts/gpu_check.sh --dry-run    # here, on the CPU: the same steps in their smoke modes
+#
+# One overall deadline: each step gets min(its own limit, time left), so the call fits in
+# the device tool's 10 minutes. Every benchmark prints a JSON line per result as it finishes,
+# so a step that runs out of time keeps what it measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+DRY=0; [ "${1:-}" = "--dry-run" ] && DRY=1
 OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -2
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
+BUDGET=${BUDGET:-420}
+T0=$(date +%s)
+PY=${PY:-python3}
+[ "$DRY" = 1 ] && [ -x .venv/bin/python ] && PY=.venv/bin/python
+
+if [ "$DRY" = 0 ]; then
+  $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$OUT/install.log" 2>&1
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+fi
+# A broken install wastes the whole lease: stop here if fastssl does not import.
+if ! $PY -c "import fastssl, fastssl.train, fastssl.kernels.contrastive, torch, triton; print('fastssl ok; torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available())" | tee -a "$OUT/gpu.txt"; then
+  echo "fastssl does not import: see $OUT/install.log"; tail -20 "$OUT/install.log" 2>/dev/null; exit 2
+fi
+
 status=0
-# Each step's stdout (JSON for the benchmarks) to $OUT/<name>.json, all stderr to $OUT/errors.log
+# Each step's stdout to $OUT/<name>.json (JSON lines), its stderr to $OUT/errors.log
 # (the device tool returns at most 8 files).
 run() {
-  local name=$1; shift; echo "== $name: $*"
-  timeout "${LIMIT:-240}" "$@" > "$OUT/$name.json" 2>> "$OUT/errors.log" || { echo "   FAILED"; tail -5 "$OUT/errors.log"; status=1; }
-  tail -c 2000 "$OUT/$name.json"; echo
+  local name=$1 limit=$2; shift 2
+  local left=$(( BUDGET - ($(date +%s) - T0) ))
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -lt 10 ]; then echo "== $name: skipped (budget spent)"; status=1; return; fi
+  echo "== $name (limit ${limit}s, t=$(( $(date +%s) - T0 ))s): $*"
+  echo "== $name" >> "$OUT/errors.log"
+  timeout "$limit" "$@" > "$OUT/$name.json" 2>> "$OUT/errors.log" || { echo "   FAILED (rc $?)"; tail -5 "$OUT/errors.log"; status=1; }
+  tail -c 1500 "$OUT/$name.json"; echo
 }
-run pytest_cuda python3 -m pytest -q -m cuda -p no:cacheprovider tests
-run gpu_bench_loss python3 scripts/gpu_bench_loss.py
-run gpu_bench_step python3 scripts/gpu_bench_step.py
-# The loader goal is relative to the trainer: the step benchmark's JSON is its yardstick.
-run gpu_bench_loader python3 scripts/gpu_bench_loader.py --step-json "$OUT/gpu_bench_step.json"
+
+if [ "$DRY" = 1 ]; then
+  export TRITON_INTERPRET=1
+  run pytest_cuda 300 $PY -m pytest -q -p no:cacheprovider tests/test_gpu_recipe.py
+  run gpu_bench_loss 300 $PY scripts/gpu_bench_loss.py --device cpu --small --repeats 1
+  run gpu_bench_step 300 $PY scripts/gpu_bench_step.py --smoke
+  run gpu_bench_loader 300 $PY scripts/gpu_bench_loader.py --smoke --step-json "$OUT/gpu_bench_step.json"
+else
+  run pytest_cuda 100 $PY -m pytest -q -x -m cuda -p no:cacheprovider tests
+  run gpu_bench_loss 90 $PY scripts/gpu_bench_loss.py --budget 60
+  run gpu_bench_step 170 $PY scripts/gpu_bench_step.py --quick
+  # The loader goal is relative to the trainer: the step benchmark's JSON lines are its yardstick.
+  run gpu_bench_loader 60 $PY scripts/gpu_bench_loader.py --batches 8 --step-json "$OUT/gpu_bench_step.json"
+fi
+echo "total $(( $(date +%s) - T0 ))s, status $status"
 exit $status

@@ -18,6 +18,27 @@ def demo_data(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def jpeg_data(tmp_path_factory):
+    """The built-in shapes as JPEG ImageFolders (``train/``, ``val/``), written without ffcv (the GPU machine has none).
+
+    10 classes x 20 train / 10 val images at 32 px, read by the torch back-end.
+    """
+    from PIL import Image
+
+    from fastssl.pipelines.synthetic import SyntheticImages
+
+    out = tmp_path_factory.mktemp("jpeg_data")
+    for split, per in (("train", 20), ("val", 10)):
+        ds = SyntheticImages(num_classes=10, per_class=per, size=32, seed=0, split=split)
+        for i in range(len(ds)):
+            img, label = ds[i]
+            d = out / split / ds.classes[label]
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(d / f"{i:05d}.jpg", quality=95)
+    return out
+
+
 def tiny_overrides(data, out_dir, **extra):
     """A CPU-seconds-sized SimCLR run on ``demo_data``."""
     kv = {

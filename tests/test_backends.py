@@ -145,16 +145,18 @@ def test_torch_gpu_path_matches_cpu_path(demo_data):
 
 
 @pytest.mark.cuda
-def test_torch_gpu_decode_on_cuda(demo_data):
+def test_torch_gpu_decode_on_cuda(jpeg_data):
+    """nvJPEG decode + roi_align crops: uint8 views on the GPU, close to the CPU path's crops of the same samples."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    L = _loader(demo_data, "torch", "dino", bs=16, photometric=False)
-    L.device = torch.device("cuda")
     from fastssl.pipelines.torch_backend import TorchLoader
 
-    G = TorchLoader(_src(demo_data, "torch"), _views("dino"), 16, "cuda", workers=1)
+    G = TorchLoader(_src(jpeg_data, "torch"), _views("dino"), 16, "cuda", workers=1)
     b = next(iter(G))
     assert G.gpu_decode and all(v.device.type == "cuda" and v.dtype == torch.uint8 for v in b.views)
+    full = build_loader(None, _views("dino"), _src(jpeg_data, "torch"), 16, "cuda", backend="torch", workers=1)
+    v = next(iter(full)).views
+    assert all(x.dtype == torch.bfloat16 and torch.isfinite(x.float()).all() for x in v)
 
 
 def test_bad_backend_and_path_errors(demo_data):

@@ -419,6 +419,6 @@ def test_gpu_bench_step_script_smoke_on_cpu(capsys):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert mod.main(["--smoke"]) == 0
-    res = json.loads(capsys.readouterr().out)
+    res = {r.pop("case"): r for r in map(json.loads, capsys.readouterr().out.splitlines())}
     assert set(res) == {"simclr_demo", "mae_demo", "dino_demo"}
     assert [v["overrides"][-1] for v in res["dino_demo"]["variants"]][1] == "model.attn=naive"

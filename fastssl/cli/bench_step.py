@@ -53,12 +53,15 @@ class Variant:
             method = method.to(memory_format=torch.channels_last)
         self.compiled = cfg.train.compile == "on" or (cfg.train.compile == "auto" and cuda)
         if self.compiled:
-            method.backbone = torch.compile(method.backbone)
+            from fastssl.compile import compile_module
+
+            compile_module(method.backbone)  # as the trainer: in place, eager fallback
         self.method = method.train()
         self.opt = build_optimizer(method, cfg.optim, cfg.optim.lr)
         self.params = [p for p in method.parameters() if p.requires_grad]
         g = torch.Generator().manual_seed(0)
-        self.views = [torch.randn(self.batch, 3, v.size, v.size, generator=g).to(device, memory_format=fmt)
+        vdt = torch.bfloat16 if self.bf16 else torch.float32  # the loader hands views in the step's precision
+        self.views = [torch.randn(self.batch, 3, v.size, v.size, generator=g).to(device, vdt, memory_format=fmt)
                       for v in cfg.aug.resolved_views()]
         self.step_i = 0
         self.last_loss = torch.zeros((), device=device)
@@ -90,7 +93,9 @@ class Variant:
         c = self.cfg
         return {"name": self.name, "overrides": self.overrides, "method": c.method.name, "backbone": c.model.backbone,
                 "batch": self.batch, "views": [v.size for v in c.aug.resolved_views()],
-                "precision": "bf16" if self.bf16 else "fp32", "compiled": self.compiled,
+                "precision": "bf16" if self.bf16 else "fp32",
+                "compiled": self.compiled and not getattr(self.method.backbone, "compile_error", None),
+                "compile_error": getattr(self.method.backbone, "compile_error", None),
                 "params_trainable": sum(p.numel() for p in self.params)}
 
 

@@ -15,7 +15,13 @@ def extract_features(embed_fn, loader, device, max_samples: int | None = None) -
     """Run ``embed_fn`` over a loader of Batch (view 0); returns (feats (N, F) float32 CPU, labels (N,) int64)."""
     feats, labels, n = [], [], 0
     for batch in loader:
-        feats.append(embed_fn(batch.views[0]).float().cpu())
+        x = batch.views[0]
+        # Loaders hand bf16 views on CUDA; the model's weights are fp32 outside the trainer's
+        # autocast, so evaluate under the same autocast the views were made for.
+        low = x.dtype in (torch.bfloat16, torch.float16)
+        with torch.autocast(x.device.type, dtype=x.dtype if low else torch.bfloat16, enabled=low):
+            f = embed_fn(x)
+        feats.append(f.float().cpu())
         labels.append(batch.labels.cpu() if batch.labels is not None else torch.full((len(feats[-1]),), -1))
         n += len(feats[-1])
         if max_samples and n >= max_samples:
