@@ -104,6 +104,32 @@ def checks(device: str, small: bool) -> tuple[list, bool]:
     return out, all_ok
 
 
+def compiled_kernel_stats() -> list:
+    """Registers, spills and shared memory of every compiled variant of our Triton kernels (sm_90 on H100)."""
+    import triton
+
+    from fastssl.kernels import contrastive as K
+    from fastssl.kernels import covariance as C
+
+    rows = []
+    for mod in (K, C):
+        for name in dir(mod):
+            fn = getattr(mod, name)
+            if not isinstance(fn, triton.runtime.JITFunction):
+                continue
+            caches = getattr(fn, "device_caches", None) or {}
+            for dev, entry in caches.items():
+                cache = entry[0] if isinstance(entry, (tuple, list)) else entry
+                for key, k in cache.items():
+                    md = getattr(k, "metadata", None)
+                    rows.append({"kernel": f"{mod.__name__.split('.')[-1]}.{name}", "n_regs": getattr(k, "n_regs", None),
+                                 "n_spills": getattr(k, "n_spills", None),
+                                 "shared_bytes": getattr(md, "shared", None), "num_warps": getattr(md, "num_warps", None),
+                                 "num_stages": getattr(md, "num_stages", None), "target": str(getattr(md, "target", "")),
+                                 "constants": str(key)[:300]})
+    return rows
+
+
 def benchmarks(device: str, small: bool, repeats: int | None, emit, deadline: float) -> tuple[list, dict]:
     """The goal cases first, then the extras; each result goes to ``emit`` as it finishes.
 
@@ -189,6 +215,11 @@ def main(argv=None) -> int:
     if env["triton"]:
         check_rows, ok = checks(a.device, a.small)
         emit({"checks_ok": ok, "checks": check_rows, "t": round(time.monotonic() - T0, 1)})
+    if a.device == "cuda" and env["triton"]:
+        try:  # after the checks compiled every variant; Triton's cache layout differs between versions
+            emit({"kernels_compiled": compiled_kernel_stats()})
+        except Exception as e:  # noqa: BLE001
+            emit({"kernels_compiled_error": f"{type(e).__name__}: {e}"})
     _, goals = benchmarks(a.device, a.small, a.repeats, emit, deadline)
     emit({"goals": goals, "checks_ok": ok, "t": round(time.monotonic() - T0, 1)})
     return 0 if ok else 1
