@@ -80,6 +80,23 @@ def compile_module(module: nn.Module, *, dynamic: bool | None = False, backend="
     return module
 
 
+class eager:
+    """``with eager(module):`` calls run the module uncompiled (evaluation: other batch sizes and no_grad
+    would each compile a new graph under ``dynamic=False``, for a pass that runs once an epoch)."""
+
+    def __init__(self, module: nn.Module):
+        self.module, self.saved = module, None
+
+    def __enter__(self):
+        self.saved = getattr(self.module, "_compiled_call_impl", None)
+        self.module._compiled_call_impl = None
+        return self.module
+
+    def __exit__(self, *exc):
+        self.module._compiled_call_impl = self.saved
+        return False
+
+
 def is_compiled(module: nn.Module) -> bool:
     """True while ``module`` runs through its compiled call (compiled and not fallen back)."""
     st = getattr(module, "compile_state", None)

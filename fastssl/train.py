@@ -88,11 +88,14 @@ def evaluate_knn(method, train_loader, val_loader, cfg: Config, device, num_clas
     """kNN top-1 (section 3.7.1) and RankMe (section 3.7.2) of backbone features; protocol included."""
     from fastssl.evaluation import extract_features, knn_top1, rankme
 
+    from fastssl.compile import eager
+
     was_training = method.training
     method.eval()
     embed = method.embed
-    tr_x, tr_y = extract_features(embed, train_loader, device)
-    va_x, va_y = extract_features(embed, val_loader, device, max_samples=max_val or None)
+    with eager(method.backbone):  # no new graphs for eval batch sizes / no_grad
+        tr_x, tr_y = extract_features(embed, train_loader, device)
+        va_x, va_y = extract_features(embed, val_loader, device, max_samples=max_val or None)
     top1 = knn_top1(tr_x, tr_y, va_x, va_y, num_classes=num_classes, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature)
     rm = rankme(va_x)
     method.train(was_training)

@@ -155,6 +155,23 @@ def test_trainer_compiles_dino_once_per_crop_size_and_checkpoint_loads_uncompile
     assert step == 3 and not fc.is_compiled(method.backbone)
 
 
+def test_evaluation_runs_the_backbone_eager(jpeg_data, tmp_path, monkeypatch):
+    """kNN evaluation (other batch sizes, no_grad) must not compile new graphs: with compile on, the graphs
+    counted after a run with evaluations equal those of the training steps alone."""
+    from torch._dynamo.testing import CompileCounter
+
+    counts = []
+    for final in (False, True):
+        torch._dynamo.reset()
+        cnt = CompileCounter()
+        _counting(monkeypatch, cnt)
+        args = ["--config", "configs/demo/simclr.yaml"] + _jpeg_overrides(
+            jpeg_data, tmp_path / str(final), **{"train.compile": "on", "train.max_steps": 2, "eval.final": final})
+        assert main(args) == 0
+        counts.append(cnt.frame_count)
+    assert counts[0] == counts[1] >= 1, counts
+
+
 def test_old_checkpoints_with_wrapper_prefixes_still_load(demo_data, tmp_path):
     from fastssl.checkpoint import load, load_for_eval, save_atomic
 
