@@ -10,7 +10,8 @@ keyword arguments:
 * ``gather``: gather the embeddings with gradients across processes (cookbook section 3.8.1,
   Algorithm 1) so the loss sees the global batch. Default: when torch.distributed is
   initialised with world size > 1. Contrastive losses compute this rank's rows (anchors)
-  against all gathered columns and average over the local anchors; covariance losses compute
+  against all gathered columns and average over the local anchors (``info_nce`` with a queue,
+  MoCo v2, has no in-batch columns to gather); covariance losses compute
   the global loss on every rank. Either way the mean over ranks is the single-process loss on
   the full batch and, after DDP divides the summed gradients by the world size, so are the
   gradients. All ranks must hold the same number of rows.
@@ -131,24 +132,46 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, decoup
 
 
 def info_nce_terms(q: torch.Tensor, k: torch.Tensor, temperature: float = 0.2, *, queue: torch.Tensor | None = None,
-                   impl: str | None = None, gather: bool | None = None) -> dict[str, torch.Tensor]:
-    """MoCo-style InfoNCE (cookbook section 2.2 / 2.3), as named terms.
+                   batch_negatives: bool | None = None, impl: str | None = None,
+                   gather: bool | None = None) -> dict[str, torch.Tensor]:
+    """InfoNCE between queries and keys (cookbook section 2.2, "the infoNCE offsprings"), as named terms.
 
-    q, k: (N, D) queries and keys; both L2-normalised in fp32. Query i's positive is key i
-    (the diagonal); the other keys of the (gathered) batch and the optional ``queue`` (Q, D)
-    of extra negatives (MoCo v1/v2) are negatives. This is the plain cross-entropy: MoCo v3
-    multiplies it by ``2 * temperature``, which the method applies, not this function.
+    q, k: (N, D) queries and keys; both L2-normalised in fp32. Query i's positive is key i.
+    Which columns are its negatives depends on ``queue`` and ``batch_negatives``:
 
-    Returns ``{"loss", "alignment", "uniformity"}`` as in ``nt_xent_terms``.
+    * no queue (``batch_negatives`` None or True): the other keys of the (gathered) batch,
+      as in MoCo v3 and NNCLR. The columns are the keys; the loss is the cross-entropy of
+      ``q k^T / t`` with the diagonal as labels.
+    * ``queue`` (Q, D) given, ``batch_negatives`` None or False: **MoCo v2** (He et al. 2020,
+      Chen et al. 2020; facebookresearch/moco ``builder.py``, and lightly's NTXentLoss with a
+      memory bank): the positive plus the queue only, ``logits = cat([q_i . k_i, q_i Queue^T]) / t``
+      with label 0. The other in-batch keys are *not* negatives, so row i depends on q_i, k_i
+      and the queue alone, and no gather is needed (MoCo gathers keys only to enqueue them,
+      which is the method's job).
+    * ``queue`` given and ``batch_negatives=True``: a variant, not MoCo v2: the other in-batch
+      keys and the queue are both negatives (the columns are ``cat([keys, queue])``).
+
+    ``batch_negatives=False`` without a queue leaves no negatives and is refused. The queue is
+    used as given (MoCo holds it without gradient; pass it detached). This is the plain
+    cross-entropy: MoCo v3 multiplies it by ``2 * temperature``, which the method applies.
+
+    Returns ``{"loss", "alignment", "uniformity"}`` as in ``nt_xent_terms``: alignment = mean of
+    -q_i.k_i/t, uniformity = mean log-sum-exp over the row's columns (positive included).
     """
     _pair("info_nce", q, k)
     if temperature <= 0:
         raise ValueError(f"info_nce: temperature must be > 0, got {temperature}")
     if queue is not None and (queue.dim() != 2 or queue.shape[1] != q.shape[1]):
         raise ValueError(f"info_nce: queue must be (Q, D) with D = {q.shape[1]}, got {tuple(queue.shape)}")
+    if batch_negatives is False and queue is None:
+        raise ValueError("info_nce: batch_negatives=False needs a queue (without one the positive is the only "
+                         "column and there are no negatives)")
     impl = _impl(impl, q)
+    scale = 1.0 / temperature
     qn, kn = _normalize(q, impl), _normalize(k, impl)
     n = q.shape[0]
+    if queue is not None and not batch_negatives:
+        return _info_nce_queue_only(qn, kn, _normalize(queue, impl).to(qn.dtype), scale, impl)
     if _gather(gather):
         kn, off = gather_with_grad(kn), rank() * n
     else:
@@ -156,16 +179,46 @@ def info_nce_terms(q: torch.Tensor, k: torch.Tensor, temperature: float = 0.2, *
     cols = kn if queue is None else torch.cat([kn, _normalize(queue, impl).to(kn.dtype)])
     pos = torch.arange(n, device=q.device) + off
     self_idx = torch.full_like(pos, -1)                                        # queries are not among the keys
-    loss_rows, lse = _contrastive(qn, cols, pos, self_idx, 1.0 / temperature, False, impl)
+    loss_rows, lse = _contrastive(qn, cols, pos, self_idx, scale, False, impl)
     loss = loss_rows.mean()
     uniformity = lse.mean()
     return {"loss": loss, "alignment": loss - uniformity, "uniformity": uniformity}
 
 
+def _info_nce_queue_only(qn, kn, queue_n, scale: float, impl: str) -> dict[str, torch.Tensor]:
+    """MoCo v2's InfoNCE on normalised rows: the row's own key plus the queue (see ``info_nce_terms``).
+
+    The fused kernel takes one shared column set per call, so it cannot give each row its own
+    positive *and* hide the other keys. Split instead: the kernel (or the chunked torch path)
+    computes lse_queue_i = log sum_j exp(s q_i . queue_j) over the queue, the (Q, D) part that
+    costs, in bounded memory, differentiably (d lse / d logit = softmax); the positive logit
+    l_i = s q_i . k_i is one O(N D) dot. Then lse_i = logaddexp(l_i, lse_queue_i) is the
+    log-sum-exp over MoCo v2's columns [k_i, queue] and loss_i = lse_i - l_i, exactly
+    cross_entropy(cat([l_pos, l_neg]), 0).
+    """
+    n = qn.shape[0]
+    l_pos = (qn.float() * kn.float()).sum(dim=1) * scale                      # (N,) fp32
+    if queue_n.shape[0] == 0:                                                  # empty queue: only the positive
+        lse_q = torch.full_like(l_pos, float("-inf"))
+    else:
+        any_col = torch.zeros(n, dtype=torch.long, device=qn.device)           # the kernel's loss output is unused
+        no_self = torch.full_like(any_col, -1)
+        _, lse_q = _contrastive(qn, queue_n, any_col, no_self, scale, False, impl)
+    lse = torch.logaddexp(l_pos, lse_q)
+    loss = (lse - l_pos).mean()
+    uniformity = lse.mean()
+    return {"loss": loss, "alignment": loss - uniformity, "uniformity": uniformity}
+
+
 def info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float = 0.2, *, queue: torch.Tensor | None = None,
-             impl: str | None = None, gather: bool | None = None) -> torch.Tensor:
-    """InfoNCE, queries against in-batch keys (+ optional queue); see ``info_nce_terms``. Returns a scalar."""
-    return info_nce_terms(q, k, temperature, queue=queue, impl=impl, gather=gather)["loss"]
+             batch_negatives: bool | None = None, impl: str | None = None,
+             gather: bool | None = None) -> torch.Tensor:
+    """InfoNCE: in-batch keys (MoCo v3) or, with a queue, MoCo v2's positive + queue; see ``info_nce_terms``.
+
+    Returns a scalar.
+    """
+    return info_nce_terms(q, k, temperature, queue=queue, batch_negatives=batch_negatives, impl=impl,
+                          gather=gather)["loss"]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -149,8 +149,9 @@ def test_info_nce_matches_mocov3(impl, n, d, nq, t, dtype, floor):
     queue = torch.randn(nq, d, dtype=torch.float64) if nq else None
     want = _grads(lambda a, b: mocov3_official(a, b, t, queue), z1, z2, torch.float64)
     low = _grads(lambda a, b: mocov3_official(a, b, t, None if queue is None else queue.to(dtype)), z1, z2, dtype)
-    got = _grads(lambda a, b: losses.info_nce(a, b, t, queue=None if queue is None else queue.to(dtype), impl=impl),
-                 z1, z2, dtype)
+    # batch_negatives=True: with a queue, the in-batch keys stay negatives (the variant this transcription has)
+    got = _grads(lambda a, b: losses.info_nce(a, b, t, queue=None if queue is None else queue.to(dtype),
+                                              batch_negatives=True, impl=impl), z1, z2, dtype)
     _close(got, want, low, floor)
 
 
@@ -283,3 +284,106 @@ def test_gpu_bench_script_cpu_smoke():
         assert len(ok) == 2, bench                                  # the baseline and the torch path ran
         assert math.isclose(ok[0]["value"], ok[1]["value"], rel_tol=1e-4), bench
         assert all(r["peak_mem_bytes"] >= 0 and r["median_ms"] > 0 for r in ok)
+
+
+# ------------------------------------------------------------------------------------------------
+# info_nce with a queue: MoCo v2 (positive + queue only)
+# ------------------------------------------------------------------------------------------------
+def mocov2_official(q, k, t, queue):
+    """facebookresearch/moco moco/builder.py MoCo.forward, the loss part (queue stored (C, K) there).
+
+    q, k come out of the encoders L2-normalised (``nn.functional.normalize(q, dim=1)``); the queue
+    holds normalised keys and is used without gradient (``self.queue.clone().detach()``).
+    """
+    q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    queue_ck = F.normalize(queue, dim=1).T.detach()                 # (C, K) as in the official buffer
+    l_pos = torch.einsum("nc,nc->n", [q, k]).unsqueeze(-1)           # positive logits: Nx1
+    l_neg = torch.einsum("nc,ck->nk", [q, queue_ck.clone().detach()])  # negative logits: NxK
+    logits = torch.cat([l_pos, l_neg], dim=1)                       # logits: Nx(1+K)
+    logits /= t                                                     # apply temperature
+    labels = torch.zeros(logits.shape[0], dtype=torch.long)         # positive key indicators
+    return F.cross_entropy(logits, labels)
+
+
+# rows: N, D, queue size, temperature, dtype, floor
+MOCOV2 = [
+    (6, 16, 1, 0.2, torch.float32, 1e-5),
+    (9, 24, 13, 0.07, torch.float32, 1e-5),
+    (5, 20, 70, 0.2, torch.float32, 1e-5),                  # Q over one 64-column tile
+    (8, 32, 37, 0.2, torch.bfloat16, 1e-2),
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("n,d,nq,t,dtype,floor", MOCOV2)
+def test_info_nce_with_queue_matches_mocov2(impl, n, d, nq, t, dtype, floor):
+    z1, z2 = _pair(n, d, 5 * n + d)
+    queue = torch.randn(nq, d, dtype=torch.float64, generator=torch.Generator().manual_seed(nq))
+    want = _grads(lambda a, b: mocov2_official(a, b, t, queue), z1, z2, torch.float64)
+    low = _grads(lambda a, b: mocov2_official(a, b, t, queue.to(dtype)), z1, z2, dtype)
+    got = _grads(lambda a, b: losses.info_nce(a, b, t, queue=queue.to(dtype), impl=impl), z1, z2, dtype)
+    _close(got, want, low, floor)
+    explicit = losses.info_nce(z1.to(dtype), z2.to(dtype), t, queue=queue.to(dtype), batch_negatives=False, impl=impl)
+    torch.testing.assert_close(explicit.double(), got[0])
+    terms = losses.info_nce_terms(z1.float(), z2.float(), t, queue=queue.float(), impl=impl)
+    torch.testing.assert_close(terms["alignment"] + terms["uniformity"], terms["loss"])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_info_nce_queue_gradient_reaches_the_queue_like_autograd(impl):
+    """A queue that requires grad (not MoCo's use, but allowed) gets the softmax weights' gradient."""
+    z1, z2 = _pair(5, 12, 3)
+    queue = torch.randn(9, 12, dtype=torch.float64)
+    grads = []
+    for fn in (lambda a, b, c: mocov2_official_with_grad(a, b, 0.2, c),
+               lambda a, b, c: losses.info_nce(a, b, 0.2, queue=c, impl=impl)):
+        c = queue.float().clone().requires_grad_()
+        fn(z1.float(), z2.float(), c).backward()
+        grads.append(c.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+
+
+def mocov2_official_with_grad(q, k, t, queue):
+    """``mocov2_official`` without the queue's detach, to check the queue gradient path."""
+    q, k, qu = F.normalize(q, dim=1), F.normalize(k, dim=1), F.normalize(queue, dim=1)
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ qu.T], dim=1) / t
+    return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_info_nce_queue_analytic_cases_and_independence_of_other_keys(impl):
+    n, d, nq, t = 4, 8, 6, 0.3
+    same = torch.ones(n, d)
+    # every column equal: -log(1 / (1 + Q)) = log(1 + Q); the in-batch keys do not count
+    assert math.isclose(float(losses.info_nce(same, same, t, queue=torch.ones(nq, d), impl=impl)),
+                        math.log(1 + nq), rel_tol=1e-5)
+    # the variant adds the N - 1 other keys: log(N + Q)
+    assert math.isclose(float(losses.info_nce(same, same, t, queue=torch.ones(nq, d), batch_negatives=True,
+                                              impl=impl)), math.log(n + nq), rel_tol=1e-5)
+    # an empty queue leaves the positive alone: loss 0
+    assert abs(float(losses.info_nce(same, same, t, queue=torch.zeros(0, d), impl=impl))) < 1e-6
+    # row i's loss depends on k_i only: changing the other keys changes nothing
+    q, k, queue = torch.randn(n, d), torch.randn(n, d), torch.randn(nq, d)
+    k2 = k.clone()
+    k2[1:] = torch.randn(n - 1, d)
+    first = [losses.info_nce(q[:1], kk[:1], t, queue=queue, impl=impl) for kk in (k, k2)]
+    whole = losses.info_nce(q, k2, t, queue=queue, impl=impl)
+    torch.testing.assert_close(first[0], first[1])
+    rows = torch.stack([losses.info_nce(q[i:i + 1], k2[i:i + 1], t, queue=queue, impl=impl) for i in range(n)])
+    torch.testing.assert_close(rows.mean(), whole)
+    with pytest.raises(ValueError, match="batch_negatives=False needs a queue"):
+        losses.info_nce(q, k, t, batch_negatives=False, impl=impl)
+
+
+@pytest.mark.skipif(not losses._has_triton(), reason="needs triton")
+def test_info_nce_queue_runs_the_fused_kernel(monkeypatch):
+    """MoCo v2's queue part goes through the Triton kernel (not a torch fallback) when impl='triton'."""
+    from fastssl.kernels import contrastive as K
+
+    calls = []
+    real = K.contrastive_ce
+    monkeypatch.setattr(K, "contrastive_ce", lambda *a, **kw: calls.append(a[1].shape) or real(*a, **kw))
+    z1, z2 = _pair(6, 16, 11)
+    queue = torch.randn(10, 16)
+    losses.info_nce(z1.float().requires_grad_(), z2.float(), 0.2, queue=queue, impl="triton").backward()
+    assert calls == [torch.Size([10, 16])]                         # the queue alone is the column set
