@@ -35,7 +35,10 @@ class ViewSpec:
 
 
 def _simclr() -> list[ViewSpec]:
-    # SimCLR (Chen et al. 2020), strength s=1 jitter as in solo-learn/lightly: (0.4, 0.4, 0.2, 0.1).
+    # SimCLR (Chen et al. 2020) geometry and blur. The jitter (0.4, 0.4, 0.2, 0.1) is BYOL's strengths (and lightly's
+    # DINOTransform's), half of SimCLR's own strength s=1, (0.8, 0.8, 0.8, 0.2), which the paper, lightly's
+    # SimCLRTransform and solo-learn's SimCLR recipes use: set aug.views.N.brightness=0.8 ... for those
+    # (fastssl-bench loader/peer give every arm the peer's strengths: --jitter lightly).
     v = ViewSpec()
     return [copy.deepcopy(v), copy.deepcopy(v)]
 
