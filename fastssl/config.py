@@ -113,6 +113,7 @@ class TrainConfig:
         _choice("train.compile", str(self.compile), ("auto", "on", "off"))
         _range("train.epochs", self.epochs, 1, None)
         _range("train.max_steps", self.max_steps, 0, None)
+        _run_name("train.name", self.name)
 
 
 @dataclass
@@ -147,6 +148,37 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 def _range(key: str, value: float, lo: float | None, hi: float | None) -> None:
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise ConfigError(f"{key}={value!r} is out of range [{lo}, {hi if hi is not None else 'inf'}]")
+
+
+def _run_name(key: str, name: str) -> None:
+    """A run name is a relative path that stays inside ``train.out_dir`` (SECURITY.md).
+
+    Refused: absolute paths (POSIX ``/x``, Windows ``C:\\x`` or ``\\\\server``), any ``..``
+    component, a home-directory ``~``, a NUL byte, or a name that is ``out_dir`` itself
+    (``.``). Nested names (``ablations/lr0.1``) are allowed. Checked on the text, not by
+    resolving: the run directory need not exist yet, and a symlink inside ``out_dir``
+    is the owner's choice.
+    """
+    if not name:
+        return  # empty: the trainer derives <method>-<backbone>-<data stem>
+    import ntpath
+    import posixpath
+
+    parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
+    why = None
+    if "\0" in name:
+        why = "holds a NUL byte"
+    elif posixpath.isabs(name) or ntpath.isabs(name) or ntpath.splitdrive(name)[0]:
+        why = "is an absolute path"
+    elif ".." in parts:
+        why = "has a '..' component"
+    elif name.startswith("~"):
+        why = "starts with '~'"
+    elif not parts:
+        why = "names train.out_dir itself"
+    if why:
+        raise ConfigError(f"{key}={name!r} {why}; it must be a relative name inside train.out_dir "
+                          f"(e.g. {key}=simclr-rn50 or {key}=ablations/lr0.1); to write elsewhere, set train.out_dir")
 
 
 def _method_config_cls(name: str) -> type:

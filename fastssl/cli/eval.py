@@ -1,6 +1,8 @@
 """``fastssl-eval RUN_DIR|CHECKPOINT [--knn] [--linear] [--rankme] [--alpha-req] [key=value ...]``.
 
 No flag: all of them. Features are extracted once and cached in the run directory.
+The checkpoint is read with ``torch.load(weights_only=True)``; ``--trust-checkpoint``
+opens one that needs full pickle (SECURITY.md).
 """
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fastssl.checkpoint import TRUST_HELP
+
     ap = argparse.ArgumentParser(prog="fastssl-eval", description=__doc__)
     ap.add_argument("path", help="run directory (uses checkpoints/last.pt) or a checkpoint file")
     ap.add_argument("--knn", action="store_true")
@@ -19,21 +23,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=None, help="kNN neighbours (default: the run's eval.knn_k, 20)")
     ap.add_argument("--temperature", type=float, default=None, help="kNN temperature (default 0.07)")
     ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    ap.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     ap.add_argument("overrides", nargs="*", help="data.train=... data.val=... to evaluate on other data")
     args = ap.parse_args(argv)
 
     from fastssl import checkpoint
-    from fastssl.config import parse_override
+    from fastssl.config import ConfigError, parse_override
     from fastssl.evaluation.offline import evaluate
 
     ck = checkpoint.resolve(args.path)
     try:
-        cfg, method, step = checkpoint.load_for_eval(ck, args.device)
-    except FileNotFoundError as e:
-        print(f"fastssl-eval: {e}", file=sys.stderr)
+        cfg, method, step = checkpoint.load_for_eval(ck, args.device, trust=args.trust_checkpoint)
+    except (FileNotFoundError, checkpoint.CheckpointError) as e:
+        print(f"fastssl-eval: error: {e}", file=sys.stderr)
+        return 2
+    except ConfigError as e:
+        print(f"fastssl-eval: error: {ck}: the config it holds is invalid: {e}", file=sys.stderr)
         return 2
     for o in args.overrides:
-        key, value = parse_override(o)
+        try:
+            key, value = parse_override(o)
+        except ConfigError as e:
+            print(f"fastssl-eval: error: {e}", file=sys.stderr)
+            return 2
         if key not in ("data.train", "data.val", "data.backend", "data.workers"):
             print(f"fastssl-eval: only data.train, data.val, data.backend, data.workers can be overridden, not {key!r}",
                   file=sys.stderr)

@@ -1,13 +1,15 @@
 """Offline evaluation of a checkpoint (cookbook section 3.7): cached features, kNN, linear probe, spectra.
 
 Features of the frozen backbone are extracted once per (checkpoint step, split,
-image size) and cached in ``RUN_DIR/features/``; every probe then works on the
+image size) and cached in ``RUN_DIR/features/`` as safetensors (no pickle); every probe then works on the
 cached tensors, so the backbone never runs once per probe epoch.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -16,18 +18,58 @@ import torch.nn.functional as F
 from fastssl.evaluation import extract_features, knn_scores, rankme
 
 
+FEATURES_META_KEY = "fastssl"
+
+
 def cached_features(run_dir: str | Path, split: str, step: int, meta: dict, extract_fn) -> tuple[torch.Tensor, torch.Tensor]:
-    """``extract_fn() -> (feats, labels)`` run once; later calls with the same key load ``features/<split>_step<step>.pt``."""
-    path = Path(run_dir) / "features" / f"{split}_step{step}.pt"
+    """``extract_fn() -> (feats, labels)`` run once; later calls with the same key load ``features/<split>_step<step>.safetensors``.
+
+    The cache is a safetensors file (https://huggingface.co/docs/safetensors): tensors
+    ``feats`` (N, F) and ``labels`` (N,), ``meta`` as JSON under the header's
+    ``"fastssl"`` metadata key. Reading it parses a size-checked JSON header and copies
+    tensor bytes, never pickle, so a cache file planted in a run directory cannot run
+    code. A file that fails to parse, has other meta, or has inconsistent shapes is
+    re-extracted and overwritten. Caches of earlier versions (``.pt``, pickle) are ignored.
+    """
+    path = Path(run_dir) / "features" / f"{split}_step{step}.safetensors"
     if path.is_file():
-        blob = torch.load(path, map_location="cpu", weights_only=False)
-        if blob.get("meta") == meta:
-            return blob["feats"], blob["labels"]
+        got = _read_feature_cache(path, meta)
+        if got is not None:
+            return got
     feats, labels = extract_fn()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"feats": feats, "labels": labels, "meta": meta}, tmp)
+    write_feature_cache(path, feats, labels, meta)
+    return feats, labels
+
+
+def write_feature_cache(path: str | Path, feats: torch.Tensor, labels: torch.Tensor, meta: dict) -> None:
+    """Write a feature cache atomically (temporary file, then rename); ``meta`` must be JSON-serialisable."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    save_file({"feats": feats.detach().cpu().contiguous(), "labels": labels.detach().cpu().contiguous()}, str(tmp),
+              metadata={FEATURES_META_KEY: json.dumps(meta, sort_keys=True)})
     tmp.replace(path)
+
+
+def _read_feature_cache(path: Path, meta: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(feats, labels)`` of a cache written for exactly ``meta``, else None (stale, foreign or damaged)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            stored = json.loads((f.metadata() or {}).get(FEATURES_META_KEY, "null"))
+            # Compare through JSON so tuples and lists in ``meta`` match as they were written.
+            if stored != json.loads(json.dumps(meta, sort_keys=True)) or set(f.keys()) != {"feats", "labels"}:
+                return None
+            feats, labels = f.get_tensor("feats"), f.get_tensor("labels")
+    except (SafetensorError, OSError, ValueError) as e:  # ValueError covers JSONDecodeError
+        print(f"[fastssl] ignoring unreadable feature cache {path} ({type(e).__name__}: {e}); re-extracting",
+              file=sys.stderr)
+        return None
+    if feats.ndim != 2 or labels.ndim != 1 or len(feats) != len(labels) or labels.is_floating_point():
+        return None
     return feats, labels
 
 
