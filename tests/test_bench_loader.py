@@ -54,3 +54,33 @@ def test_gpu_bench_loader_script_smoke_on_cpu_and_its_goal_check(tmp_path, capsy
     assert "error" in fast                                                        # a missing yardstick says so
     step.write_text(json.dumps({"simclr_rn50_bf16_compiled": {"variants": [{"images_per_s": 1e-3}]}}))
     assert mod._goal(out["runs"], step)["met"] is True
+
+
+def test_bench_loader_lightly_peer_arm_and_its_jitter(demo_data, capsys):
+    """The peer arm (lightly's own transforms in a DataLoader) beside ours; ``x_lightly`` is the images/s quotient."""
+    import pytest
+
+    pytest.importorskip("lightly")
+    from fastssl.cli.bench import main
+    from fastssl.cli.bench_loader import LIGHTLY_JITTER, peer_jitter
+    from fastssl.pipelines.recipes import preset
+
+    views = preset("simclr")
+    jittered = peer_jitter("simclr", views)
+    assert (jittered[1].brightness, jittered[1].contrast, jittered[1].saturation, jittered[1].hue) == (0.8, 0.8, 0.8, 0.2)
+    assert views[0].brightness == 0.4                                   # the preset itself is left alone
+    assert [v.hue for v in peer_jitter("dino", preset("dino"))] == [0.1] * 8 == [v.hue for v in preset("dino")]
+    assert peer_jitter("mae", preset("mae"))[0].jitter_p == 0.0 and "mae" not in LIGHTLY_JITTER
+
+    rc = main(["loader", "--backend", "lightly,torch", "--data", str(demo_data), "--recipe", "simclr,dino",
+               "--stage", "full", "--batch-size", "8", "--workers", "1", "--max-batches", "2", "--size", "32", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    rows = {(r["backend"], r["recipe"]): r for r in out["results"]}
+    assert set(rows) == {("lightly", "simclr"), ("lightly", "dino"), ("torch", "simclr"), ("torch", "dino")}
+    assert rows[("lightly", "simclr")]["views"] == 2 and rows[("lightly", "dino")]["views"] == 8
+    for (be, recipe), r in rows.items():
+        assert r["stage"] == "full" and r["jitter"] == "lightly" and r["images"] == 16
+        want = r["images_per_second"] / rows[("lightly", recipe)]["images_per_second"]
+        assert abs(r["x_lightly"] - want) <= 0.006
+    assert rows[("lightly", "dino")]["x_lightly"] == 1.0
