@@ -2,7 +2,18 @@
 
 Every source image is decoded once up front, in parallel, so the ffcv writer
 never sees a bad one (a worker exception there hangs ffcv's writer): files that
-cannot be decoded are skipped and listed with the reason. Grayscale, CMYK,
+cannot be decoded are skipped and listed with the reason.
+
+Source folders are not trusted (SECURITY.md). Each of these is skipped and named,
+with its reason, in the summary: decompression bombs (more pixels than PIL's
+``Image.MAX_IMAGE_PIXELS``, judged from the header before any pixel is decoded),
+images whose longest side exceeds ``max_aspect_ratio`` times the shortest, files
+whose content is not the format their extension names (only that format's PIL
+decoder is tried, so no other of PIL's ~40 decoders, EPS's Ghostscript among
+them, ever sees a file), and symlinks that resolve outside the source folder.
+Peak memory per worker is bounded by the pixel limit, and for JPEGs by
+``--max-resolution``: they are decoded at a reduced DCT scale (PIL's ``draft``,
+as ``Image.thumbnail`` does) to no less than twice the output size. Grayscale, CMYK,
 palette, 16-bit and alpha images are converted to 8-bit RGB. Outputs are
 written to a temporary name and renamed (atomic); a JSON sidecar
 ``<out>.meta.json`` records the parameters, class names and counts, so a second
@@ -22,6 +33,11 @@ from pathlib import Path
 import numpy as np
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+# The PIL format each extension names (PIL's own Image.EXTENSION table); only that decoder opens the file.
+EXT_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".ppm": "PPM", ".pgm": "PPM", ".bmp": "BMP",
+               ".tif": "TIFF", ".tiff": "TIFF", ".webp": "WEBP", ".gif": "GIF"}
+# Longest side over shortest: panoramas reach about 10; beyond this a --max-resolution resize leaves a sliver.
+MAX_ASPECT_RATIO = 20.0
 FORMAT_VERSION = 1
 FFCV_INSTALL = ("ffcv is not installed: apt-get install -y pkg-config libturbojpeg0-dev libopencv-dev && "
                 "pip install 'fastssl[ffcv]'")
@@ -29,6 +45,10 @@ FFCV_INSTALL = ("ffcv is not installed: apt-get install -y pkg-config libturbojp
 
 class PrepareError(Exception):
     """Bad input for ``fastssl-prepare`` (empty or missing source, bad option): the message says what to do."""
+
+
+class UnsafeImage(ValueError):
+    """An image refused before decoding (bomb, absurd aspect ratio, content not its extension's format)."""
 
 
 def meta_path(out: str | os.PathLike) -> Path:
@@ -60,7 +80,9 @@ def list_images(src: str | os.PathLike) -> tuple[list[tuple[str, int]], list[str
 
     Returns ``(items, classes, skipped)``: ``items`` are ``(path, label)`` in a fixed
     (sorted) order, ``classes`` the sorted class-folder names (None for a flat
-    folder), ``skipped`` are ``(path, reason)`` for files that are not images.
+    folder), ``skipped`` are ``(path, reason)`` for files that are not images and for
+    symlinks (files or class folders) that resolve outside ``src``. Symlinked folders
+    below a class folder are not descended into (``Path.rglob``'s default).
     """
     root = Path(src)
     if not root.exists():
@@ -69,8 +91,27 @@ def list_images(src: str | os.PathLike) -> tuple[list[tuple[str, int]], list[str
     if not root.is_dir():
         raise PrepareError(f"source {root} is not a folder: give an image folder (one sub-folder per class, "
                            f"or a flat folder of images)")
+    real_root = root.resolve()
     skipped: list[tuple[str, str]] = []
-    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+    def escapes(p: Path) -> bool:
+        """A symlink (the only way out: rglob does not follow linked folders) resolving outside ``src``."""
+        if not p.is_symlink():
+            return False
+        try:
+            return not p.resolve().is_relative_to(real_root)
+        except (OSError, RuntimeError):  # a symlink loop
+            return True
+
+    def outside(p: Path) -> str:
+        return f"symlink outside the source folder (to {os.path.realpath(p)})"
+
+    subdirs = []
+    for d in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):
+        if escapes(d):
+            skipped.append((str(d), outside(d)))
+        else:
+            subdirs.append(d)
     top_files = sorted(f for f in root.iterdir() if f.is_file() and not f.name.startswith("."))
     classes: list[str] | None = None
     items: list[tuple[str, int]] = []
@@ -81,7 +122,9 @@ def list_images(src: str | os.PathLike) -> tuple[list[tuple[str, int]], list[str
         for f in it:
             if not f.is_file() or f.name.startswith("."):
                 continue
-            if f.suffix.lower() in IMAGE_EXTS:
+            if escapes(f):
+                skipped.append((str(f), outside(f)))
+            elif f.suffix.lower() in IMAGE_EXTS:
                 items.append((str(f), label))
                 n += 1
             else:
@@ -103,17 +146,89 @@ def list_images(src: str | os.PathLike) -> tuple[list[tuple[str, int]], list[str
     return items, classes, skipped
 
 
-def load_rgb(path: str, max_resolution: int | None = None) -> np.ndarray:
+def output_size(w: int, h: int, max_resolution: int | None) -> tuple[int, int]:
+    """``(w, h)`` after capping the longest side at ``max_resolution``: ffcv's ``resizer`` arithmetic (truncation)."""
+    if not max_resolution:
+        return w, h
+    ratio = max_resolution / max(w, h)
+    if ratio >= 1:
+        return w, h
+    return int(ratio * w), int(ratio * h)
+
+
+def open_image(path: str, max_aspect_ratio: float = MAX_ASPECT_RATIO):
+    """``PIL.Image.open`` with the checks that need only the header; raises :class:`UnsafeImage`.
+
+    Only the decoder of the format the extension names is tried (``formats=``). A file
+    it does not recognise is named with the format it really holds, if PIL knows it.
+    Refused too: more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` (PIL itself only warns
+    up to twice that), and a longest/shortest side ratio above ``max_aspect_ratio``.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    ext = Path(path).suffix.lower()
+    fmt = EXT_FORMATS.get(ext)
+    try:
+        im = Image.open(path, formats=[fmt] if fmt else sorted(set(EXT_FORMATS.values())))
+    except Image.DecompressionBombError as e:
+        raise UnsafeImage(f"decompression bomb: {e}") from None
+    except UnidentifiedImageError:
+        real = None
+        try:
+            with Image.open(path) as other:  # header only: names what the file really is
+                real = other.format
+        except Exception:
+            pass
+        if real:
+            raise UnsafeImage(f"not a {fmt}: its content is {real}, not the {fmt} its name ({ext}) claims") from None
+        with open(path, "rb") as f:
+            head = f.read(8)
+        raise UnsafeImage(f"cannot decode: not a {fmt} file although named {ext} (starts with {head!r})") from None
+    try:
+        w, h = im.size
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit and w * h > limit:
+            raise UnsafeImage(f"decompression bomb: {w}x{h} = {w * h} pixels, over PIL's MAX_IMAGE_PIXELS "
+                              f"({limit}); not decoded")
+        if min(w, h) < 1 or max(w, h) > max_aspect_ratio * min(w, h):
+            raise UnsafeImage(f"aspect ratio {w}x{h} is beyond {max_aspect_ratio:g}:1")
+    except BaseException:
+        im.close()
+        raise
+    return im
+
+
+def load_rgb(path: str, max_resolution: int | None = None, max_aspect_ratio: float = MAX_ASPECT_RATIO) -> np.ndarray:
     """Decode ``path`` to (H, W, 3) uint8 RGB, whatever its mode; longest side capped at ``max_resolution``.
 
     Alpha is composited on white (the transparent pixels' stored colours are
     arbitrary); 16-bit and 32-bit integer images are scaled to 8 bits (PIL's own
     ``convert("RGB")`` clips them); CMYK goes through PIL's conversion; EXIF
-    orientation is applied.
+    orientation is applied. The file goes through :func:`open_image`'s checks first
+    (raises :class:`UnsafeImage`). With ``max_resolution``, a JPEG is decoded at the
+    smallest DCT scale that leaves at least twice the output size (``Image.draft``,
+    ``reducing_gap=2`` as in ``Image.thumbnail``), then area-resized to exactly the
+    size ffcv's ``resizer`` gives the full image.
     """
+    import warnings
+
     from PIL import Image, ImageOps
 
-    with Image.open(path) as im:
+    with open_image(path, max_aspect_ratio) as im, warnings.catch_warnings():
+        # open_image has applied the pixel limit; the warning PIL repeats at load adds nothing.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        w0, h0 = im.size
+        try:
+            if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientations that transpose
+                w0, h0 = h0, w0
+        except Exception:  # a broken EXIF block: exif_transpose below skips it too
+            pass
+        out_w, out_h = output_size(w0, h0, max_resolution)
+        if min(out_w, out_h) < 1:
+            raise UnsafeImage(f"aspect ratio {w0}x{h0} leaves a side of 0 px at --max-resolution {max_resolution}")
+        if (out_w, out_h) != (w0, h0) and im.format in ("JPEG", "MPO"):
+            r = 2 * max_resolution / max(w0, h0)
+            im.draft(None, (int(np.ceil(im.size[0] * r)), int(np.ceil(im.size[1] * r))))
         im.load()
         try:
             im = ImageOps.exif_transpose(im)
@@ -135,46 +250,57 @@ def load_rgb(path: str, max_resolution: int | None = None) -> np.ndarray:
                 bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
                 im = Image.alpha_composite(bg, im)
             rgb = np.asarray(im.convert("RGB"))
-    if max_resolution:
-        from ffcv.fields.rgb_image import resizer  # the writer's own resize (cv2 INTER_AREA, longest side)
+    if (rgb.shape[1], rgb.shape[0]) != (out_w, out_h):
+        import cv2  # the writer's own resize: cv2 INTER_AREA to ffcv's size
 
-        rgb = resizer(np.ascontiguousarray(rgb), max_resolution)
+        rgb = cv2.resize(np.ascontiguousarray(rgb), (out_w, out_h), interpolation=cv2.INTER_AREA)
     return np.ascontiguousarray(rgb, dtype=np.uint8)
 
 
-def _validate_one(path: str) -> tuple[str, str | None, tuple[int, int]]:
-    """(path, None, (h, w)) if the image decodes to RGB, else (path, reason, (0, 0))."""
+def _validate_one(path: str, max_resolution: int | None = None,
+                  max_aspect_ratio: float = MAX_ASPECT_RATIO) -> tuple[str, str | None, tuple[int, int]]:
+    """(path, None, (h, w)) if the image decodes to RGB, else (path, reason, (0, 0)); (h, w) after the resize.
+
+    Decoded at ``max_resolution`` as the writer will, so validation needs no more
+    memory than writing.
+    """
     import warnings
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            a = load_rgb(path)
+            a = load_rgb(path, max_resolution, max_aspect_ratio)
         if a.ndim != 3 or a.shape[2] != 3 or a.shape[0] < 1 or a.shape[1] < 1:
             return path, f"decoded to an unusable shape {a.shape}", (0, 0)
         if a.shape[0] > 65535 or a.shape[1] > 65535:
             return path, f"too large for ffcv ({a.shape[1]}x{a.shape[0]}): give --max-resolution", (0, 0)
         return path, None, a.shape[:2]
+    except UnsafeImage as e:
+        return path, str(e)[:300], (0, 0)
     except Exception as e:  # any decoder failure: truncated, not an image, unsupported, ...
         msg = str(e).splitlines()[0] if str(e) else ""
         return path, f"cannot decode: {type(e).__name__}: {msg}"[:300], (0, 0)
 
 
-def validate(paths: list[str], workers: int, progress: bool = True) -> list[tuple[str, str | None, tuple[int, int]]]:
+def validate(paths: list[str], workers: int, progress: bool = True, max_resolution: int | None = None,
+             max_aspect_ratio: float = MAX_ASPECT_RATIO) -> list[tuple[str, str | None, tuple[int, int]]]:
     """Decode every image once, in ``workers`` processes; one ``(path, reason or None, (h, w))`` per path, in order."""
+    import functools
+
     from tqdm import tqdm
 
+    one = functools.partial(_validate_one, max_resolution=max_resolution, max_aspect_ratio=max_aspect_ratio)
     bar = tqdm(total=len(paths), desc="validate", unit="img", disable=not progress, file=sys.stderr)
     out = []
     if workers <= 1 or len(paths) < 64:
         for p in paths:
-            out.append(_validate_one(p))
+            out.append(one(p))
             bar.update(1)
     else:
         import multiprocessing as mp
 
         with mp.get_context("fork" if sys.platform != "win32" else "spawn").Pool(workers) as pool:
-            for r in pool.imap(_validate_one, paths, chunksize=16):
+            for r in pool.imap(one, paths, chunksize=16):
                 out.append(r)
                 bar.update(1)
     bar.close()
@@ -191,6 +317,7 @@ class WriteSettings:
     jpeg_quality: int = 90
     smart_threshold: int = 256 * 256 * 3
     workers: int = 2
+    max_aspect_ratio: float = MAX_ASPECT_RATIO  # longest/shortest side above this: skipped
 
     def check(self) -> None:
         if self.write_mode not in ("jpg", "raw", "smart"):
@@ -199,6 +326,8 @@ class WriteSettings:
             raise PrepareError(f"--jpeg-quality must be in 1..100, got {self.jpeg_quality}")
         if self.max_resolution is not None and self.max_resolution < 8:
             raise PrepareError(f"--max-resolution must be >= 8 px (or omitted), got {self.max_resolution}")
+        if not self.max_aspect_ratio >= 1:
+            raise PrepareError(f"--max-aspect-ratio must be >= 1, got {self.max_aspect_ratio}")
 
     def params(self) -> dict:
         return {"write_mode": self.write_mode, "max_resolution": self.max_resolution,
@@ -253,8 +382,9 @@ class _FolderDataset:
     the caller then aborts the whole output.
     """
 
-    def __init__(self, items: list[tuple[str, int]], fail_dir: str):
+    def __init__(self, items: list[tuple[str, int]], fail_dir: str, settings: WriteSettings | None = None):
         self.items, self.fail_dir = items, fail_dir
+        self.s = settings or WriteSettings()
 
     def __len__(self) -> int:
         return len(self.items)
@@ -262,7 +392,8 @@ class _FolderDataset:
     def __getitem__(self, i: int):
         path, label = self.items[i]
         try:
-            return load_rgb(path), label
+            # Resized here as in validation (the field's own resize is then a no-op): bounded memory.
+            return load_rgb(path, self.s.max_resolution, self.s.max_aspect_ratio), label
         except Exception as e:
             Path(self.fail_dir, f"{i}").write_text(f"{path}: {type(e).__name__}: {e}")
             return np.full((8, 8, 3), 128, np.uint8), label
@@ -348,8 +479,10 @@ def prepare_folder(src: str | os.PathLike, out: str | os.PathLike, settings: Wri
     for p, label in items:
         st = os.stat(p)
         h.update(f"{p}\0{label}\0{st.st_size}\0{int(st.st_mtime_ns)}\n".encode())
+    from PIL import Image
+
     params = {"version": FORMAT_VERSION, "source": str(Path(src).resolve()), "listing_sha1": h.hexdigest(),
-              **s.params()}
+              **s.params(), "max_aspect_ratio": s.max_aspect_ratio, "max_image_pixels": Image.MAX_IMAGE_PIXELS}
     if not force and (meta := _up_to_date(out, params)):
         _log(f"{out}: up to date ({meta['written']} images, {_fmt_bytes(meta['bytes'])}); reusing it "
              f"(--force rewrites)", quiet)
@@ -358,7 +491,8 @@ def prepare_folder(src: str | os.PathLike, out: str | os.PathLike, settings: Wri
     t0 = time.perf_counter()
     _log(f"{src}: {len(items)} image files" + (f" in {len(classes)} classes" if classes else " (flat folder, label -1)")
          + f"; validating with {s.workers} workers", quiet)
-    checked = validate([p for p, _ in items], s.workers, progress=not quiet)
+    checked = validate([p for p, _ in items], s.workers, progress=not quiet, max_resolution=s.max_resolution,
+                       max_aspect_ratio=s.max_aspect_ratio)
     good = [(p, label) for (p, label), (_, why, _) in zip(items, checked) if why is None]
     skipped += [(p, why) for p, why, _ in checked if why is not None]
     if not good:
@@ -368,12 +502,12 @@ def prepare_folder(src: str | os.PathLike, out: str | os.PathLike, settings: Wri
         _log(f"  skipped {p}: {why}", quiet)
 
     page = page_size_for(max(h * w for _, why, (h, w) in checked if why is None), s)
-    est, k = estimate_size(lambda i: load_rgb(good[i][0], s.max_resolution), len(good), s, page)
+    est, k = estimate_size(lambda i: load_rgb(good[i][0], s.max_resolution, s.max_aspect_ratio), len(good), s, page)
     _log(f"estimated output size: {_fmt_bytes(est)} ({len(good)} images; from {k} sampled images encoded with "
          f"write_mode={s.write_mode}, quality={s.jpeg_quality}, max_resolution={s.max_resolution})", quiet)
 
     with tempfile.TemporaryDirectory() as fail_dir:
-        _write_beton(_FolderDataset(good, fail_dir), out, s, page)
+        _write_beton(_FolderDataset(good, fail_dir, s), out, s, page)
         failed = sorted(Path(fail_dir).iterdir())
         if failed:
             out.unlink(missing_ok=True)

@@ -4,8 +4,11 @@
     fastssl-prepare synthetic OUT_DIR [--classes 10 --per-class 200 --val-per-class 50 --size 64 --seed 0 --jpeg-folders]
 
 SRC_DIR is an ImageFolder (``SRC/<class>/<image>``) or a flat folder of images
-(label -1). Undecodable images are skipped and listed; the summary and class
-names go to ``OUT.beton.meta.json``. Re-running with the same inputs reuses the output.
+(label -1). Undecodable images are skipped and listed; so are decompression bombs
+(over PIL's MAX_IMAGE_PIXELS), images beyond --max-aspect-ratio, files whose content
+is not the format their extension names, and symlinks leaving SRC_DIR (SECURITY.md).
+The summary and class names go to ``OUT.beton.meta.json``. Re-running with the same
+inputs reuses the output.
 """
 from __future__ import annotations
 
@@ -26,7 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-resolution", type=int, default=None, help="cap the longest side (px), ffcv's convention")
     ap.add_argument("--jpeg-quality", type=int, default=90)
     ap.add_argument("--smart-threshold", type=int, default=256 * 256 * 3)
-    ap.add_argument("--workers", type=int, default=2, help="processes for validation and writing")
+    ap.add_argument("--max-aspect-ratio", type=float, default=None,
+                    help="skip images whose longest side is over this many times the shortest (default 20)")
+    ap.add_argument("--workers", type=int, default=2,
+                    help="processes for validation and writing (peak memory grows with it)")
     ap.add_argument("--force", action="store_true", help="rewrite even if an up-to-date output exists")
     ap.add_argument("--quiet", action="store_true")
     g = ap.add_argument_group("synthetic")
@@ -38,10 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--jpeg-folders", action="store_true", help="also write OUT_DIR/train/ and OUT_DIR/val/ ImageFolders")
     args = ap.parse_args(argv)
 
-    from fastssl.pipelines.prepare import PrepareError, WriteSettings, prepare_folder, prepare_synthetic
+    from fastssl.pipelines.prepare import (MAX_ASPECT_RATIO, PrepareError, WriteSettings, prepare_folder,
+                                           prepare_synthetic)
 
     s = WriteSettings(write_mode=args.write_mode, max_resolution=args.max_resolution, jpeg_quality=args.jpeg_quality,
-                      smart_threshold=args.smart_threshold, workers=args.workers)
+                      smart_threshold=args.smart_threshold, workers=args.workers,
+                      max_aspect_ratio=MAX_ASPECT_RATIO if args.max_aspect_ratio is None else args.max_aspect_ratio)
     try:
         if args.src == "synthetic":
             if len(args.size) not in (1, 2):
