@@ -11,7 +11,6 @@ the device and checked at those points, naming the first bad step.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -24,9 +23,8 @@ import numpy as np
 import torch
 
 from fastssl import checkpoint as ckpt_io
-from fastssl.compile import clean_state_dict, compile_module
 from fastssl.config import Config, ConfigError, Derived, all_keys, derive, load_config, save_config, to_dict
-from fastssl.schedules import cosine, progressive_size
+from fastssl.schedules import progressive_size
 
 
 class NonFiniteLoss(RuntimeError):
@@ -109,13 +107,20 @@ def evaluate_knn(method, train_loader, val_loader, cfg: Config, device, num_clas
 # ----------------------------------------------------------------------------- the run
 
 
+def cpu_threads(world: int) -> int:
+    """Torch intra-op threads of one CPU process: the cores shared among the processes.
+
+    Measured on 2 idle cores: 2 torch threads beside 2 decoder threads ran the demo about 1.6x
+    faster than 1 thread, so the decoders are not given cores of their own.
+    """
+    return max(1, (os.cpu_count() or 1) // world)
+
+
 def train(cfg: Config) -> dict:
     """Run (or resume) one pretraining run; returns the summary dict (also written to summary.json)."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from fastssl.methods import create_method
-    from fastssl.optim import build_optimizer
+    from fastssl.engine import TrainCore, make_accelerator, train_step, use_bf16
     from fastssl.pipelines.loader import build_loader
 
     if not cfg.data.train:
@@ -123,20 +128,12 @@ def train(cfg: Config) -> dict:
                           "`fastssl-prepare synthetic data/demo` writes the built-in dataset")
     device = pick_device(cfg)
     cuda = device.type == "cuda"
-    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and cuda)
-    from accelerate.state import AcceleratorState
-
-    # A second run in one process (tests, notebooks, sweeps) may change precision: accelerate keeps
-    # its first choice unless its state is reset (the distributed part, PartialState, is kept).
-    AcceleratorState._reset_state()
-    acc = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not cuda)
+    bf16 = use_bf16(cfg, device)
+    acc = make_accelerator(cfg, device)
     device = acc.device
     rank, world = acc.process_index, acc.num_processes
-    if device.type == "cpu":
-        # Processes share the cores: one intra-op pool per process would oversubscribe them.
-        # (Measured on 2 idle cores: 2 torch threads beside 2 decoder threads ran the demo
-        # about 1.6x faster than 1 thread, so the decoders are not given cores of their own.)
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    threads = cpu_threads(world) if device.type == "cpu" else torch.get_num_threads()
+    torch.set_num_threads(threads)
     set_seed(cfg.train.seed + rank)
     out = run_dir_for(cfg)
     ckpt_path = out / "checkpoints" / "last.pt"
@@ -148,52 +145,38 @@ def train(cfg: Config) -> dict:
     views = cfg.aug.resolved_views()
     # Views in the step's precision: bf16 halves the bytes the loader writes; fp32 runs need fp32 input.
     view_dtype = torch.bfloat16 if bf16 else torch.float32
-    probe_loader = build_loader(cfg.data, views, "train", 2, device, seed=cfg.train.seed, rank=rank,
-                                world_size=world, backend=cfg.data.backend, workers=cfg.data.workers, train=True,
-                                dtype=view_dtype)
+
+    def loader_for(split, batch, train, seed, r, w, sv):
+        return build_loader(cfg.data, sv, split, batch, device, seed=seed, rank=r, world_size=w,
+                            backend=cfg.data.backend, workers=cfg.data.workers, train=train,
+                            drop_last=train, dtype=view_dtype)
+
+    probe_loader = loader_for("train", 2, True, cfg.train.seed, rank, world, views)
     d: Derived = derive(cfg, probe_loader.num_samples, world)
     del probe_loader
-    loader = build_loader(cfg.data, views, "train", d.micro_batch, device, seed=cfg.train.seed, rank=rank,
-                          world_size=world, backend=cfg.data.backend, workers=cfg.data.workers, train=True,
-                          dtype=view_dtype)
+    loader = loader_for("train", d.micro_batch, True, cfg.train.seed, rank, world, views)
     num_classes = loader.num_classes
+    # A loader library may have changed the process's thread count (ffcv's import sets 1): the steps
+    # run with the count chosen above, which env.json and every metrics line record.
+    torch.set_num_threads(threads)
 
-    # ---- model, optimizer, schedules (precomputed per step)
-    method = create_method(cfg, d.total_steps).to(device)
-    if cfg.train.channels_last:
-        # Also on the CPU: oneDNN convolutions run NHWC about 1.5x faster (resnet_tiny at 32 px, 2 cores).
-        method = method.to(memory_format=torch.channels_last)
-    opt = build_optimizer(method, cfg.optim, d.lr)
-    lr_sched = cosine(d.lr, d.lr * cfg.optim.min_lr_ratio, d.total_steps, d.warmup_steps)
-    wd_end = cfg.optim.weight_decay_end if cfg.optim.weight_decay_end >= 0 else cfg.optim.weight_decay
-    wd_sched = cosine(cfg.optim.weight_decay, wd_end, d.total_steps)
-    probe = None
-    if cfg.eval.online_probe and num_classes:
-        from fastssl.evaluation import OnlineLinearProbe
-
-        probe = OnlineLinearProbe(method.feat_dim, num_classes, lr=cfg.eval.probe_lr).to(device)
-    if cfg.train.compile == "on" or (cfg.train.compile == "auto" and cuda):
-        # In place (state-dict keys keep no `_orig_mod.`), eager fallback at the first failing call.
-        compile_module(method.backbone)
-    model, opt = acc.prepare(method, opt)
-    core = acc.unwrap_model(model)
+    # ---- model, optimizer, schedules, probe: the training core that the benchmarks time too
+    core = TrainCore(cfg, d, acc, num_classes)
 
     # ---- run directory and state
     step, epoch0, batch0, wall0, knn_init = 0, 0, 0, 0.0, None
     if resume:
         state = ckpt_io.load(ckpt_path)
-        core.load_state_dict(clean_state_dict(state["method"]))
-        opt.load_state_dict(state["optimizer"])
-        if probe is not None and state.get("probe"):
-            probe.load_state_dict(state["probe"])
+        core.load_state_dict(state)
         step, epoch0, batch0 = state["step"], state["epoch"], state["batch_in_epoch"]
         wall0, knn_init = state.get("wall_seconds", 0.0), state.get("knn_init")
-        ckpt_io.set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)])
+        ckpt_io.set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)])  # each rank its own
     if acc.is_main_process:
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
         (out / "env.json").write_text(json.dumps({**environment(device), "world_size": world,
-                                                  "derived": asdict(d), "precision": "bf16" if bf16 else "fp32"}, indent=2))
+                                                  "derived": asdict(d), "precision": "bf16" if bf16 else "fp32",
+                                                  "compiled": core.compiled}, indent=2))
         if not resume and (out / "metrics.jsonl").exists():
             (out / "metrics.jsonl").unlink()
     log = MetricsLog(out / "metrics.jsonl", acc.is_main_process)
@@ -201,23 +184,22 @@ def train(cfg: Config) -> dict:
     def eval_loaders():
         # Fresh loaders per evaluation (evaluation is rare; building one costs about a second),
         # so an evaluation never depends on the state a previous pass left in a loader.
-        return tuple(
-            build_loader(cfg.data, views[:1], split, 256, device, seed=0, rank=0, world_size=1,
-                         backend=cfg.data.backend, workers=cfg.data.workers, train=False, drop_last=False,
-                         dtype=view_dtype)
-            for split in ("train", "val"))
+        return tuple(loader_for(split, 256, False, 0, 0, 1, views[:1]) for split in ("train", "val"))
+
+    def evaluate(max_val: int = 0) -> dict:
+        res = evaluate_knn(core.method, *eval_loaders(), cfg, device, num_classes, max_val)
+        torch.set_num_threads(threads)  # the eval loaders were built afresh
+        return res
 
     can_eval = bool((cfg.eval.final or cfg.eval.every_epochs) and cfg.data.val and num_classes)
     if can_eval and knn_init is None and acc.is_main_process and cfg.eval.final:
-        knn_init = evaluate_knn(core, *eval_loaders(), cfg, device, num_classes)
+        knn_init = evaluate()
         log.write(kind="eval", step=0, epoch=0, wall=0.0, init=True, **{k: v for k, v in knn_init.items() if k != "protocol"})
 
-    first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
-
     def check_finite() -> None:
-        bad = int(first_bad)
+        bad = core.first_bad_step()
         if bad >= 0:
-            msg = (f"non-finite loss at step {bad} (method {cfg.method.name}, lr {lr_sched[bad]:.3g}); "
+            msg = (f"non-finite loss at step {bad} (method {cfg.method.name}, lr {core.lr_sched[bad]:.3g}); "
                    f"stopping. The last good checkpoint is {ckpt_path if ckpt_path.exists() else 'none (no checkpoint yet)'}. "
                    f"Try a lower optim.lr, optim.clip_grad=3.0 or train.precision=fp32.")
             log.write(kind="error", step=bad, message=msg)
@@ -225,22 +207,17 @@ def train(cfg: Config) -> dict:
 
     def save(epoch: int, batch_in_epoch: int, wall: float) -> None:
         check_finite()  # never overwrite the last good checkpoint with a diverged model
-        acc.wait_for_everyone()
-        rngs = [ckpt_io.rng_state()]  # this process's; others' are equal up to the seed offset
+        rngs = _gather_rng(acc)  # every rank's own RNG state, in rank order
         if acc.is_main_process:
             ckpt_io.save_atomic({
-                "method": core.state_dict(), "optimizer": opt.state_dict(),
-                "probe": probe.state_dict() if probe is not None else None,
+                **core.state_dict(),
                 "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "total_steps": d.total_steps,
                 "wall_seconds": wall, "knn_init": knn_init, "rng": rngs, "config": to_dict(cfg)}, ckpt_path)
+        acc.wait_for_everyone()
 
-    # ---- the loop
-    model.train()
-    loss_sum = torch.zeros((), device=device)
-    log_sums: dict[str, torch.Tensor] = {}
-    probe_correct = torch.zeros((), device=device)
-    probe_seen = 0
-    n_logged, wait_s, busy_s = 0, 0.0, 0.0
+    # ---- the loop: fetch, step, log now and then; no host sync in between
+    core.model.train()
+    wait_s, busy_s, n_steps_logged = 0.0, 0.0, 0
     totals: dict = {}
     bi = batch0
     t_run = time.perf_counter()
@@ -250,9 +227,9 @@ def train(cfg: Config) -> dict:
 
         bar = tqdm(total=d.run_steps, initial=step, unit="step", dynamic_ncols=True, file=sys.stdout)
     micro = cfg.optim.accum_steps
-    before_opt = getattr(core, "before_optimizer_step", None)
     done = step >= d.run_steps
     epoch = epoch0
+    size = cfg.aug.global_size
     for epoch in range(epoch0, cfg.train.epochs):
         if done:  # resumed a finished run
             break
@@ -266,53 +243,32 @@ def train(cfg: Config) -> dict:
         bi = batch0 if epoch == epoch0 else 0
         while bi < d.steps_per_epoch and step < d.run_steps:
             t0 = time.perf_counter()
-            for g in opt.param_groups:
-                g["lr"] = float(lr_sched[step]) * g.get("lr_scale", 1.0)
-                if g.get("apply_wd", False):  # groups without decay (biases, norms) keep 0
-                    g["weight_decay"] = float(wd_sched[step])
-            for mi in range(micro):
-                tw = time.perf_counter()
-                try:
-                    batch = next(it)
-                except StopIteration:
-                    break
-                wait_s += time.perf_counter() - tw
-                sync = contextlib.nullcontext() if mi == micro - 1 else acc.no_sync(model)
-                with sync, acc.autocast():
-                    outd = model(batch.views, step)
-                    loss = outd["loss"] / micro
-                acc.backward(loss)
-                ld = outd["loss"].detach()
-                loss_sum += ld
-                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(ld), step, first_bad)
-                for k, v in outd.items():
-                    if k not in ("loss", "features") and torch.is_tensor(v) and v.ndim == 0:
-                        log_sums[k] = log_sums.get(k, 0) + v.detach().float()
-                if probe is not None and batch.labels is not None:
-                    _, correct = probe.step(outd["features"].float(), batch.labels)
-                    probe_correct += correct
-                    probe_seen += batch.labels.shape[0]
-            if cfg.optim.clip_grad > 0:
-                acc.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-            if before_opt is not None:
-                before_opt(step)  # e.g. DINO/SwAV: zero the frozen last layer's / prototypes' grads
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            core.after_step(step)
+
+            def fetch():
+                nonlocal wait_s
+                for _ in range(micro):
+                    tw = time.perf_counter()
+                    try:
+                        b = next(it)
+                    except StopIteration:
+                        return
+                    wait_s += time.perf_counter() - tw
+                    yield b
+
+            if train_step(core, fetch(), step) == 0:
+                break
             step += 1
             bi += 1
             busy_s += time.perf_counter() - t0
-            n_logged += micro
+            n_steps_logged += 1
 
             if step % cfg.train.log_every == 0 or step == d.run_steps or bi == d.steps_per_epoch:
-                check_finite()  # the only host sync of the loop, every log_every steps
+                check_finite()  # the only host syncs of the loop, every log_every steps
                 rec = {"kind": "train", "step": step, "epoch": epoch, "wall": wall0 + time.perf_counter() - t_run,
-                       "loss": float(loss_sum) / n_logged, "lr": float(lr_sched[step - 1]),
-                       "images_per_second": n_logged * d.micro_batch * world / max(busy_s, 1e-9),
-                       "data_wait": wait_s / max(busy_s, 1e-9), "size": size}
-                rec.update({k: float(v) / n_logged for k, v in log_sums.items()})
-                if probe is not None and probe_seen:
-                    rec["linear_top1_online"] = 100.0 * float(probe_correct) / probe_seen
+                       **core.read_logs(), "lr": float(core.lr_sched[step - 1]),
+                       "images_per_second": n_steps_logged * d.global_batch / max(busy_s, 1e-9),
+                       "data_wait": wait_s / max(busy_s, 1e-9), "size": size,
+                       "torch_threads": torch.get_num_threads()}
                 if cuda:
                     rec["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
                 log.write(**rec)
@@ -320,11 +276,7 @@ def train(cfg: Config) -> dict:
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.3g}",
                                     img_s=f"{rec['images_per_second']:.0f}", wait=f"{rec['data_wait']:.0%}", refresh=False)
                     bar.update(step - bar.n)
-                loss_sum.zero_()
-                log_sums.clear()
-                n_logged, wait_s, busy_s = 0, 0.0, 0.0
-                probe_correct.zero_()
-                probe_seen = 0
+                wait_s, busy_s, n_steps_logged = 0.0, 0.0, 0
                 totals_update(totals, rec)
             if cfg.train.ckpt_every_steps and step % cfg.train.ckpt_every_steps == 0:
                 save(epoch, bi, wall0 + time.perf_counter() - t_run)
@@ -333,11 +285,11 @@ def train(cfg: Config) -> dict:
         ep_done = epoch + 1 if end_of_epoch else epoch
         if can_eval and cfg.eval.every_epochs and end_of_epoch and ep_done % cfg.eval.every_epochs == 0 \
                 and acc.is_main_process and not done:
-            last_eval = evaluate_knn(core, *eval_loaders(), cfg, device, num_classes, cfg.eval.val_subset)
+            last_eval = evaluate(cfg.eval.val_subset)
             log.write(kind="eval", step=step, epoch=ep_done, wall=wall0 + time.perf_counter() - t_run,
                       **{k: v for k, v in last_eval.items() if k != "protocol"})
         if end_of_epoch and cfg.train.ckpt_every_epochs and ep_done % cfg.train.ckpt_every_epochs == 0:
-            save(ep_done if end_of_epoch else epoch, 0 if end_of_epoch else bi, wall0 + time.perf_counter() - t_run)
+            save(ep_done, 0, wall0 + time.perf_counter() - t_run)
         if done:
             break  # leave `epoch` at the epoch the run stopped in (the final checkpoint records it)
     wall = wall0 + time.perf_counter() - t_run
@@ -348,14 +300,27 @@ def train(cfg: Config) -> dict:
 
     summary: dict = {}
     if acc.is_main_process:
-        final = evaluate_knn(core, *eval_loaders(), cfg, device, num_classes) if can_eval and cfg.eval.final else {}
+        final = evaluate() if can_eval and cfg.eval.final else {}
         if final:
             log.write(kind="eval", step=step, epoch=epoch + 1, wall=wall, **{k: v for k, v in final.items() if k != "protocol"})
         summary = make_summary(cfg, d, totals, final, knn_init, wall, step, bf16, device)
+        summary["torch_threads"] = threads
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     log.close()
     acc.end_training()
     return summary
+
+
+def _gather_rng(acc) -> list:
+    """Every process's RNG state, in rank order (on every rank)."""
+    mine = ckpt_io.rng_state()
+    if acc.num_processes == 1:
+        return [mine]
+    import torch.distributed as dist
+
+    states: list = [None] * acc.num_processes
+    dist.all_gather_object(states, mine)
+    return states
 
 
 def totals_update(t: dict, rec: dict) -> None:

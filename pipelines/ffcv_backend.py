@@ -21,8 +21,7 @@ from fastssl.pipelines import Batch
 from fastssl.pipelines.crops import EpochContract, center_crop, random_resized_crop, sample_key, view_params
 from fastssl.pipelines.resize import area_resize
 
-FFCV_INSTALL = ("the ffcv back-end needs ffcv: apt-get install -y pkg-config libturbojpeg0-dev libopencv-dev && "
-                "pip install 'fastssl[ffcv]'")
+from fastssl.pipelines.ffcv_compat import FFCV_INSTALL, import_ffcv
 # State array layout (int64): [seed, epoch, row_bytes, V, S_0 .. S_{V-1}]
 ST_SEED, ST_EPOCH, ST_ROW, ST_NVIEWS, ST_SIZES = range(5)
 MAX_VIEWS = 64
@@ -208,42 +207,18 @@ class _Order:
         return self.owner.order(epoch)
 
 
-def _keep_torch_threads() -> None:
-    """Make ffcv's ``Compiler.set_num_threads`` set numba's threads only.
-
-    Upstream also calls ``torch.set_num_threads(workers)`` (process-wide) every epoch, from
-    its loader thread; with the decoders busy on the same cores that oversubscribes the CPU
-    and undoes the trainer's own choice of torch threads.
-    """
-    from ffcv.pipeline import compiler as ffcv_compiler
-
-    if getattr(ffcv_compiler.Compiler, "_fastssl_patched", False):
-        return
-
-    def set_num_threads(cls, n):
-        n = n if n >= 1 else (os.cpu_count() or 1)
-        cls.num_threads = n
-        ffcv_compiler.set_num_threads(n)  # numba's
-
-    ffcv_compiler.Compiler.set_num_threads = classmethod(set_num_threads)
-    ffcv_compiler.Compiler._fastssl_patched = True
-
-
 class FFCVLoader(EpochContract):
     """Iterable of :class:`Batch` over a ``.beton``; see :func:`pipelines.loader.build_loader`."""
 
     def __init__(self, path: str, views, batch_size: int, device, *, seed: int = 0, rank: int = 0,
                  world_size: int = 1, drop_last: bool = True, workers: int = 2, train: bool = True,
                  in_memory: bool = True, finisher=None, batches_ahead: int = 2):
-        try:
-            from ffcv.fields.basics import IntDecoder
-            from ffcv.loader import Loader, OrderOption
-            from ffcv.transforms import ToTensor
-        except ImportError as e:
-            raise ImportError(FFCV_INSTALL) from e
+        import_ffcv()  # first: keeps torch's thread count (ffcv's import sets it to 1) and patches ffcv's
+        from ffcv.fields.basics import IntDecoder
+        from ffcv.loader import Loader, OrderOption
+        from ffcv.transforms import ToTensor
         import torch
 
-        _keep_torch_threads()
         if len(views) > MAX_VIEWS:
             raise ValueError(f"at most {MAX_VIEWS} views per sample, got {len(views)}")
         self.path, self.views, self.batch_size = str(path), list(views), int(batch_size)

@@ -103,13 +103,11 @@ def build_loader(data_cfg, aug_views, split: str, batch_size: int, device, *, se
     common = dict(seed=seed, rank=rank, world_size=world_size, drop_last=drop_last if train else False,
                   workers=workers, train=train, finisher=finisher)
     if kind == "ffcv":
-        try:
-            from fastssl.pipelines.ffcv_backend import FFCVLoader
-            import ffcv  # noqa: F401
-        except ImportError as e:
-            from fastssl.pipelines.ffcv_backend import FFCV_INSTALL
+        from fastssl.pipelines.ffcv_compat import import_ffcv
 
-            raise ImportError(FFCV_INSTALL) from e
+        import_ffcv()  # torch's thread count survives ffcv's import; a missing ffcv names its install
+        from fastssl.pipelines.ffcv_backend import FFCVLoader
+
         return FFCVLoader(path, views, batch_size, device, in_memory=in_memory, **common)
     if kind == "dali":
         from fastssl.pipelines.dali_backend import DALILoader

@@ -24,9 +24,7 @@ def _jpeg_overrides(data, out, **extra):
 
 def _counting(monkeypatch, backend):
     """Make the trainer compile with ``backend`` (a fast one on the CPU: the trainer's own settings otherwise)."""
-    import fastssl.train as T
-
-    monkeypatch.setattr(T, "compile_module", functools.partial(fc.compile_module, backend=backend))
+    monkeypatch.setattr(fc, "compile_module", functools.partial(fc.compile_module, backend=backend))
 
 
 # ----------------------------------------------------------------------------- bf16 views

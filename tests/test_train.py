@@ -73,3 +73,40 @@ def test_non_finite_loss_stops_naming_the_step(demo_data, tmp_path, monkeypatch,
     err = capsys.readouterr().err
     assert "non-finite loss at step 3" in err
     assert torch is not None
+
+
+def test_steps_run_with_the_threads_the_trainer_chose(demo_data, tmp_path):
+    """Issue 12: importing ffcv set torch's threads to 1, after the trainer had chosen its count, so every
+    CPU run computed on one thread. In a fresh process (ffcv not yet imported), the count read inside
+    each training step equals the trainer's choice (cores // processes), and env.json / metrics say so."""
+    import os
+    import subprocess
+    import sys
+
+    from fastssl.train import cpu_threads
+
+    code = f"""
+import json, sys, torch
+sys.path.insert(0, {str(os.path.dirname(__file__))!r})
+from conftest import tiny_overrides
+from fastssl.methods import simclr
+seen = []
+fwd = simclr.SimCLR.forward
+def spy(self, views, step):
+    seen.append(torch.get_num_threads())
+    return fwd(self, views, step)
+simclr.SimCLR.forward = spy
+from fastssl.train import main
+rc = main(["--config", "configs/demo/simclr.yaml"] + tiny_overrides({str(demo_data)!r}, {str(tmp_path)!r},
+          **{{"train.max_steps": 3}}))
+print(json.dumps({{"rc": rc, "seen": seen}}))
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    want = cpu_threads(1)
+    assert res["rc"] == 0 and len(res["seen"]) == 3 and set(res["seen"]) == {want}, (res, want)
+    env = json.loads((tmp_path / "t" / "env.json").read_text())
+    assert env["torch_threads"] == want
+    assert {r["torch_threads"] for r in read_metrics(tmp_path / "t")} == {want}
