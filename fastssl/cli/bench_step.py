@@ -32,53 +32,50 @@ def _sync(device: torch.device) -> None:
 
 
 class Variant:
-    """One config built into a method + optimizer + fixed random views on ``device``."""
+    """One config built into the trainer's own :class:`~fastssl.engine.TrainCore` + fixed random views.
+
+    The step timed is :func:`fastssl.engine.train_step`, the trainer's: same precision, compile
+    (in place, with its eager fallback), scaled lr and schedules, clipping and hooks.
+    """
 
     def __init__(self, name: str, config: str | None, overrides: list[str], batch: int | None, device: torch.device):
-        from fastssl.config import load_config
-        from fastssl.methods import create_method
-        from fastssl.optim import build_optimizer
+        from fastssl.config import derive, load_config
+        from fastssl.engine import TrainCore, make_accelerator
+        from fastssl.pipelines import Batch
 
         self.name, self.overrides = name, overrides
         cfg = load_config(config, overrides)
+        if batch:
+            cfg.optim.batch_size = batch
+        cfg.optim.accum_steps = 1
         self.cfg = cfg
-        self.batch = batch or cfg.optim.batch_size
+        self.batch = cfg.optim.batch_size
         self.device = device
-        cuda = device.type == "cuda"
-        self.bf16 = cuda and cfg.train.precision != "fp32" or cfg.train.precision == "bf16"
         torch.manual_seed(cfg.train.seed)
-        method = create_method(cfg, total_steps=10_000).to(device)
+        acc = make_accelerator(cfg, device)
+        # A nominal dataset of 1000 steps per epoch: the schedules and the lr scaling as in training.
+        d = derive(cfg, num_samples=self.batch * 1000)
+        self.core = TrainCore(cfg, d, acc)
+        self.bf16, self.compiled = self.core.bf16, self.core.compiled
+        self.method = self.core.method
         fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-        if cfg.train.channels_last:  # as the trainer: NHWC on CUDA and on the CPU (oneDNN)
-            method = method.to(memory_format=torch.channels_last)
-        self.compiled = cfg.train.compile == "on" or (cfg.train.compile == "auto" and cuda)
-        if self.compiled:
-            from fastssl.compile import compile_module
-
-            compile_module(method.backbone)  # as the trainer: in place, eager fallback
-        self.method = method.train()
-        self.opt = build_optimizer(method, cfg.optim, cfg.optim.lr)
-        self.params = [p for p in method.parameters() if p.requires_grad]
         g = torch.Generator().manual_seed(0)
         vdt = torch.bfloat16 if self.bf16 else torch.float32  # the loader hands views in the step's precision
-        self.views = [torch.randn(self.batch, 3, v.size, v.size, generator=g).to(device, vdt, memory_format=fmt)
-                      for v in cfg.aug.resolved_views()]
+        views = [torch.randn(self.batch, 3, v.size, v.size, generator=g).to(acc.device, vdt, memory_format=fmt)
+                 for v in cfg.aug.resolved_views()]
+        self.batch_obj = Batch(views=views, labels=None, indices=torch.arange(self.batch, device=acc.device))
+        self.params = self.core.params
         self.step_i = 0
-        self.last_loss = torch.zeros((), device=device)
+
+    @property
+    def last_loss(self) -> torch.Tensor:
+        return self.core.loss_sum / max(self.core.n_micro, 1)
 
     def step(self) -> None:
-        m = self.method
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            out = m(self.views, self.step_i)
-        out["loss"].backward()
-        if self.cfg.optim.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.clip_grad)
-        if hasattr(m, "before_optimizer_step"):
-            m.before_optimizer_step(self.step_i)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        m.after_step(self.step_i)
-        self.last_loss = out["loss"].detach()
+        from fastssl.engine import train_step
+
+        self.core.reset_logs()  # device-side zeroing only: no host sync
+        train_step(self.core, [self.batch_obj], self.step_i % self.core.d.total_steps)
         self.step_i += 1
 
     def timed(self, n: int) -> float:
@@ -103,6 +100,9 @@ def run(config, overrides, compares, steps, warmup, rounds, batch, device) -> di
     variants = [Variant("base", config, overrides, batch, device)]
     for i, extra in enumerate(compares):
         variants.append(Variant(" ".join(extra), config, overrides + extra, batch, device))
+    if len({v.bf16 for v in variants}) > 1:
+        # accelerate's mixed-precision state is process-wide: variants of one run share it.
+        raise ValueError("--compare variants must share train.precision (accelerate's precision is per process)")
     for v in variants:  # warm-up: compilation, allocator, autotuning, BN stats
         for _ in range(warmup):
             v.step()
