@@ -2,8 +2,9 @@
 
 Biases and normalisation parameters get no weight decay and, under LARS, no
 layer-wise adaptation (timm's Lars adapts only groups with weight decay), as in
-SimCLR/BYOL. A method may pass its own groups (``param_groups``), e.g. DINO's
-last layer.
+SimCLR/BYOL. The groups come from the method's ``param_groups(weight_decay)`` hook
+(:class:`fastssl.methods.SSLMethod`); :class:`fastssl.methods.MethodHooks` gives every
+method :func:`default_param_groups`, and a method needing other groups overrides the hook.
 """
 from __future__ import annotations
 
@@ -12,6 +13,10 @@ import torch.nn as nn
 
 
 def default_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups of ``model``'s trainable parameters: weights with ``weight_decay``, biases and norms without.
+
+    ``apply_wd`` tells the trainer which group follows the weight-decay schedule.
+    """
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -24,7 +29,11 @@ def default_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(method: nn.Module, optim_cfg, lr: float) -> torch.optim.Optimizer:
-    """The optimizer over ``method``'s trainable parameters; lr/wd are then set per step by the trainer."""
+    """The optimizer over ``method``'s trainable parameters; lr/wd are then set per step by the trainer.
+
+    Groups: ``method.param_groups(weight_decay)`` (the protocol's hook), or
+    :func:`default_param_groups` for a plain module without it.
+    """
     if hasattr(method, "param_groups"):
         groups = method.param_groups(optim_cfg.weight_decay)
     else:

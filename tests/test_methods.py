@@ -422,3 +422,83 @@ def test_gpu_bench_step_script_smoke_on_cpu(capsys):
     res = {r.pop("case"): r for r in map(json.loads, capsys.readouterr().out.splitlines())}
     assert set(res) == {"simclr_demo", "mae_demo", "dino_demo"}
     assert [v["overrides"][-1] for v in res["dino_demo"]["variants"]][1] == "model.attn=naive"
+
+
+# ----------------------------------------------------------------------------- the method protocol (issue 13)
+
+
+def test_every_method_follows_the_protocol():
+    """``SSLMethod`` in code: every registered class mixes in ``MethodHooks`` and has each member."""
+    from fastssl.methods import MethodHooks, SSLMethod
+
+    hooks = {n for n in vars(MethodHooks) if not n.startswith("_")}
+    members = {n for n in vars(SSLMethod) if not n.startswith("_") or n == "__call__"} | set(SSLMethod.__annotations__)
+    # the protocol lists the mixin's hooks plus what each method must build itself
+    assert members == hooks | {"backbone", "feat_dim", "__call__"}
+    for name in METHODS.names():
+        cls = METHODS.get(name)
+        assert issubclass(cls, MethodHooks), name
+        m, _ = tiny_method(name)
+        assert isinstance(m, SSLMethod), name
+        assert isinstance(m.feat_dim, int) and isinstance(m.backbone, torch.nn.Module), name
+
+
+def test_method_docs_name_only_hooks_that_exist():
+    """The docs in methods/__init__.py and optim.py describe the protocol, not hooks nothing calls."""
+    import fastssl.methods as pkg
+    import fastssl.optim as optim
+
+    for doc in (pkg.__doc__, optim.__doc__):
+        for gone in ("on_train_step_start", "extra_state"):
+            assert gone not in doc
+    for hook in ("after_step", "before_optimizer_step", "embed", "param_groups"):
+        assert f"``{hook}(" in pkg.__doc__
+
+
+def test_mixin_defaults_and_param_groups_hook():
+    from fastssl.optim import build_optimizer, default_param_groups
+
+    m, cfg = tiny_method("simclr")
+    x = torch.randn(2, 3, 16, 16)
+    m.eval()
+    torch.testing.assert_close(m.embed(x), m.backbone(x))
+    assert m.after_step(0) is None and m.before_optimizer_step(0) is None
+    got, want = m.param_groups(0.05), default_param_groups(m, 0.05)
+    assert [[id(p) for p in g["params"]] for g in got] == [[id(p) for p in g["params"]] for g in want]
+    # build_optimizer takes the method's own groups when it overrides the hook
+    m.param_groups = lambda wd: [{"params": list(m.projector.parameters()), "weight_decay": wd, "apply_wd": True}]
+    opt = build_optimizer(m, cfg.optim, 0.1)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(m.projector.parameters()))
+
+
+def _projector_module(m):
+    """The module whose output ``z_std`` describes: the projector (DINO: its head's MLP to the bottleneck)."""
+    if hasattr(m, "projector"):
+        return m.projector
+    if hasattr(m, "head"):
+        return m.head.mlp
+    return None
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_z_std_is_the_projector_output_of_view0_in_every_method(name):
+    """``z_std`` means one tensor everywhere: embedding_std of the online projector's output on views[0]."""
+    from fastssl.methods._common import embedding_std
+
+    m, cfg = tiny_method(name)
+    views = make_views(cfg)
+    b = views[0].shape[0]
+    proj = _projector_module(m)
+    if proj is None:                                                        # MAE: no projector, no z_std
+        torch.manual_seed(0)
+        assert "z_std" not in m(views, 3)
+        return
+    seen = []
+    handle = proj.register_forward_hook(lambda mod, inp, out: seen.append(out.detach()))
+    try:
+        torch.manual_seed(0)
+        out = m(views, 3)
+    finally:
+        handle.remove()
+    assert seen, f"{name}: the projector did not run"
+    torch.testing.assert_close(out["z_std"], embedding_std(seen[0][:b]), msg=name)

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from fastssl import losses
 from fastssl.config import MethodConfig
-from fastssl.methods import register_method
+from fastssl.methods import MethodHooks, register_method
 from fastssl.methods._common import embedding_std
 from fastssl.models import create_backbone, mlp
 
@@ -27,7 +27,7 @@ class BarlowTwinsConfig(MethodConfig):
 
 
 @register_method("barlow_twins", config=BarlowTwinsConfig, recipe="byol")
-class BarlowTwins(nn.Module):
+class BarlowTwins(MethodHooks, nn.Module):
     def __init__(self, cfg, total_steps: int):
         super().__init__()
         m = cfg.method
@@ -43,10 +43,3 @@ class BarlowTwins(nn.Module):
         out = {k: (v if k == "loss" else v.detach()) for k, v in terms.items()}
         out.update(features=feats[:b].detach(), z_std=embedding_std(z[:b]))
         return out
-
-    @torch.no_grad()
-    def after_step(self, step: int) -> None:
-        pass
-
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone(images)

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastssl.config import MethodConfig
-from fastssl.methods import register_method
+from fastssl.methods import MethodHooks, register_method
 from fastssl.methods._common import at_step, ema_update_teachers, embedding_std, make_teachers, momentum_schedule
 from fastssl.models import create_backbone, mlp
 
@@ -34,7 +34,7 @@ def byol_pair_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 
 
 @register_method("byol", config=BYOLConfig, recipe="byol")
-class BYOL(nn.Module):
+class BYOL(MethodHooks, nn.Module):
     def __init__(self, cfg, total_steps: int):
         super().__init__()
         m = cfg.method
@@ -48,16 +48,14 @@ class BYOL(nn.Module):
         b = views[0].shape[0]
         x = torch.cat(views[:2])                                            # (2B, 3, S, S): one backbone call
         feats = self.backbone(x)
-        p = self.predictor(self.projector(feats))                           # (2B, d)
+        z = self.projector(feats)
+        p = self.predictor(z)                                               # (2B, d)
         with torch.no_grad():
             zt = self.teacher["projector"](self.teacher["backbone"](x))     # (2B, d) targets
         loss = byol_pair_loss(p[:b], zt[b:]) + byol_pair_loss(p[b:], zt[:b])
-        return {"loss": loss, "features": feats[:b].detach(), "z_std": embedding_std(p[:b]),
+        return {"loss": loss, "features": feats[:b].detach(), "z_std": embedding_std(z[:b]),
                 "target_std": embedding_std(zt[:b]), "ema_momentum": torch.tensor(at_step(self.momentum, step))}
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:
         ema_update_teachers(self.teacher, self, at_step(self.momentum, step))
-
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone(images)

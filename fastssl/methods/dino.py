@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from fastssl.config import MethodConfig
 from fastssl.distributed import world_size
-from fastssl.methods import register_method
+from fastssl.methods import MethodHooks, register_method
 from fastssl.methods._common import (all_reduce_sum, at_step, ema_update_teachers, embedding_std, forward_by_resolution,
                                      make_teachers, momentum_schedule, resolution_groups, steps_per_epoch)
 
@@ -64,9 +64,16 @@ class DINOHead(nn.Module):
         self.last_layer = nn.Linear(bottleneck, out_dim, bias=False)
         nn.init.trunc_normal_(self.last_layer.weight, std=0.02)
 
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, in_dim) -> (N, bottleneck) l2-normalised, fp32 (the head's projector part)."""
+        return F.normalize(self.mlp(x).float(), dim=-1)                        # fp32 around the normalisations
+
+    def score(self, h: torch.Tensor) -> torch.Tensor:
+        """Normalised bottleneck (N, bottleneck) -> (N, out_dim) prototype scores."""
+        return F.linear(h, F.normalize(self.last_layer.weight.float(), dim=1))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.normalize(self.mlp(x).float(), dim=-1)                          # fp32 around the normalisations
-        return F.linear(x, F.normalize(self.last_layer.weight.float(), dim=1))
+        return self.score(self.project(x))
 
 
 def teacher_temp_schedule(start: float, end: float, warmup_steps: int, total_steps: int) -> np.ndarray:
@@ -77,7 +84,7 @@ def teacher_temp_schedule(start: float, end: float, warmup_steps: int, total_ste
 
 
 @register_method("dino", config=DINOConfig, recipe="dino")
-class DINO(nn.Module):
+class DINO(MethodHooks, nn.Module):
     def __init__(self, cfg, total_steps: int):
         super().__init__()
         from fastssl.models import create_backbone
@@ -100,7 +107,8 @@ class DINO(nn.Module):
         b = views[0].shape[0]
         n_glob = resolution_groups(views)[0][1]                             # the leading full-size views
         feats_all = forward_by_resolution(self.backbone, views)            # (V*B, F), one call per resolution
-        s = self.head(feats_all) / self.cfg.student_temp                    # (V*B, K), fp32
+        h = self.head.project(feats_all)                                    # (V*B, bottleneck): z_std's tensor
+        s = self.head.score(h) / self.cfg.student_temp                      # (V*B, K), fp32
         with torch.no_grad():
             g = self.teacher["head"](self.teacher["backbone"](torch.cat(views[:n_glob])))  # (G*B, K)
             tt = at_step(self.teacher_temp, step)
@@ -114,7 +122,7 @@ class DINO(nn.Module):
         return {"loss": loss, "features": feats_all[:b].detach(), "teacher_entropy": ent,
                 "teacher_batch_entropy": batch_ent, "teacher_temp": torch.tensor(tt),
                 "ema_momentum": torch.tensor(at_step(self.momentum, step)),
-                "z_std": embedding_std(feats_all[:b])}
+                "z_std": embedding_std(h[:b])}
 
     @torch.no_grad()
     def _stage_center(self, g: torch.Tensor) -> None:
@@ -135,9 +143,6 @@ class DINO(nn.Module):
             cm = self.cfg.center_momentum
             self.center.mul_(cm).add_(batch_center, alpha=1 - cm)
             self._center_sum, self._center_n = None, 0
-
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone(images)
 
 
 def dino_loss(teacher_probs, student_logp) -> torch.Tensor:

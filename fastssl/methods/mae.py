@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from fastssl.config import MethodConfig
-from fastssl.methods import register_method
+from fastssl.methods import MethodHooks, register_method
 from fastssl.models import create_backbone
 from fastssl.models.mae import MAEDecoder, mae_loss
 from fastssl.models.vit import VisionTransformer
@@ -34,7 +34,7 @@ class MAEConfig(MethodConfig):
 
 
 @register_method("mae", config=MAEConfig, recipe="mae")
-class MAE(nn.Module):
+class MAE(MethodHooks, nn.Module):
     def __init__(self, cfg, total_steps: int):
         super().__init__()
         m = cfg.method
@@ -57,10 +57,3 @@ class MAE(nn.Module):
         loss = mae_loss(pred, x, weight, self.cfg.norm_pix_loss, patch=self.patch)
         feats = latent[:, 1:].mean(dim=1).detach()                          # visible-token mean (online probe)
         return {"loss": loss, "features": feats, "visible_tokens": torch.tensor(float(latent.shape[1] - 1))}
-
-    @torch.no_grad()
-    def after_step(self, step: int) -> None:
-        pass
-
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone(images)

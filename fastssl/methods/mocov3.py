@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from fastssl import losses
 from fastssl.config import MethodConfig
-from fastssl.methods import register_method
+from fastssl.methods import MethodHooks, register_method
 from fastssl.methods._common import at_step, ema_update_teachers, embedding_std, make_teachers, momentum_schedule
 from fastssl.models import create_backbone, mlp
 
@@ -30,7 +30,7 @@ class MoCoV3Config(MethodConfig):
 
 
 @register_method("mocov3", config=MoCoV3Config, recipe="byol")
-class MoCoV3(nn.Module):
+class MoCoV3(MethodHooks, nn.Module):
     def __init__(self, cfg, total_steps: int):
         super().__init__()
         m = cfg.method
@@ -46,17 +46,15 @@ class MoCoV3(nn.Module):
         b = views[0].shape[0]
         x = torch.cat(views[:2])
         feats = self.backbone(x)
-        q = self.predictor(self.projector(feats)).float()                   # (2B, d)
+        z = self.projector(feats)
+        q = self.predictor(z).float()                                       # (2B, d)
         with torch.no_grad():
             k = self.teacher["projector"](self.teacher["backbone"](x)).float()
         t = self.temperature
         loss = 2 * t * (losses.info_nce(q[:b], k[b:], temperature=t) + losses.info_nce(q[b:], k[:b], temperature=t))
-        return {"loss": loss, "features": feats[:b].detach(), "z_std": embedding_std(q[:b]),
+        return {"loss": loss, "features": feats[:b].detach(), "z_std": embedding_std(z[:b]),
                 "ema_momentum": torch.tensor(at_step(self.momentum, step))}
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:
         ema_update_teachers(self.teacher, self, at_step(self.momentum, step))
-
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone(images)

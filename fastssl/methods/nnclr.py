@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from fastssl import losses
 from fastssl.config import MethodConfig
-from fastssl.methods import register_method
+from fastssl.methods import MethodHooks, register_method
 from fastssl.methods._common import FeatureQueue, embedding_std
 from fastssl.models import create_backbone, mlp
 
@@ -31,7 +31,7 @@ class NNCLRConfig(MethodConfig):
 
 
 @register_method("nnclr", config=NNCLRConfig, recipe="simclr")
-class NNCLR(nn.Module):
+class NNCLR(MethodHooks, nn.Module):
     def __init__(self, cfg, total_steps: int):
         super().__init__()
         m = cfg.method
@@ -66,6 +66,3 @@ class NNCLR(nn.Module):
     @torch.no_grad()
     def after_step(self, step: int) -> None:
         self.queue.commit()
-
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone(images)

@@ -12,7 +12,8 @@ import torch.nn as nn
 
 from fastssl import losses
 from fastssl.config import MethodConfig
-from fastssl.methods import register_method
+from fastssl.methods import MethodHooks, register_method
+from fastssl.methods._common import embedding_std
 from fastssl.models import create_backbone, mlp
 
 
@@ -27,7 +28,7 @@ class SimCLRConfig(MethodConfig):
 
 
 @register_method("simclr", config=SimCLRConfig, recipe="simclr")
-class SimCLR(nn.Module):
+class SimCLR(MethodHooks, nn.Module):
     def __init__(self, cfg, total_steps: int):
         super().__init__()
         m = cfg.method
@@ -42,14 +43,5 @@ class SimCLR(nn.Module):
         z = self.projector(feats)                                    # (2B, proj_dim)
         z1, z2 = z[:b].float(), z[b:].float()                        # the loss runs in fp32
         loss = losses.nt_xent(z1, z2, temperature=self.temperature, decoupled=self.decoupled)
-        with torch.no_grad():
-            zn = nn.functional.normalize(z1, dim=1)
-            z_std = zn.std(dim=0).mean()                            # collapse: -> 0; healthy ~ 1/sqrt(d)
-        return {"loss": loss, "features": feats[:b].detach(), "z_std": z_std}
-
-    @torch.no_grad()
-    def after_step(self, step: int) -> None:
-        pass
-
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone(images)
+        # collapse monitor (the protocol's z_std): -> 0 collapsed, ~1/sqrt(d) healthy
+        return {"loss": loss, "features": feats[:b].detach(), "z_std": embedding_std(z1)}

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from fastssl.config import MethodConfig
-from fastssl.methods import register_method
+from fastssl.methods import MethodHooks, register_method
 from fastssl.methods._common import embedding_std, neg_cosine
 from fastssl.models import create_backbone, mlp
 
@@ -25,7 +25,7 @@ class SimSiamConfig(MethodConfig):
 
 
 @register_method("simsiam", config=SimSiamConfig, recipe="simclr")
-class SimSiam(nn.Module):
+class SimSiam(MethodHooks, nn.Module):
     def __init__(self, cfg, total_steps: int):
         super().__init__()
         m = cfg.method
@@ -41,10 +41,3 @@ class SimSiam(nn.Module):
         loss = 0.5 * neg_cosine(p[:b], z[b:]) + 0.5 * neg_cosine(p[b:], z[:b])   # neg_cosine detaches z
         # SimSiam's collapse monitor: std of l2-normalised z, ~1/sqrt(d) healthy, 0 collapsed.
         return {"loss": loss, "features": feats[:b].detach(), "z_std": embedding_std(z[:b])}
-
-    @torch.no_grad()
-    def after_step(self, step: int) -> None:
-        pass
-
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone(images)

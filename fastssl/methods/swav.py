@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastssl.config import MethodConfig
-from fastssl.methods import register_method
+from fastssl.methods import MethodHooks, register_method
 from fastssl.methods._common import FeatureQueue, embedding_std, forward_by_resolution, sinkhorn, steps_per_epoch
 from fastssl.models import create_backbone, mlp
 
@@ -37,7 +37,7 @@ class SwAVConfig(MethodConfig):
 
 
 @register_method("swav", config=SwAVConfig, recipe="dino")
-class SwAV(nn.Module):
+class SwAV(MethodHooks, nn.Module):
     def __init__(self, cfg, total_steps: int):
         super().__init__()
         m = cfg.method
@@ -90,6 +90,3 @@ class SwAV(nn.Module):
         if self.queues is not None:
             for q in self.queues:
                 q.commit()
-
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone(images)
