@@ -1,4 +1,4 @@
-"""``fastssl-bench loader|loss|step|eval ...``: every speed claim is one of these.
+"""``fastssl-bench loader|loss|step|eval|peer ...``: every speed claim is one of these.
 
 Each sub-command lives in ``fastssl/cli/bench_<name>.py`` with ``main(argv)``,
 measures side by side in one run after warm-up, and prints JSON with ``--json``.
@@ -13,6 +13,7 @@ SUBCOMMANDS = {
     "loss": "loss kernels: forward+backward time and peak memory per implementation",
     "step": "training steps/s of a method on synthetic tensors (no data loading)",
     "eval": "linear probe on cached features against re-extracting features every probe epoch",
+    "peer": "end-to-end pretraining (SimCLR, DINO) against lightly's loop, and the bare model's limit",
 }
 
 
