@@ -11,9 +11,10 @@ images whose longest side exceeds ``max_aspect_ratio`` times the shortest, files
 whose content is not the format their extension names (only that format's PIL
 decoder is tried, so no other of PIL's ~40 decoders, EPS's Ghostscript among
 them, ever sees a file), and symlinks that resolve outside the source folder.
-Peak memory per worker is bounded by the pixel limit, and for JPEGs by
-``--max-resolution``: they are decoded at a reduced DCT scale (PIL's ``draft``,
-as ``Image.thumbnail`` does) to no less than twice the output size. Grayscale, CMYK,
+Peak memory per worker is bounded by the pixel limit (about 7 bytes per pixel for
+PNG-like formats), and for JPEGs by ``--max-resolution``: they are decoded at a
+reduced DCT scale (PIL's ``draft``, as ``Image.thumbnail`` does) to no less than
+twice the output size (:func:`load_rgb`). Grayscale, CMYK,
 palette, 16-bit and alpha images are converted to 8-bit RGB. Outputs are
 written to a temporary name and renamed (atomic); a JSON sidecar
 ``<out>.meta.json`` records the parameters, class names and counts, so a second
@@ -38,6 +39,9 @@ EXT_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".ppm": "PPM", ".
                ".tif": "TIFF", ".tiff": "TIFF", ".webp": "WEBP", ".gif": "GIF"}
 # Longest side over shortest: panoramas reach about 10; beyond this a --max-resolution resize leaves a sliver.
 MAX_ASPECT_RATIO = 20.0
+# EXIF orientation -> the transpose that undoes it (PIL's ImageOps.exif_transpose table).
+_ORIENTATION = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE", 6: "ROTATE_270",
+                7: "TRANSVERSE", 8: "ROTATE_90"}
 FORMAT_VERSION = 1
 FFCV_INSTALL = ("ffcv is not installed: apt-get install -y pkg-config libturbojpeg0-dev libopencv-dev && "
                 "pip install 'fastssl[ffcv]'")
@@ -205,41 +209,46 @@ def load_rgb(path: str, max_resolution: int | None = None, max_aspect_ratio: flo
     arbitrary); 16-bit and 32-bit integer images are scaled to 8 bits (PIL's own
     ``convert("RGB")`` clips them); CMYK goes through PIL's conversion; EXIF
     orientation is applied. The file goes through :func:`open_image`'s checks first
-    (raises :class:`UnsafeImage`). With ``max_resolution``, a JPEG is decoded at the
-    smallest DCT scale that leaves at least twice the output size (``Image.draft``,
-    ``reducing_gap=2`` as in ``Image.thumbnail``), then area-resized to exactly the
-    size ffcv's ``resizer`` gives the full image.
+    (raises :class:`UnsafeImage`).
+
+    The resize is ffcv's ``resizer`` (cv2 ``INTER_AREA`` to its truncated size), done
+    here so that memory follows ``max_resolution``: a JPEG is decoded at the smallest
+    DCT scale that leaves at least twice the output size (``Image.draft`` with
+    ``Image.thumbnail``'s ``reducing_gap=2``; within a grey level or so of a full decode),
+    ``L`` and ``RGB`` images are resized before any colour conversion, and the
+    orientation is applied to the small result (area resizing commutes with flips and
+    quarter turns). Peak memory is then about 7 bytes per source pixel for PNG-like
+    formats (PIL's 4-byte RGB buffer and one 3-byte copy), where a full conversion
+    took about 14.
     """
     import warnings
 
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     with open_image(path, max_aspect_ratio) as im, warnings.catch_warnings():
         # open_image has applied the pixel limit; the warning PIL repeats at load adds nothing.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        w0, h0 = im.size
-        try:
-            if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientations that transpose
-                w0, h0 = h0, w0
-        except Exception:  # a broken EXIF block: exif_transpose below skips it too
-            pass
+        w0, h0 = im.size  # as stored, or as displayed where PIL applies the orientation itself (TIFF)
         out_w, out_h = output_size(w0, h0, max_resolution)
         if min(out_w, out_h) < 1:
             raise UnsafeImage(f"aspect ratio {w0}x{h0} leaves a side of 0 px at --max-resolution {max_resolution}")
         if (out_w, out_h) != (w0, h0) and im.format in ("JPEG", "MPO"):
             r = 2 * max_resolution / max(w0, h0)
-            im.draft(None, (int(np.ceil(im.size[0] * r)), int(np.ceil(im.size[1] * r))))
+            im.draft(None, (int(np.ceil(w0 * r)), int(np.ceil(h0 * r))))
         im.load()
-        try:
-            im = ImageOps.exif_transpose(im)
-        except Exception:  # a broken EXIF block is no reason to drop the pixels
-            pass
+        # The orientation left to apply, read after loading: PIL's TIFF loader applies it itself and
+        # drops the tag (and reports the displayed size from open); JPEG, PNG and WebP leave it to us.
+        transpose = _ORIENTATION.get(_orientation(im))
         mode = im.mode
-        if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        if mode in ("L", "RGB"):
+            rgb = _area_resize(np.asarray(im), out_w, out_h)
+            if rgb.ndim == 2:
+                rgb = np.repeat(rgb[..., None], 3, axis=2)  # what convert("RGB") does to L
+        elif mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
             a = np.asarray(im).astype(np.float64)
             hi = 65535.0 if (mode.startswith("I;16") or a.max() > 255) else 255.0
             a = np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
-            rgb = np.repeat(a[..., None], 3, axis=2)
+            rgb = _area_resize(np.repeat(a[..., None], 3, axis=2), out_w, out_h)
         else:
             if mode == "P" and "transparency" in im.info:
                 im = im.convert("RGBA")
@@ -249,12 +258,27 @@ def load_rgb(path: str, max_resolution: int | None = None, max_aspect_ratio: flo
                 im = im.convert("RGBA")
                 bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
                 im = Image.alpha_composite(bg, im)
-            rgb = np.asarray(im.convert("RGB"))
-    if (rgb.shape[1], rgb.shape[0]) != (out_w, out_h):
-        import cv2  # the writer's own resize: cv2 INTER_AREA to ffcv's size
-
-        rgb = cv2.resize(np.ascontiguousarray(rgb), (out_w, out_h), interpolation=cv2.INTER_AREA)
+            rgb = _area_resize(np.asarray(im.convert("RGB")), out_w, out_h)
+    if transpose is not None:
+        rgb = np.asarray(Image.fromarray(rgb).transpose(getattr(Image.Transpose, transpose)))
     return np.ascontiguousarray(rgb, dtype=np.uint8)
+
+
+def _area_resize(a: np.ndarray, out_w: int, out_h: int) -> np.ndarray:
+    """``a`` resized to ``(out_w, out_h)`` with cv2 ``INTER_AREA`` (ffcv's writer's filter); as is if the size matches."""
+    if (a.shape[1], a.shape[0]) == (out_w, out_h):
+        return a
+    import cv2
+
+    return cv2.resize(np.ascontiguousarray(a), (out_w, out_h), interpolation=cv2.INTER_AREA)
+
+
+def _orientation(im) -> int:
+    """EXIF (or XMP) orientation of ``im``, 1 (as stored) when absent or unreadable."""
+    try:
+        return int(im.getexif().get(0x0112, 1))
+    except Exception:  # a broken EXIF block is no reason to drop the pixels
+        return 1
 
 
 def _validate_one(path: str, max_resolution: int | None = None,

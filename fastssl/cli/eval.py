@@ -1,7 +1,7 @@
 """``fastssl-eval RUN_DIR|CHECKPOINT [--knn] [--linear] [--rankme] [--alpha-req] [key=value ...]``.
 
 No flag: all of them. Features are extracted once and cached in the run directory.
-The checkpoint is read with ``torch.load(weights_only=True)``; ``--trust-checkpoint``
+The checkpoint is read with weights_only=True (torch's restricted unpickler); ``--trust-checkpoint``
 opens one that needs full pickle (SECURITY.md).
 """
 from __future__ import annotations
