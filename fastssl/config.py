@@ -98,7 +98,9 @@ class TrainConfig:
     channels_last: bool = True      # NHWC weights (CUDA and CPU oneDNN)
     out_dir: str = "runs"
     name: str = ""                  # run directory name; empty: <method>-<backbone>-<data stem>
-    resume: bool = False            # continue from out_dir/name/checkpoints/last.pt
+    resume: str = "false"           # true: continue from the run dir's newest readable checkpoint; auto: the same
+                                    # when one exists and its config matches (requeued jobs), else start; false
+    keep_checkpoints: int = 2       # step-numbered checkpoints kept (last.pt links the newest)
     ckpt_every_epochs: int = 1      # periodic checkpoints (also always at the end)
     ckpt_every_steps: int = 0       # >0: also every N optimizer steps
     log_every: int = 10             # steps between metric lines (host sync only then)
@@ -114,6 +116,14 @@ class TrainConfig:
         _range("train.epochs", self.epochs, 1, None)
         _range("train.max_steps", self.max_steps, 0, None)
         _run_name("train.name", self.name)
+        # YAML/overrides give booleans (or on/off, which str fields receive for them): one spelling.
+        words = {"true": "true", "on": "true", "yes": "true", "1": "true", "false": "false", "off": "false",
+                 "no": "false", "0": "false", "auto": "auto"}
+        r = str(self.resume).lower()
+        if r not in words:
+            raise ConfigError(f"train.resume={self.resume!r} is not valid: expected true/false/auto")
+        self.resume = words[r]
+        _range("train.keep_checkpoints", self.keep_checkpoints, 1, None)
 
 
 @dataclass

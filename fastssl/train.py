@@ -23,6 +23,8 @@ import numpy as np
 import torch
 
 from fastssl import checkpoint as ckpt_io
+from fastssl.faults import (PREEMPTED_EXIT_CODE, CheckpointHistory, Preempted, Preemption, RunLock, RunLocked,
+                            config_differences)
 from fastssl.config import Config, ConfigError, Derived, all_keys, derive, load_config, save_config, to_dict
 from fastssl.schedules import progressive_size
 
@@ -116,18 +118,21 @@ def cpu_threads(world: int) -> int:
     return max(1, (os.cpu_count() or 1) // world)
 
 
-def train(cfg: Config) -> dict:
-    """Run (or resume) one pretraining run; returns the summary dict (also written to summary.json)."""
+def train(cfg: Config, trust_checkpoint: bool = False) -> dict:
+    """Run (or resume) one pretraining run; returns the summary dict (also written to summary.json).
+
+    ``trust_checkpoint``: resume from a checkpoint that needs pickle (written before fastssl stored
+    plain tensors; SECURITY.md). Raises :class:`fastssl.faults.Preempted` after a SIGTERM/SIGUSR1,
+    once its checkpoint is written.
+    """
     from accelerate.utils import set_seed
 
-    from fastssl.engine import TrainCore, make_accelerator, train_step, use_bf16
-    from fastssl.pipelines.loader import build_loader
+    from fastssl.engine import make_accelerator, use_bf16
 
     if not cfg.data.train:
         raise ConfigError("data.train is empty: give a .beton or image folder (e.g. data.train=data/demo/train.beton); "
                           "`fastssl-prepare synthetic data/demo` writes the built-in dataset")
     device = pick_device(cfg)
-    cuda = device.type == "cuda"
     bf16 = use_bf16(cfg, device)
     acc = make_accelerator(cfg, device)
     device = acc.device
@@ -136,10 +141,37 @@ def train(cfg: Config) -> dict:
     torch.set_num_threads(threads)
     set_seed(cfg.train.seed + rank)
     out = run_dir_for(cfg)
-    ckpt_path = out / "checkpoints" / "last.pt"
-    resume = cfg.train.resume and ckpt_path.is_file()
-    if cfg.train.resume and not ckpt_path.is_file() and acc.is_main_process:
-        print(f"[fastssl] train.resume=true but {ckpt_path} does not exist: starting a new run", file=sys.stderr)
+    history = CheckpointHistory(out / "checkpoints", cfg.train.keep_checkpoints)
+    resume = cfg.train.resume != "false" and history.exists()
+    if cfg.train.resume == "true" and not resume and acc.is_main_process:
+        print(f"[fastssl] train.resume=true but {out / 'checkpoints'} holds no checkpoint: starting a new run",
+              file=sys.stderr)
+    state = None
+    if resume:  # read (and checked) before any work: a config mismatch fails at once
+        state, from_path = history.load_latest(trust=trust_checkpoint)
+        if cfg.train.resume == "auto":
+            diffs = config_differences(state.get("config", {}), to_dict(cfg))
+            if diffs:
+                raise ConfigError(f"train.resume=auto: {from_path} was written with another config ("
+                                  f"{'; '.join(diffs[:5])}{' ...' if len(diffs) > 5 else ''}); use another "
+                                  f"train.name, or train.resume=true to continue it anyway")
+    lock = RunLock(out)
+    if acc.is_main_process:
+        lock.acquire()  # a second run with this train.name fails here, before it writes anything
+    try:
+        return _train(cfg, acc, device, bf16, threads, out, history, state, lock)
+    finally:
+        lock.release()
+
+
+def _train(cfg, acc, device, bf16, threads, out, history, state, lock) -> dict:
+    from fastssl.engine import TrainCore, train_step
+    from fastssl.pipelines.loader import build_loader
+
+    cuda = device.type == "cuda"
+    rank, world = acc.process_index, acc.num_processes
+    ckpt_path = history.last
+    resume = state is not None
 
     # ---- data: each process a disjoint shard; micro-batch = global batch / (world * accum)
     views = cfg.aug.resolved_views()
@@ -166,7 +198,6 @@ def train(cfg: Config) -> dict:
     # ---- run directory and state
     step, epoch0, batch0, wall0, knn_init = 0, 0, 0, 0.0, None
     if resume:
-        state = ckpt_io.load(ckpt_path)
         core.load_state_dict(state)
         step, epoch0, batch0 = state["step"], state["epoch"], state["batch_in_epoch"]
         wall0, knn_init = state.get("wall_seconds", 0.0), state.get("knn_init")
@@ -209,11 +240,26 @@ def train(cfg: Config) -> dict:
         check_finite()  # never overwrite the last good checkpoint with a diverged model
         rngs = _gather_rng(acc)  # every rank's own RNG state, in rank order
         if acc.is_main_process:
-            ckpt_io.save_atomic({
+            history.save({
                 **core.state_dict(),
                 "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "total_steps": d.total_steps,
-                "wall_seconds": wall, "knn_init": knn_init, "rng": rngs, "config": to_dict(cfg)}, ckpt_path)
+                "wall_seconds": wall, "knn_init": knn_init, "rng": rngs, "config": to_dict(cfg)}, step)
         acc.wait_for_everyone()
+
+    preempt = Preemption().install()
+
+    def stop_requested(at_log_point: bool) -> bool:
+        # One process: the handler's flag, read every step (no sync). Several: ranks may get the
+        # signal at different steps, so they agree at log points (which sync anyway).
+        if world == 1:
+            return preempt.requested
+        if not at_log_point:
+            return False
+        import torch.distributed as dist
+
+        flag = torch.tensor([int(preempt.requested)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     # ---- the loop: fetch, step, log now and then; no host sync in between
     core.model.train()
@@ -262,7 +308,8 @@ def train(cfg: Config) -> dict:
             busy_s += time.perf_counter() - t0
             n_steps_logged += 1
 
-            if step % cfg.train.log_every == 0 or step == d.run_steps or bi == d.steps_per_epoch:
+            logged = step % cfg.train.log_every == 0 or step == d.run_steps or bi == d.steps_per_epoch
+            if logged:
                 check_finite()  # the only host syncs of the loop, every log_every steps
                 rec = {"kind": "train", "step": step, "epoch": epoch, "wall": wall0 + time.perf_counter() - t_run,
                        **core.read_logs(), "lr": float(core.lr_sched[step - 1]),
@@ -280,6 +327,16 @@ def train(cfg: Config) -> dict:
                 totals_update(totals, rec)
             if cfg.train.ckpt_every_steps and step % cfg.train.ckpt_every_steps == 0:
                 save(epoch, bi, wall0 + time.perf_counter() - t_run)
+            if stop_requested(logged):
+                end = bi >= d.steps_per_epoch
+                save(epoch + 1 if end else epoch, 0 if end else bi, wall0 + time.perf_counter() - t_run)
+                log.write(kind="preempted", step=step, signal=preempt.signal_name or "peer rank",
+                          checkpoint=str(ckpt_path))
+                log.close()
+                preempt.uninstall()
+                preempt.requeue()
+                raise Preempted(f"stopped at step {step} on {preempt.signal_name or 'a signal to another rank'}; "
+                                f"checkpoint {ckpt_path}; resume with train.resume=auto (or --resume)")
         done = step >= d.run_steps
         end_of_epoch = bi >= d.steps_per_epoch
         ep_done = epoch + 1 if end_of_epoch else epoch
@@ -307,6 +364,7 @@ def train(cfg: Config) -> dict:
         summary["torch_threads"] = threads
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     log.close()
+    preempt.uninstall()
     acc.end_training()
     return summary
 
@@ -396,17 +454,20 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", "-c", help="YAML recipe (configs/...)")
     ap.add_argument("--resume", action="store_true", help="same as train.resume=true")
+    ap.add_argument("--trust-checkpoint", action="store_true",
+                    help="resume from a checkpoint that needs pickle (older fastssl); runs code stored in it: "
+                         "only for files you wrote yourself (SECURITY.md)")
     ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     ap.add_argument("--help", "-h", action="store_true", help="show this help and every config key")
     args, rest = ap.parse_known_args(argv)
     bad = [r for r in rest if r.startswith("-") and "=" not in r]
     try:
         if bad:
-            raise ConfigError(f"unknown option {bad[0]!r}; options are --config, --resume, --print-config, --help; "
+            raise ConfigError(f"unknown option {bad[0]!r}; options are --config, --resume, --trust-checkpoint, --print-config, --help; "
                               f"config keys are given as key.sub=value")
         cfg = load_config(args.config, [r for r in rest])
         if args.resume:
-            cfg.train.resume = True
+            cfg.train.resume = "true"
     except ConfigError as e:
         if args.help:
             ap.print_help()
@@ -423,14 +484,30 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
+    import fastssl.pipelines as pipelines
+    from fastssl.checkpoint import CheckpointError
+
+    data_errors = tuple(e for e in (getattr(pipelines, "DataError", None),) if e is not None)
+
+    # Every error a user can fix is one line naming the file or key and the fix (exit 2); a
+    # pre-empted run exits with PREEMPTED_EXIT_CODE (75) after its checkpoint is written.
     try:
-        summary = train(cfg)
+        summary = train(cfg, trust_checkpoint=args.trust_checkpoint)
     except ConfigError as e:
         print(f"fastssl-train: config error: {e}", file=sys.stderr)
+        return 2
+    except (*data_errors, FileNotFoundError, CheckpointError, RunLocked) as e:
+        print(f"fastssl-train: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    except ImportError as e:  # an optional back-end the user named (the message holds the install command)
+        print(f"fastssl-train: {e}", file=sys.stderr)
         return 2
     except NonFiniteLoss as e:
         print(f"fastssl-train: {e}", file=sys.stderr)
         return 3
+    except Preempted as e:
+        print(f"fastssl-train: {e}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     if summary:
         print_summary(summary, run_dir_for(cfg))
     return 0

@@ -11,7 +11,7 @@ def test_yaml_and_overrides():
     cfg = load_config("configs/demo/simclr.yaml", ["optim.batch_size=128", "train.epochs=2", "method.temperature=0.5",
                                                     "data.train=x.beton", "train.resume=true"])
     assert cfg.optim.batch_size == 128 and cfg.train.epochs == 2 and cfg.method.temperature == 0.5
-    assert cfg.data.train == "x.beton" and cfg.train.resume is True
+    assert cfg.data.train == "x.beton" and cfg.train.resume == "true"
     assert cfg.model.backbone == "resnet_nano"  # from the YAML
 
 
@@ -25,7 +25,7 @@ def test_yaml_and_overrides():
     ("method.name=simclrr", "did you mean 'simclr'"),
     ("aug.recipe=dinoo", "did you mean 'dino'"),
     ("optim.batch_size=1", "out of range"),
-    ("train.resume=maybe", "expected true/false"),
+    ("train.resume=maybe", "expected true/false/auto"),
     ("optim.batch_size", "must look like key.sub=value"),
 ])
 def test_bad_keys_and_values_fail_naming_the_key(override, needle):

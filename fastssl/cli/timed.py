@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(args.out) / name
     train_args = ["--config", "configs/imagenet/simclr_rn50.yaml", f"data.train={data / 'train.beton'}",
                   f"data.val={data / 'val.beton'}", f"train.epochs={epochs}", f"train.out_dir={args.out}",
-                  f"train.name={name}", "train.resume=true"] + overrides
+                  f"train.name={name}", "train.resume=auto"] + overrides
     times["train"] = _step("train", train_main, train_args)
     times["eval"] = _step("evaluate", eval_main, [str(run_dir), "--knn", "--linear"])
     times["report"] = _step("report", report_main, [str(run_dir), "--out", str(run_dir / "report")])
