@@ -13,7 +13,7 @@ only tensors and containers and refuses any other global
 states, which Python and numpy give as tuples holding a numpy array, are stored
 as lists and tensors (:func:`rng_state`). :func:`save_atomic` checks the file it
 wrote before renaming it, so a checkpoint that would need pickle is never
-published. Checkpoints written before this (numpy arrays in the RNG state) or by
+published. Checkpoints written before issue 18 (numpy arrays in the RNG state) or by
 other tools open only with ``trust=True`` (the CLIs' ``--trust-checkpoint``),
 which is ``torch.load(weights_only=False)``: full pickle, which can run any code
 the file carries, the same opt-in torch >= 2.6, timm and Hugging Face
@@ -33,9 +33,9 @@ import numpy as np
 import torch
 
 TRUST_FLAG = "--trust-checkpoint"
-TRUST_HELP = ("load a checkpoint that needs full pickle (torch.load weights_only=False): ones written by fastssl "
-              "before 0.2 or by other tools. Pickle can run any code the file carries; use it only for files you "
-              "wrote or trust")
+TRUST_HELP = ("load a checkpoint that needs full pickle (torch.load weights_only=False): older fastssl checkpoints "
+              "(numpy RNG state) or other tools' files. Pickle can run any code the file carries; use it only for "
+              "files you wrote or trust")
 
 
 class CheckpointError(ValueError):
