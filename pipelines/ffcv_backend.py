@@ -17,11 +17,13 @@ import os
 
 import numpy as np
 
-from fastssl.pipelines import Batch
-from fastssl.pipelines.crops import EpochContract, center_crop, random_resized_crop, sample_key, view_params
+from fastssl.pipelines import DataError
+from fastssl.pipelines.crops import center_crop, random_resized_crop, sample_key, view_params
+from fastssl.pipelines.ffcv_compat import decoder_base, import_ffcv, make_loader, next_batch, open_beton, start_epoch, \
+    stop_epoch
+from fastssl.pipelines.loader import LoaderBase
 from fastssl.pipelines.resize import area_resize
 
-from fastssl.pipelines.ffcv_compat import FFCV_INSTALL, import_ffcv
 # State array layout (int64): [seed, epoch, row_bytes, V, S_0 .. S_{V-1}]
 ST_SEED, ST_EPOCH, ST_ROW, ST_NVIEWS, ST_SIZES = range(5)
 MAX_VIEWS = 64
@@ -68,13 +70,12 @@ def multiview_decoder(params: np.ndarray, state: np.ndarray, counts: np.ndarray,
     from ffcv.libffcv import imdecode, resize_crop
     from ffcv.pipeline.allocation_query import AllocationQuery
     from ffcv.pipeline.compiler import Compiler
-    from ffcv.fields.rgb_image import SimpleRGBImageDecoder
 
     if _VOIDPTR is None:
         _VOIDPTR = _intrinsics()
     voidptr = _VOIDPTR
 
-    class MultiViewCropDecoder(SimpleRGBImageDecoder):  # ffcv takes the first op as decoder only if it is the field's class
+    class MultiViewCropDecoder(decoder_base()):
         def declare_state_and_memory(self, previous_state):
             widths, heights = self.metadata["width"], self.metadata["height"]
             max_w, max_h = np.uint64(widths.max()), np.uint64(heights.max())
@@ -177,69 +178,42 @@ def multiview_decoder(params: np.ndarray, state: np.ndarray, counts: np.ndarray,
     return MultiViewCropDecoder()
 
 
-def _next_batch(it):
-    """``next(it)`` for an ffcv EpochIterator that raises if its thread died (ffcv would block forever)."""
-    import queue
+class FFCVLoader(LoaderBase):
+    """Iterable of :class:`Batch` over a ``.beton``; see :func:`pipelines.loader.build_loader`.
 
-    while True:
-        try:
-            item = it.output_queue.get(timeout=1.0)
-            break
-        except queue.Empty:
-            if not it.is_alive() and it.output_queue.empty():
-                raise RuntimeError("the ffcv decoding thread stopped with an error (traceback above)") from None
-    if item is None:
-        it.close()
-        return None
-    slot, result = item
-    if getattr(it, "cuda_streams", None) and it.cuda_streams[slot] is not None:
-        it.current_stream.wait_stream(it.cuda_streams[slot])
-    return result
+    The file is checked first (:func:`pipelines.ffcv_compat.open_beton`): a truncated or corrupt
+    ``.beton``, or one of other fields, raises :class:`fastssl.pipelines.DataError`.
+    """
 
-
-class _Order:
-    """ffcv ``TraversalOrder`` stand-in: our epoch order for this rank (see :func:`epoch_order`)."""
-
-    def __init__(self, owner: "FFCVLoader"):
-        self.owner = owner
-
-    def sample_order(self, epoch: int) -> np.ndarray:
-        return self.owner.order(epoch)
-
-
-class FFCVLoader(EpochContract):
-    """Iterable of :class:`Batch` over a ``.beton``; see :func:`pipelines.loader.build_loader`."""
+    backend = "ffcv"
 
     def __init__(self, path: str, views, batch_size: int, device, *, seed: int = 0, rank: int = 0,
                  world_size: int = 1, drop_last: bool = True, workers: int = 2, train: bool = True,
                  in_memory: bool = True, finisher=None, batches_ahead: int = 2):
         import_ffcv()  # first: keeps torch's thread count (ffcv's import sets it to 1) and patches ffcv's
         from ffcv.fields.basics import IntDecoder
-        from ffcv.loader import Loader, OrderOption
         from ffcv.transforms import ToTensor
-        import torch
 
         if len(views) > MAX_VIEWS:
             raise ValueError(f"at most {MAX_VIEWS} views per sample, got {len(views)}")
-        self.path, self.views, self.batch_size = str(path), list(views), int(batch_size)
-        self.device = torch.device(device)
-        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
-        self.drop_last, self.train, self.finisher = bool(drop_last), bool(train), finisher
-        self.epoch = 0
-        self.sizes = [v.size for v in self.views] if train else [self.views[0].size]
-        self.params = view_params(self.views if train else self.views[:1])
+        self._setup(path, views, batch_size, device, seed=seed, rank=rank, world_size=world_size,
+                    drop_last=drop_last, train=train, finisher=finisher)
+        self._it = None
+        self.params = view_params(self.specs)
         self.state = np.zeros(ST_SIZES + MAX_VIEWS, np.int64)
         self._write_state()
-        from ffcv.reader import Reader
-
-        reader = Reader(self.path)
-        self.num_samples = int(reader.num_samples)
+        info = open_beton(self.path)
+        self.num_samples = info.num_samples
         self.counts = np.zeros(self.num_samples, np.int64)  # decodes per sample (decode-once checks)
-        labels = np.asarray(reader.metadata["f1"], np.int64) if "label" in reader.field_names else None
+        labels = info.labels
         self.labelled = labels is not None and bool((labels >= 0).any())
         from fastssl.pipelines.prepare import read_meta
 
         meta = read_meta(self.path) or {}
+        if meta.get("bytes") not in (None, os.path.getsize(self.path)):
+            raise DataError(f"{self.path} is {os.path.getsize(self.path)} bytes, but fastssl-prepare wrote "
+                            f"{meta['bytes']} (its {self.path}.meta.json says so): truncated or replaced; re-run "
+                            f"`fastssl-prepare SRC {self.path}`, or delete the stale .meta.json if the file is right")
         self.classes = meta.get("classes")
         self.num_classes = (len(self.classes) if self.classes else int(labels.max()) + 1) if self.labelled else None
         if self.num_samples < world_size:
@@ -249,21 +223,17 @@ class FFCVLoader(EpochContract):
         # one float32 row of the widest image.
         import numba
 
-        widths = np.asarray(reader.metadata["f0"]["width"])
-        self.scratch_per_thread = int(widths.max()) * 3
+        self.scratch_per_thread = int(info.widths.max()) * 3
         self.scratch = np.empty(numba.config.NUMBA_NUM_THREADS * self.scratch_per_thread, np.float32)
         decoder = multiview_decoder(self.params, self.state, self.counts, self.train, self.scratch,
                                     self.scratch_per_thread)
         pipelines = {"image": [decoder, ToTensor()],
-                     "label": [IntDecoder(), ToTensor()] if "label" in reader.field_names else None}
-        self._loader = Loader(self.path, batch_size=self.batch_size, num_workers=max(1, int(workers)),
-                              os_cache=not in_memory, order=OrderOption.SEQUENTIAL, seed=self.seed,
-                              pipelines=pipelines, drop_last=self.drop_last, batches_ahead=batches_ahead)
-        self._loader.traversal_order = _Order(self)
-        self._loader.first_traversal_order = self.order(0)
-        self._it = None
+                     "label": [IntDecoder(), ToTensor()] if labels is not None else None}
+        self._loader = make_loader(self.path, pipelines, self.order, batch_size=self.batch_size, workers=workers,
+                                   in_memory=in_memory, drop_last=self.drop_last, seed=self.seed,
+                                   batches_ahead=batches_ahead)
 
-    # -- contract (order, __len__ from EpochContract)
+    # -- contract (order, __len__ from EpochContract; iteration from LoaderBase)
     def set_epoch(self, epoch: int, global_size: int | None = None) -> None:
         """Shuffle seed = f(seed, epoch); ``global_size`` resizes every global view from now on."""
         self._close()
@@ -279,22 +249,18 @@ class FFCVLoader(EpochContract):
     def _close(self) -> None:
         it, self._it = self._it, None
         if it is not None:  # stop the previous epoch's decoding thread before the state changes
-            it.close()
-            it.join(timeout=10)
+            stop_epoch(it)
 
-    def __iter__(self):
+    def _raw_batches(self, order, nb: int):
         import torch
 
         self._close()
-        self._loader.next_epoch = self.epoch
-        order = self.order(self.epoch)
-        it = iter(self._loader)
+        it = start_epoch(self._loader, self.epoch)
         self._it = it
-        nb = len(self)
         offs = np.cumsum([0] + [3 * s * s for s in self.sizes])
         non_blocking = self.device.type == "cuda"
         for b in range(nb):
-            out = _next_batch(it)
+            out = next_batch(it)
             if out is None:
                 break
             rows = out[0]                                   # (B, sum 3 S^2) uint8, CPU (pinned on CUDA hosts)
@@ -307,7 +273,5 @@ class FFCVLoader(EpochContract):
                 # Copy: ffcv reuses its batch slots, and a caller that keeps labels across batches
                 # (feature extraction for kNN) would otherwise see them overwritten.
                 labels = out[1].to(self.device, dtype=torch.long, non_blocking=non_blocking, copy=True).reshape(B)
-            step = self.epoch * nb + b  # deterministic photometric stream: same (seed, epoch, batch) -> same views
-            views = self.finisher(crops, step) if self.finisher is not None else crops
-            yield Batch(views=views, labels=labels, indices=idx.to(self.device, non_blocking=non_blocking))
+            yield crops, labels, idx.to(self.device, non_blocking=non_blocking)
         self._it = None

@@ -1,4 +1,11 @@
-"""Everything fastssl does to ffcv's internals, in one place.
+"""Everything fastssl does to ffcv's internals, in one place (checked against ffcv's version).
+
+The ffcv back-end (``pipelines/ffcv_backend.py``) goes through this module for: the import
+(thread count, below), the ``.beton`` checks and its metadata columns found by position
+(:func:`open_beton`), the decoder's base class (:func:`decoder_base`), our epoch order in
+ffcv's ``Loader`` (:func:`make_loader`, :func:`start_epoch`) and the epoch iterator's
+private queue (:func:`next_batch`, :func:`stop_epoch`). The decoder itself uses ffcv's
+public extension API (``Operation``, ``AllocationQuery``, ``Compiler``, ``libffcv``).
 
 ffcv 1.0.x has two process-wide side effects on torch's intra-op thread count:
 
@@ -14,6 +21,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 
 FFCV_INSTALL = ("ffcv is not installed: apt-get install -y pkg-config libturbojpeg0-dev libopencv-dev && "
@@ -64,3 +72,178 @@ def _keep_torch_threads(ffcv_compiler) -> None:
 
     ffcv_compiler.Compiler.set_num_threads = classmethod(set_num_threads)
     ffcv_compiler.Compiler._fastssl_patched = True
+
+
+# ----------------------------------------------------------------------------- .beton files
+
+# What fastssl-prepare writes; a .beton is read by field name (``image`` required, ``label`` optional).
+FIELD_LAYOUT = {"image": "RGBImageField", "label": "IntField"}
+
+
+def _prepare_fix(path: str) -> str:
+    return f"re-create it with `fastssl-prepare SRC {path}` (SRC: the image folder, or `synthetic`)"
+
+
+class BetonInfo:
+    """What the ffcv back-end needs from a checked ``.beton`` header: sizes, labels, image sizes.
+
+    ffcv stores per-sample metadata as one unnamed structured array (numpy calls its
+    columns ``f0``, ``f1``, ... in field order); this finds the columns by field name.
+    """
+
+    def __init__(self, path: str, reader):
+        self.path = path
+        self.num_samples = int(reader.num_samples)
+        self.field_names = list(reader.field_names)
+        self._meta = reader.metadata
+
+    def column(self, field: str) -> np.ndarray:
+        """Metadata of ``field`` for every sample (ffcv's ``f<position>`` column)."""
+        return self._meta[f"f{self.field_names.index(field)}"]
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        return np.asarray(self.column("label"), np.int64) if "label" in self.field_names else None
+
+    @property
+    def widths(self) -> np.ndarray:
+        return np.asarray(self.column("image")["width"])
+
+    @property
+    def heights(self) -> np.ndarray:
+        return np.asarray(self.column("image")["height"])
+
+
+def open_beton(path: str) -> BetonInfo:
+    """Check that ``path`` is a complete ``.beton`` of fastssl's layout, before ffcv maps it.
+
+    ffcv's ``Reader`` trusts the file: a truncated one fails with ``negative dimensions
+    are not allowed`` or, cut inside its allocation table, loads and then reads past the
+    end. Raises :class:`fastssl.pipelines.DataError` (one line: the file, what is wrong,
+    the fix) for a truncated or corrupt file, one of another ffcv format version or of
+    other fields, and an empty one.
+    """
+    import_ffcv()
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.reader import Reader
+    from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, TYPE_ID_HANDLER, FieldDescType, HeaderType
+
+    from fastssl.pipelines import DataError
+
+    path = os.fspath(path)
+    fix = _prepare_fix(path)
+    size = os.path.getsize(path)
+    if size < HeaderType.itemsize:
+        raise DataError(f"{path} is truncated ({size} bytes, shorter than a .beton header): {fix}")
+    header = np.fromfile(path, dtype=HeaderType, count=1)[0]
+    if int(header["version"]) != CURRENT_VERSION:
+        raise DataError(f"{path} is not an ffcv .beton of format version {CURRENT_VERSION} (its header says "
+                        f"{int(header['version'])}: another ffcv version's file, or not a .beton): {fix}")
+    nf, n = int(header["num_fields"]), int(header["num_samples"])
+    descs_end = HeaderType.itemsize + nf * FieldDescType.itemsize
+    if not 1 <= nf <= 64 or size < descs_end:
+        raise DataError(f"{path} is truncated or corrupt (header: {nf} fields, file {size} bytes): {fix}")
+    table_ptr = int(header["alloc_table_ptr"])
+    if table_ptr > size or (size - table_ptr) % ALLOC_TABLE_TYPE.itemsize or table_ptr < descs_end:
+        raise DataError(f"{path} is truncated ({size} bytes; its header places the sample table at byte "
+                        f"{table_ptr}): {fix}")
+    descs = np.fromfile(path, dtype=FieldDescType, count=nf, offset=HeaderType.itemsize)
+    unknown = [int(t) for t in descs["type_id"] if int(t) not in TYPE_ID_HANDLER or TYPE_ID_HANDLER[int(t)] is None]
+    if unknown:
+        raise DataError(f"{path} has fields of unknown ffcv types {unknown} (corrupt, or written with custom "
+                        f"fields): fastssl reads fields {_layout()}; {fix}")
+    try:
+        reader = Reader(path)
+    except Exception as e:  # noqa: BLE001 - any failure here is a bad file
+        raise DataError(f"{path} is truncated or corrupt (ffcv cannot read it: {type(e).__name__}: {e}): {fix}") from e
+    types = {name: type(h).__name__ for name, h in reader.handlers.items()}
+    want = {"image": RGBImageField, "label": IntField}
+    if "image" not in types or any(not isinstance(reader.handlers[k], t) for k, t in want.items() if k in types):
+        have = ", ".join(f"{k}: {v}" for k, v in types.items())
+        raise DataError(f"{path} has fields ({have}); fastssl reads {_layout()}: {fix}")
+    if n == 0:
+        raise DataError(f"{path} holds no samples: {fix}")
+    table = reader.alloc_table
+    if len(table) == 0:
+        raise DataError(f"{path} is truncated (its sample table, the last part written, is missing): {fix}")
+    if len(reader.metadata) != n or table_ptr < descs_end + reader.metadata.nbytes:
+        raise DataError(f"{path} is truncated or corrupt (its header says {n} samples, the file holds "
+                        f"{len(reader.metadata)}): {fix}")
+    ends = table["ptr"].astype(np.uint64) + table["size"].astype(np.uint64)
+    ptrs = np.asarray(BetonInfo(path, reader).column("image")["data_ptr"])
+    if int(ends.max()) > table_ptr or not np.isin(ptrs, table["ptr"]).all():
+        raise DataError(f"{path} is truncated or corrupt (sample data outside the file's sample table): {fix}")
+    return BetonInfo(path, reader)
+
+
+def _layout() -> str:
+    return "image: RGBImageField, label: IntField (optional)"
+
+
+# ----------------------------------------------------------------------------- ffcv's loader internals
+
+def decoder_base():
+    """The class a multi-view image decoder must subclass.
+
+    ffcv takes a pipeline's first operation as the field's decoder only if it is an
+    instance of the field's own decoder class (``SimpleRGBImageDecoder`` for RGBImageField).
+    """
+    from ffcv.fields.rgb_image import SimpleRGBImageDecoder
+
+    return SimpleRGBImageDecoder
+
+
+def make_loader(path: str, pipelines: dict, sample_order, *, batch_size: int, workers: int, in_memory: bool,
+                drop_last: bool, seed: int, batches_ahead: int):
+    """An ffcv ``Loader`` whose epoch order is ``sample_order(epoch) -> uint64 indices`` (ours, not ffcv's).
+
+    ffcv's ``order=`` takes a ``TraversalOrder`` class built from the loader; replacing the
+    built instance (and the cached first epoch's order) keeps its distributed options out of it.
+    """
+    from ffcv.loader import Loader, OrderOption
+
+    loader = Loader(path, batch_size=batch_size, num_workers=max(1, int(workers)), os_cache=not in_memory,
+                    order=OrderOption.SEQUENTIAL, seed=seed, pipelines=pipelines, drop_last=drop_last,
+                    batches_ahead=batches_ahead)
+    loader.traversal_order = _Order(sample_order)
+    loader.first_traversal_order = sample_order(0)
+    return loader
+
+
+class _Order:
+    """ffcv ``TraversalOrder`` stand-in."""
+
+    def __init__(self, sample_order):
+        self.sample_order = sample_order
+
+
+def start_epoch(loader, epoch: int):
+    """The ffcv ``EpochIterator`` (a thread, started) of ``epoch``."""
+    loader.next_epoch = int(epoch)
+    return iter(loader)
+
+
+def next_batch(it):
+    """``next(it)`` for an ffcv EpochIterator that raises if its thread died (ffcv would block forever); None at the end."""
+    import queue
+
+    while True:
+        try:
+            item = it.output_queue.get(timeout=1.0)
+            break
+        except queue.Empty:
+            if not it.is_alive() and it.output_queue.empty():
+                raise RuntimeError("the ffcv decoding thread stopped with an error (traceback above)") from None
+    if item is None:
+        it.close()
+        return None
+    slot, result = item
+    if getattr(it, "cuda_streams", None) and it.cuda_streams[slot] is not None:
+        it.current_stream.wait_stream(it.cuda_streams[slot])
+    return result
+
+
+def stop_epoch(it, timeout: float = 10.0) -> None:
+    """Stop an epoch's decoding thread (before the decoder's shared state changes)."""
+    it.close()
+    it.join(timeout=timeout)

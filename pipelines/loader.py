@@ -9,9 +9,13 @@ yield one centre-cropped view per image in dataset order, normalised only.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
+
+from fastssl.pipelines import Batch, DataError, MissingDataError
+from fastssl.pipelines.crops import EpochContract
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -47,6 +51,77 @@ def make_finisher(views, device, seed: int, train: bool, photometric: bool = Tru
     return Augmenter(list(views), device, seed=seed, dtype=dtype)
 
 
+class LoaderBase(EpochContract):
+    """The loader contract in one place; a back-end only yields raw batches (:meth:`_raw_batches`).
+
+    From :class:`pipelines.crops.EpochContract`: ``order``, ``len()``, ``set_epoch``. Here:
+    the common state (:meth:`_setup`), iteration with the per-batch tail (the photometric
+    stage or normalisation, keyed by the global step, then :class:`Batch`), and the record
+    of unreadable files: ``skipped`` lists ``(path, reason)``; each epoch that met any
+    prints one warning line naming how many and the first few. Batches stay full: a
+    back-end replaces an unreadable sample, never drops it (gathered losses need equal
+    rows on every rank).
+    """
+
+    backend = "base"
+
+    def _setup(self, path, views, batch_size: int, device, *, seed: int, rank: int, world_size: int,
+               drop_last: bool, train: bool, finisher) -> None:
+        self.path, self.views, self.batch_size = str(path), list(views), int(batch_size)
+        self.device = torch.device(device)
+        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
+        self.drop_last, self.train, self.finisher = bool(drop_last), bool(train), finisher
+        self.specs = self.views if self.train else self.views[:1]  # the views this loader cuts
+        self.sizes = [v.size for v in self.specs]
+        self.epoch = 0
+        self._skipped: dict[str, str] = {}        # path -> reason, in the order met
+        self._epoch_skipped: dict[str, str] = {}  # the current epoch's
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        """``(path, reason)`` of every unreadable file met so far (replaced in its batch, or left out)."""
+        return list(self._skipped.items())
+
+    def _skip(self, path: str, reason: str) -> None:
+        self._skipped.setdefault(path, reason)
+        self._epoch_skipped[path] = reason
+
+    def _raw_batches(self, order, nb: int):
+        """Yield ``nb`` batches ``(crops, labels, indices)`` of this epoch's ``order``: V x uint8 (B, S, S, 3)
+        crops, ``labels`` (B,) int64 or None and ``indices`` (B,) int64, all on the device."""
+        raise NotImplementedError
+
+    def __iter__(self):
+        order = self.order(self.epoch)
+        nb = len(self)
+        self._epoch_skipped = {}
+        try:
+            for b, (crops, labels, indices) in enumerate(self._raw_batches(order, nb)):
+                step = self.epoch * nb + b  # deterministic photometric stream: same (seed, epoch, batch) -> same views
+                views = self.finisher(crops, step) if self.finisher is not None else crops
+                yield Batch(views=views, labels=labels, indices=indices)
+        finally:
+            self._report_skipped()
+
+    def _report_skipped(self, first: int = 3) -> None:
+        """One warning line for the epoch's unreadable files (how many, the first few, where the rest are)."""
+        bad = list(self._epoch_skipped.items())
+        if not bad:
+            return
+        root = self.path.rstrip("/") + "/"
+        names = ", ".join(f"{p[len(root):] if p.startswith(root) else p} ({r})" for p, r in bad[:first])
+        more = f" and {len(bad) - first} more" if len(bad) > first else ""
+        try:
+            print(f"[fastssl] warning: {self.backend} back-end, epoch {self.epoch}, rank {self.rank}: "
+                  f"{len(bad)} unreadable file(s) in {self.path} {self._skip_action}: {names}{more}; "
+                  f"loader.skipped lists them, `fastssl-prepare {self.path} OUT.beton` checks the whole folder",
+                  file=sys.stderr, flush=True)
+        except (ValueError, AttributeError, OSError):  # stderr closed (interpreter shutdown)
+            pass
+
+    _skip_action = "replaced by other samples of this rank (batches stay full)"
+
+
 def _field(cfg, name, default=None):
     return getattr(cfg, name, default) if cfg is not None else default
 
@@ -61,10 +136,10 @@ def resolve_backend(path: str, backend: str) -> str:
     if backend == "auto":
         return "ffcv" if is_beton else "torch"
     if is_beton and backend != "ffcv":
-        raise ValueError(f"{path} is an ffcv .beton: only backend=ffcv (or auto) reads it; for {backend}, "
+        raise DataError(f"{path} is an ffcv .beton: only backend=ffcv (or auto) reads it; for {backend}, "
                          f"give the image folder it was made from")
     if not is_beton and backend == "ffcv":
-        raise ValueError(f"backend=ffcv reads a .beton, but {path} is a folder: convert it with "
+        raise DataError(f"backend=ffcv reads a .beton, but {path} is a folder: convert it with "
                          f"`fastssl-prepare {path} {str(path).rstrip('/')}.beton`")
     return backend
 
@@ -83,13 +158,15 @@ def build_loader(data_cfg, aug_views, split: str, batch_size: int, device, *, se
     ``set_epoch(epoch, global_size=None)``, ``num_samples`` (this dataset's size, all ranks),
     ``num_classes`` (None when unlabelled).
     """
-    path = _field(data_cfg, split, None) if split in ("train", "val", "test") else split
+    named = split in ("train", "val", "test")
+    path = _field(data_cfg, split, None) if named else split
     if not path:
-        raise ValueError(f"data.{split} is empty: give a .beton file or an image folder")
+        raise DataError(f"data.{split} is empty: give a .beton file or an image folder")
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"data.{split}={path} does not exist: give a .beton file (`fastssl-prepare SRC "
-                                f"OUT.beton`) or an image folder; `fastssl-prepare synthetic DIR` writes the built-in data")
+        where = f"data.{split}={path}" if named else path
+        raise MissingDataError(f"{where} does not exist: give a .beton file (`fastssl-prepare SRC OUT.beton`) or an "
+                               f"image folder; `fastssl-prepare synthetic DIR` writes the built-in data")
     backend = backend or _field(data_cfg, "backend", "auto")
     workers = int(workers if workers is not None else _field(data_cfg, "workers", 2))
     in_memory = bool(in_memory if in_memory is not None else _field(data_cfg, "in_memory", True))
