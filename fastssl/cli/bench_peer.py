@@ -472,6 +472,7 @@ def run_arm(arm: str, spec: dict, workdir: Path, tag: str) -> dict:
         sp = workdir / f"{tag}.spec.json"
         sp.write_text(json.dumps(spec))
         cmd = [sys.executable, "-m", "fastssl.cli.bench_peer", "--arm", arm, "--spec", str(sp), "--result", str(result)]
+    load0 = os.getloadavg()[0]
     c0, t0 = _cpu(resource.RUSAGE_CHILDREN), time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log, _ = p.communicate()
@@ -483,7 +484,9 @@ def run_arm(arm: str, spec: dict, workdir: Path, tag: str) -> dict:
         out["command"] = "python -m fastssl.train " + " ".join(cmd[3:])
     else:
         out = json.loads(result.read_text())
-    out.update({"pid": p.pid, "process_seconds": round(wall, 2)})
+    # The 1-minute load average before and after: others' work on a shared machine shows here.
+    out.update({"pid": p.pid, "process_seconds": round(wall, 2),
+                "loadavg_1min": [round(load0, 2), round(os.getloadavg()[0], 2)]})
     trained = spec["batch"] * out.get("steps", 0)
     if trained:
         out["process_cpu_ms_per_image"] = round(1000 * cpu / trained, 3)
@@ -503,7 +506,8 @@ def summarise(method: str, rounds: list[dict], stages: list[dict]) -> dict:
         a = {"images_per_second": _median([x["images_per_second"] for x in per]),
              "images_per_second_rounds": [round(x["images_per_second"], 2) for x in per],
              "first_loss": _median([x["losses"][0] for x in per]), "last_loss": _median([x["losses"][-1] for x in per]),
-             "pids": [x["pid"] for x in per], "steps": per[0]["steps"], "torch_threads": per[0].get("torch_threads")}
+             "pids": [x["pid"] for x in per], "steps": per[0]["steps"], "torch_threads": per[0].get("torch_threads"),
+             "loadavg_1min_rounds": [x.get("loadavg_1min") for x in per]}
         for k in ("data_wait_fraction", "process_cpu_ms_per_image", "main_process_cpu_ms_per_image",
                   "summary_images_per_second"):
             if any(k in x for x in per):
