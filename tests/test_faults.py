@@ -126,3 +126,21 @@ def test_history_unit(tmp_path):
     assert [p.name for p in h.history()] == ["ckpt-000000005.pt", "ckpt-000000004.pt", "ckpt-000000003.pt"]
     state, path = h.load_latest()
     assert state["step"] == 5 and path.name == "last.pt"
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("nnclr", {"method.queue_size": 64}),
+    ("swav", {"method.queue_size": 64, "method.queue_start_epochs": 0, "aug.num_local": 2, "aug.local_size": 8}),
+])
+def test_queues_resume_exactly(demo_data, tmp_path, method, extra):
+    """Queues (NNCLR's support set, SwAV's feature queue) are in the checkpoint: stopped at step 3 and resumed,
+    the losses of steps 4-8 equal those of an uninterrupted run."""
+    base = ["--config", f"configs/demo/{method}.yaml"]
+    kv = {"train.max_steps": 8, **extra}
+    assert main(base + tiny_overrides(demo_data, tmp_path / "a", **kv)) == 0
+    assert main(base + tiny_overrides(demo_data, tmp_path / "b", **{**kv, "train.max_steps": 3})) == 0
+    assert main(base + tiny_overrides(demo_data, tmp_path / "b", **kv) + ["--resume"]) == 0
+    a, b = metrics(tmp_path / "a" / "t"), metrics(tmp_path / "b" / "t")
+    assert [r["step"] for r in b] == list(range(1, 9)) == [r["step"] for r in a]
+    for ra, rb in zip(a[3:], b[3:]):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5, abs=1e-6), (method, ra["step"])
