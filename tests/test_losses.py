@@ -1,7 +1,7 @@
 """fastssl.losses against the papers' formulas and official code, both implementations, fp32 and bf16.
 
-Chain per loss: a direct transcription (SimCLR's algorithm as loops; MoCo v3's, VICReg's and
-Barlow Twins' official code) in fp64 -> ``impl="torch"`` and ``impl="triton"`` (interpreter),
+Chain per loss: a direct transcription (SimCLR's algorithm as loops; MoCo v2's, MoCo v3's, VICReg's
+and Barlow Twins' official code) in fp64 -> ``impl="torch"`` and ``impl="triton"`` (interpreter),
 values and gradients. Plus analytic cases, dispatch defaults, bad input and torch.compile.
 """
 import math
