@@ -389,6 +389,41 @@ def _validate_cross(cfg: Config) -> None:
         raise ConfigError("aug: the recipe produces no views")
     if cfg.train.res_start and cfg.train.res_start > cfg.aug.global_size:
         raise ConfigError(f"train.res_start={cfg.train.res_start} must be <= aug.global_size={cfg.aug.global_size}")
+    _validate_backbone(cfg.model.backbone)
+    _validate_backend(cfg)
+
+
+def _validate_backbone(name: str) -> None:
+    """``model.backbone`` must name a fastssl backbone or a timm model: checked now, not after the loaders."""
+    from fastssl.models import BACKBONES
+
+    if name in BACKBONES:
+        return
+    import timm
+
+    if name in timm.list_models():
+        return
+    ours = list(BACKBONES.names())
+    hint = closest(name, ours)
+    if not hint.startswith("did you mean"):
+        hint = closest(name, ours + list(timm.list_models()))
+    raise ConfigError(f"model.backbone={name!r} is not a fastssl backbone nor a timm model: {hint}")
+
+
+def _validate_backend(cfg: Config) -> None:
+    """``data.backend`` is a known back-end, and fits the data it will read (when that data is there)."""
+    import os
+
+    from fastssl.pipelines.loader import BACKENDS, resolve_backend
+
+    _choice("data.backend", cfg.data.backend, BACKENDS)
+    for split in ("train", "val"):
+        path = getattr(cfg.data, split)
+        if path and os.path.exists(path):
+            try:
+                resolve_backend(path, cfg.data.backend)
+            except ValueError as e:
+                raise ConfigError(f"data.{split}: {e}") from None
 
 
 def to_dict(cfg: Config) -> dict:

@@ -94,3 +94,18 @@ def test_bench_dispatcher_lists_only_existing_benchmarks(capsys):
     for sub in SUBCOMMANDS:
         assert callable(importlib.import_module(f"fastssl.cli.bench_{sub}").main)
     assert bench(["lodaer"]) == 2 and "did you mean 'loader'" in capsys.readouterr().err
+
+
+def test_backbone_and_backend_errors_come_at_config_time(demo_data):
+    """Issue 13.9: an unknown backbone or a back-end that does not fit the data fails in load_config,
+    with a did-you-mean, before any loader or model is built."""
+    with pytest.raises(ConfigError, match=r"model.backbone='resnet-18'.*did you mean 'resnet18'"):
+        load_config("configs/demo/simclr.yaml", ["model.backbone=resnet-18"])
+    with pytest.raises(ConfigError, match=r"data.backend='ffvc'.*did you mean 'ffcv'"):
+        load_config("configs/demo/simclr.yaml", ["data.backend=ffvc"])
+    with pytest.raises(ConfigError, match=r"data.train: backend=ffcv reads a .beton.*fastssl-prepare"):
+        load_config("configs/demo/simclr.yaml", [f"data.train={demo_data}/train", "data.backend=ffcv"])
+    with pytest.raises(ConfigError, match=r"data.val: .*only backend=ffcv"):
+        load_config("configs/demo/simclr.yaml", [f"data.val={demo_data}/val.beton", "data.backend=torch",
+                                                 f"data.train={demo_data}/train"])
+    assert load_config("configs/demo/simclr.yaml", ["model.backbone=vit_tiny_patch16_224"]).model.backbone
