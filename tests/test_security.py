@@ -164,8 +164,6 @@ def test_resume_runs_no_code_from_hostile_checkpoint(trained_run, demo_data, tmp
     assert not marker.exists()
 
 
-@pytest.mark.xfail(reason="fastssl/train.py must catch checkpoint.CheckpointError in main() (one line on stderr, "
-                          "non-zero exit) and accept --trust-checkpoint", strict=False)
 def test_resume_refusal_is_one_line_and_a_nonzero_exit(trained_run, demo_data, tmp_path, capsys):
     from fastssl.train import main
 
