@@ -3,15 +3,16 @@
     python scripts/gpu_bench_loss.py                      # on a CUDA machine (scripts/gpu_check.sh runs it)
     python scripts/gpu_bench_loss.py --device cpu --small # CPU smoke run (Triton through the interpreter)
 
-1. Checks: the Triton kernels against their references on the device, fp32 and bf16, shapes
-   not multiples of the blocks: err(kernel) <= 2 * err(low-precision reference) + floor, errors
-   measured against the fp64 reference, for outputs and gradients.
-2. Benchmarks (``fastssl.cli.bench_loss.run``, side by side per shape), goal cases first:
+Correctness on the GPU is not checked here: the kernel tests' ``cuda`` cases do it (pytest -m cuda
+tests/test_kernels_*.py, the first step of scripts/gpu_check.sh), with their tolerances.
+
+Benchmarks (``fastssl.cli.bench_loss.run``, side by side per shape), goal cases first:
    nt_xent fwd+bwd at N=8192/view, D=128, bf16 >= 2x the eager reference; N=65536/view runs
    where the eager reference runs out of memory; barlow_twins / vicreg at N=2048, D=8192 >= 3x
    the D x D reference.
 Prints one JSON line per result as it finishes (a timeout keeps what was measured); ``--budget S``
-starts no benchmark after S seconds. Exit status 1 when a check fails (goals are reported, not asserted).
+starts no benchmark after S seconds. Exit status 1 when an implementation errors (goals are reported,
+not asserted: they are measurements). Also reports registers, spills and shared memory per compiled kernel.
 """
 from __future__ import annotations
 
@@ -31,77 +32,6 @@ def parse(argv):
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--budget", type=float, default=0, help="seconds: start no benchmark after this (0: no limit)")
     return p.parse_args(argv)
-
-
-def _err(x, ref):
-    return (x.double() - ref.double()).abs().max().item()
-
-
-def _check_rows(results, name, got, truth, low, floor):
-    ok = True
-    for k, (g, t, lo) in enumerate(zip(got, truth, low)):
-        bound = 2 * _err(lo, t) + floor * max(1.0, t.double().abs().max().item())
-        e = _err(g, t)
-        ok &= e <= bound
-        results.append({"check": name, "output": k, "err": e, "bound": bound, "ok": e <= bound})
-    return ok
-
-
-def checks(device: str, small: bool) -> tuple[list, bool]:
-    import torch
-    import torch.nn.functional as F
-
-    from fastssl.kernels import contrastive as K
-    from fastssl.kernels import covariance as C
-
-    out, all_ok = [], True
-    shapes = [(21, 24)] if small else [(333, 128), (257, 72)]
-    for n, d in shapes:
-        for dtype, floor in ((torch.float32, 1e-5), (torch.bfloat16, 1e-3)):
-            for excl in (False, True):
-                g = torch.Generator().manual_seed(n + d)
-                i = torch.arange(n, device=device)
-                pos, slf = torch.cat([i + n, i]), torch.cat([i, i + n])
-                z = F.normalize(torch.randn(2 * n, d, generator=g, dtype=torch.float64), dim=1).to(device)
-                w1, w2 = torch.rand(2 * n, generator=g).to(device), torch.rand(2 * n, generator=g).to(device)
-
-                def run(fn, x, ww1, ww2):
-                    a, c = x.clone().requires_grad_(), x.clone().requires_grad_()
-                    loss, lse = fn(a, c, pos, slf, 10.0, excl)
-                    ((loss * ww1).sum() + (lse * ww2).sum()).backward()
-                    return [loss, lse, a.grad, c.grad]
-
-                truth = run(K.contrastive_ce_ref, z, w1.double(), w2.double())
-                low = run(K.contrastive_ce_ref, z.to(dtype), w1, w2)
-                got = run(K.contrastive_ce, z.to(dtype), w1, w2)
-                all_ok &= _check_rows(out, f"contrastive_ce n={n} d={d} {dtype} exclude_pos={excl}", got, truth, low,
-                                      floor)
-    cov_shapes = [(37, 100)] if small else [(37, 100), (300, 1000)]
-    for n, d in cov_shapes:
-        for dtype, floor in ((torch.float32, 1e-5), (torch.bfloat16, 1e-3)):
-            g = torch.Generator().manual_seed(n * d)
-            a = torch.randn(n, d, generator=g).to(device, dtype)
-            b = (0.5 * a.float() + torch.randn(n, d, generator=g).to(device)).to(dtype)
-            mu_a, mu_b = a.float().mean(0), b.float().mean(0)
-            s_a, s_b = (torch.rand(d, generator=g) + 0.5).to(device), (torch.rand(d, generator=g) + 0.5).to(device)
-
-            def run(fn, *xs):
-                ins = [x.detach().clone().requires_grad_() for x in xs]
-                v = fn(*ins)
-                v.backward()
-                return [v] + [x.grad for x in ins]
-
-            def low_gram(a_, ma, sa, b_, mb, sb):  # the Gram path with its operands in the low dtype
-                ap = ((a_.float() - ma) * sa).to(dtype)
-                bp = ((b_.float() - mb) * sb).to(dtype)
-                return ((ap @ ap.T).float() * (bp @ bp.T).float()).sum()
-
-            args = (a, mu_a, s_a, b, mu_b, s_b)
-            truth = run(C.cross_frob_ref, *(x.double() for x in args))
-            low = run(low_gram, *args)
-            got = run(C.cross_frob, *args)
-            all_ok &= _check_rows(out, f"cross_frob n={n} d={d} {dtype}", got, truth, low, floor)
-    return out, all_ok
 
 
 def compiled_kernel_stats() -> list:
@@ -213,20 +143,17 @@ def main(argv=None) -> int:
 
     emit({"env": env})
     deadline = time.monotonic() + (a.budget or 1e9)
-    # The goal benchmarks first (compiling ~30 kernel variants for the checks took 60 s on an H200
-    # and left no time for timings), then the checks, then the extra benchmarks.
+    # The goal benchmarks first, then the kernels' compile statistics, then the extras. The kernels'
+    # correctness on the GPU is tests/test_kernels_*.py's `cuda` cases (gpu_check.sh runs them first).
     rows, goals = benchmarks(a.device, a.small, a.repeats, emit, deadline, part="goals")
-    ok = True
-    if env["triton"]:
-        check_rows, ok = checks(a.device, a.small)
-        emit({"checks_ok": ok, "checks": check_rows, "t": round(time.monotonic() - T0, 1)})
     if a.device == "cuda" and env["triton"]:
-        try:  # after the checks compiled every variant; Triton's cache layout differs between versions
+        try:  # Triton's cache layout differs between versions
             emit({"kernels_compiled": compiled_kernel_stats()})
         except Exception as e:  # noqa: BLE001
             emit({"kernels_compiled_error": f"{type(e).__name__}: {e}"})
     benchmarks(a.device, a.small, a.repeats, emit, deadline, part="extras")
-    emit({"goals": goals, "checks_ok": ok, "t": round(time.monotonic() - T0, 1)})
+    emit({"goals": goals, "t": round(time.monotonic() - T0, 1)})
+    ok = all(r.get("status") in ("ok", "oom", "skipped") for row in rows for r in row["results"])
     return 0 if ok else 1
 
 

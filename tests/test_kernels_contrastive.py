@@ -3,6 +3,11 @@
 Chain: naive full-matrix reference in fp64 (the truth) -> the same reference in the test dtype
 (the low-precision baseline) -> chunked torch and Triton. flash-attention's rule:
 err(impl) <= 2 * err(low-precision reference) + floor, for outputs and both gradients.
+
+Each case runs on the CPU (Triton's interpreter) and, marked ``cuda``, on a GPU
+(``scripts/gpu_check.sh`` runs ``pytest -m cuda`` with ``TRITON_INTERPRET=0``). Under the
+interpreter the kernels take their fp32 ``tl.dot`` branch for bf16 inputs too (the interpreter's
+bf16 arithmetic is wrong), so the bf16 ``tl.dot`` branches run only in the ``cuda`` cases.
 """
 import os
 
@@ -28,7 +33,7 @@ def _run(fn, a, c, pos, slf, scale, excl, w1, w2):
     c = c.clone().requires_grad_()
     loss, lse = fn(a, c, pos, slf, scale, excl)
     ((loss * w1).sum() + (lse * w2).sum()).backward()
-    return [loss.detach().double(), lse.detach().double(), a.grad.double(), c.grad.double()]
+    return [x.double().cpu() for x in (loss.detach(), lse.detach(), a.grad, c.grad)]
 
 
 CASES = [  # kind, n, q, D, temperature, exclude_pos, dtype, floor
@@ -44,18 +49,25 @@ CASES = [  # kind, n, q, D, temperature, exclude_pos, dtype, floor
 ]
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind,n,q,D,temp,excl,dtype,floor", CASES)
-def test_kernel_and_chunked_match_reference(kind, n, q, D, temp, excl, dtype, floor):
+def test_kernel_and_chunked_match_reference(kind, n, q, D, temp, excl, dtype, floor, device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
     g = torch.Generator().manual_seed(n * 1000 + D)
-    M, Kc, pos, slf = _layout(kind, n, q)
+    M, Kc, pos, slf = _layout(kind, n, q, device)
     a64 = torch.nn.functional.normalize(torch.randn(M, D, generator=g, dtype=torch.float64), dim=1)
     if kind == "ntxent":
         c64 = a64.clone()
     else:
         c64 = torch.nn.functional.normalize(torch.randn(Kc, D, generator=g, dtype=torch.float64), dim=1)
         c64[:n] = torch.nn.functional.normalize(a64 + 0.5 * c64[:n], dim=1)   # positives correlated
+    a64, c64 = a64.to(device), c64.to(device)
     a, c = a64.to(dtype), c64.to(dtype)
-    w1, w2 = torch.rand(M, generator=g), torch.rand(M, generator=g)             # upstream grads on both outputs
+    w1, w2 = torch.rand(M, generator=g).to(device), torch.rand(M, generator=g).to(device)  # upstream grads
     truth = _run(K.contrastive_ce_ref, a.double(), c.double(), pos, slf, 1 / temp, excl, w1.double(), w2.double())
     low = _run(K.contrastive_ce_ref, a, c, pos, slf, 1 / temp, excl, w1, w2)
     chunked = _run(lambda *x: K.contrastive_ce_chunked(*x, chunk=7), a, c, pos, slf, 1 / temp, excl, w1, w2)

@@ -25,7 +25,7 @@ def _run(fn, a, mu_a, s_a, b, mu_b, s_b):
     ins = [None if x is None else x.detach().clone().requires_grad_() for x in (a, mu_a, s_a, b, mu_b, s_b)]
     v = fn(*ins)
     v.backward()
-    return [v.detach().double()] + [x.grad.double() for x in ins if x is not None]
+    return [v.detach().double().cpu()] + [x.grad.double().cpu() for x in ins if x is not None]
 
 
 CASES = [  # N, D, same (VICReg: one branch) or two (Barlow), dtype, floor (relative)
@@ -39,15 +39,19 @@ CASES = [  # N, D, same (VICReg: one branch) or two (Barlow), dtype, floor (rela
 ]
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("n,d,same,dtype,floor", CASES)
-def test_gram_paths_match_dxd(n, d, same, dtype, floor):
+def test_gram_paths_match_dxd(n, d, same, dtype, floor, device):
+    """CPU (interpreter) and, marked ``cuda``, GPU: the bf16 ``tl.dot`` branch runs only on the GPU."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
     g = torch.Generator().manual_seed(n + d)
-    a = (torch.randn(n, d, generator=g) * 2 + 1).to(dtype)
-    mu_a, s_a = a.float().mean(0), torch.rand(d, generator=g) + 0.5
+    a = (torch.randn(n, d, generator=g) * 2 + 1).to(dtype).to(device)
+    mu_a, s_a = a.float().mean(0), (torch.rand(d, generator=g) + 0.5).to(device)
     b = mu_b = s_b = None
     if not same:
-        b = (0.5 * a.float() + torch.randn(n, d, generator=g)).to(dtype)
-        mu_b, s_b = b.float().mean(0) + 0.1, torch.rand(d, generator=g) + 0.5
+        b = (0.5 * a.float() + torch.randn(n, d, generator=g).to(device)).to(dtype)
+        mu_b, s_b = b.float().mean(0) + 0.1, (torch.rand(d, generator=g) + 0.5).to(device)
     truth = _run(_truth, a.double(), mu_a.double(), s_a.double(),
                  *(None if x is None else x.double() for x in (b, mu_b, s_b)))
     ref = _run(C.cross_frob_ref, a, mu_a, s_a, b, mu_b, s_b)
