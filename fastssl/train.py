@@ -26,6 +26,7 @@ from fastssl import checkpoint as ckpt_io
 from fastssl.faults import (PREEMPTED_EXIT_CODE, CheckpointHistory, Preempted, Preemption, RunLock, RunLocked,
                             config_differences)
 from fastssl.config import Config, ConfigError, Derived, all_keys, derive, load_config, save_config, to_dict
+from fastssl.metrics_log import MetricsLog
 from fastssl.schedules import progressive_size
 
 
@@ -64,23 +65,6 @@ def environment(device: torch.device) -> dict:
         env["gpu"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda
     return env
-
-
-class MetricsLog:
-    """Append-only ``metrics.jsonl`` (main process only); lines are flushed as written."""
-
-    def __init__(self, path: Path, enabled: bool):
-        self.enabled = enabled
-        self.f = open(path, "a") if enabled else None
-
-    def write(self, **rec) -> None:
-        if self.f:
-            self.f.write(json.dumps(rec) + "\n")
-            self.f.flush()
-
-    def close(self) -> None:
-        if self.f:
-            self.f.close()
 
 
 @torch.no_grad()
@@ -210,7 +194,7 @@ def _train(cfg, acc, device, bf16, threads, out, history, state, lock) -> dict:
                                                   "compiled": core.compiled}, indent=2))
         if not resume and (out / "metrics.jsonl").exists():
             (out / "metrics.jsonl").unlink()
-    log = MetricsLog(out / "metrics.jsonl", acc.is_main_process)
+    log = MetricsLog(out / "metrics.jsonl", acc.is_main_process, cfg=cfg, acc=acc)
 
     def eval_loaders():
         # Fresh loaders per evaluation (evaluation is rare; building one costs about a second),
