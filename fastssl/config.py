@@ -108,8 +108,11 @@ class TrainConfig:
     res_start: int = 0              # progressive resolution: global-view size at epoch 0 (0 = off)
     res_end_epoch: float = 0.85     # ... reaches aug.global_size at this fraction of the epochs
     res_step: int = 32              # sizes are rounded to this multiple (bounded number of recompiles)
+    log_with: str = "none"          # experiment trackers mirroring metrics.jsonl: none | tensorboard | wandb | mlflow,
+                                    # several comma-separated (tensorboard,wandb)
 
     def __post_init__(self):
+        self.log_with = _trackers("train.log_with", self.log_with)
         _choice("train.device", self.device, ("auto", "cpu", "cuda"))
         _choice("train.precision", self.precision, ("auto", "bf16", "fp32"))
         _choice("train.compile", str(self.compile), ("auto", "on", "off"))
@@ -158,6 +161,45 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 def _range(key: str, value: float, lo: float | None, hi: float | None) -> None:
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise ConfigError(f"{key}={value!r} is out of range [{lo}, {hi if hi is not None else 'inf'}]")
+
+
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+# the module(s) each tracker needs (any one of them), and what to install
+_TRACKER_MODULES = {"tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"),
+                    "wandb": (("wandb",), "wandb"), "mlflow": (("mlflow",), "mlflow")}
+
+
+def _trackers(key: str, value: Any) -> str:
+    """``train.log_with``: a comma-separated list of trackers (or none), normalised to ``a,b`` or ``none``."""
+    if isinstance(value, (list, tuple)):
+        value = ",".join(str(v) for v in value)
+    names: list[str] = []
+    for part in str(value).split(","):
+        name = part.strip().lower()
+        if name in ("", "none"):
+            continue
+        if name not in TRACKERS:
+            raise ConfigError(f"{key}: unknown tracker {part.strip()!r}: {closest(name, ['none', *TRACKERS])} "
+                              f"(several: {key}=tensorboard,wandb)")
+        if name not in names:
+            names.append(name)
+    return ",".join(names) or "none"
+
+
+def trackers(cfg: "Config") -> list[str]:
+    """The trackers ``train.log_with`` names, in order (empty for none)."""
+    return [] if cfg.train.log_with == "none" else cfg.train.log_with.split(",")
+
+
+def _validate_trackers(cfg: "Config") -> None:
+    """A tracker whose package is missing fails now, with the install command (not after the data loads)."""
+    import importlib.util
+
+    for name in trackers(cfg):
+        modules, pip_name = _TRACKER_MODULES[name]
+        if not any(importlib.util.find_spec(m) is not None for m in modules):
+            raise ConfigError(f"train.log_with={cfg.train.log_with} needs the {pip_name} package, which is not "
+                              f"installed: pip install {pip_name}")
 
 
 def _run_name(key: str, name: str) -> None:
@@ -326,8 +368,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     tree: dict = {}
     if path:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} not found (recipes live in configs/, e.g. configs/demo/simclr.yaml)")
+        if not p.is_file():  # not a file: a packaged recipe's name (simclr_rn50, demo/simclr, configs/demo/simclr.yaml)
+            from fastssl.recipes import RecipeNotFound, resolve_recipe
+
+            try:
+                p = resolve_recipe(str(path))
+            except RecipeNotFound as e:
+                raise ConfigError(f"config {e.args[0]}") from None
         tree = yaml.safe_load(p.read_text()) or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections (data, aug, model, method, optim, train, eval)")
@@ -391,6 +438,7 @@ def _validate_cross(cfg: Config) -> None:
         raise ConfigError(f"train.res_start={cfg.train.res_start} must be <= aug.global_size={cfg.aug.global_size}")
     _validate_backbone(cfg.model.backbone)
     _validate_backend(cfg)
+    _validate_trackers(cfg)
 
 
 def _validate_backbone(name: str) -> None:

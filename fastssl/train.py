@@ -436,7 +436,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Pretrain a self-supervised model. Example: fastssl-train --config configs/demo/simclr.yaml "
                     "data.train=data/demo/train.beton optim.batch_size=256 train.epochs=2",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", "-c", help="YAML recipe (configs/...)")
+    ap.add_argument("--config", "-c", help="a YAML file, or a packaged recipe by name (simclr_rn50, demo/simclr; "
+                                               "see --list-configs)")
+    ap.add_argument("--list-configs", action="store_true", help="list the packaged recipes and exit")
     ap.add_argument("--resume", action="store_true", help="same as train.resume=true")
     ap.add_argument("--trust-checkpoint", action="store_true",
                     help="resume from a checkpoint that needs pickle (older fastssl); runs code stored in it: "
@@ -444,11 +446,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     ap.add_argument("--help", "-h", action="store_true", help="show this help and every config key")
     args, rest = ap.parse_known_args(argv)
+    if args.list_configs:
+        from fastssl.recipes import describe, list_recipes, recipes_dir
+
+        recipes = list_recipes()
+        if not recipes:
+            print("fastssl-train: this installation ships no recipes", file=sys.stderr)
+            return 2
+        w = max(len(n) for n in recipes)
+        example = "demo/simclr" if "demo/simclr" in recipes else next(iter(recipes))
+        print(f"packaged recipes ({recipes_dir()}); use one with --config NAME (e.g. --config {example}):")
+        for name, path in recipes.items():
+            print(f"  {name:<{w}}  {describe(path)}")
+        return 0
     bad = [r for r in rest if r.startswith("-") and "=" not in r]
     try:
         if bad:
-            raise ConfigError(f"unknown option {bad[0]!r}; options are --config, --resume, --trust-checkpoint, --print-config, --help; "
-                              f"config keys are given as key.sub=value")
+            raise ConfigError(f"unknown option {bad[0]!r}; options are --config, --list-configs, --resume, --trust-checkpoint, "
+                              f"--print-config, --help; config keys are given as key.sub=value")
         cfg = load_config(args.config, [r for r in rest])
         if args.resume:
             cfg.train.resume = "true"

@@ -3,7 +3,8 @@
 1. ``fastssl-prepare`` writes train/val ``.beton`` (short side <= 256 px, JPEG
    quality 90: the FFCV-SSL setting that keeps decoding cheap; the estimated
    size is printed before writing) unless they exist;
-2. trains ``configs/imagenet/simclr_rn50.yaml`` on one GPU (bf16,
+2. trains the packaged recipe ``imagenet/simclr_rn50`` (``configs/imagenet/simclr_rn50.yaml``
+   in the source tree, shipped inside the package) on one GPU (bf16,
    channels_last, ``torch.compile``, progressive resolution 160 -> 224);
 3. evaluates the final checkpoint offline (kNN and linear probe);
 4. writes the report with the time-to-accuracy table.
@@ -18,6 +19,8 @@ import argparse
 import sys
 import time
 from pathlib import Path
+
+RECIPE = "imagenet/simclr_rn50"  # a packaged recipe (fastssl.recipes): found from any working directory
 
 DRY_RUN_OVERRIDES = [
     "model.backbone=resnet_tiny", "aug.global_size=64", "train.res_start=32", "train.res_step=16",
@@ -49,7 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     from fastssl.cli.eval import main as eval_main
     from fastssl.cli.prepare import main as prepare_main
     from fastssl.cli.report import main as report_main
+    from fastssl.recipes import RecipeNotFound, resolve_recipe
     from fastssl.train import main as train_main
+
+    try:  # before any data is written
+        recipe = resolve_recipe(RECIPE)
+    except RecipeNotFound as e:
+        raise SystemExit(f"fastssl-timed: {e}") from None
 
     times: dict[str, float] = {}
     data = Path(args.data_dir)
@@ -78,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                 str(src / split), str(beton), "--max-resolution", "256", "--jpeg-quality", "90"])
     name = args.name or ("timed-dry-run" if args.dry_run else f"timed-simclr-rn50-{epochs}ep")
     run_dir = Path(args.out) / name
-    train_args = ["--config", "configs/imagenet/simclr_rn50.yaml", f"data.train={data / 'train.beton'}",
+    train_args = ["--config", str(recipe), f"data.train={data / 'train.beton'}",
                   f"data.val={data / 'val.beton'}", f"train.epochs={epochs}", f"train.out_dir={args.out}",
                   f"train.name={name}", "train.resume=auto"] + overrides
     times["train"] = _step("train", train_main, train_args)
