@@ -216,3 +216,30 @@ def test_cuda_fp32_run(jpeg_data, tmp_path):
         jpeg_data, tmp_path, **{"train.device": "cuda", "train.precision": "fp32", "train.compile": "off",
                                 "train.max_steps": 2, "eval.final": True})
     assert main(args) == 0
+
+
+@pytest.mark.slow
+def test_gpu_recipe_on_the_cpu_through_resume_eval_and_export(demo_data, tmp_path, capsys):
+    """Issue 13.4: configs/demo/simclr_gpu_recipe.yaml (bf16 autocast, inductor compile, channels_last) on the
+    CPU: train, checkpoint, resume step for step, fastssl-eval and fastssl-export load what it wrote."""
+    from fastssl.checkpoint import load
+    from fastssl.cli.eval import main as eval_main
+    from fastssl.cli.export import main as export_main
+
+    torch._dynamo.reset()
+    base = ["--config", "configs/demo/simclr_gpu_recipe.yaml"]
+    ov = tiny_overrides(demo_data, tmp_path, **{"train.max_steps": 2, "model.backbone": "resnet_nano"})
+    assert main(base + ov) == 0
+    run = tmp_path / "t"
+    env = json.loads((run / "env.json").read_text())
+    assert env["precision"] == "bf16" and env["compiled"] is True
+    assert main(base + ov[:-1] + ["train.max_steps=3", "--resume"]) == 0
+    assert "torch.compile of the backbone failed" not in capsys.readouterr().err  # inductor ran, no fallback
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()
+             if json.loads(x)["kind"] == "train"]
+    assert steps == [1, 2, 3]
+    sd = load(run / "checkpoints" / "last.pt")["method"]
+    assert not any("_orig_mod" in k for k in sd)
+    assert eval_main([str(run), "--knn", "--device", "cpu"]) == 0
+    assert export_main([str(run), "--out", str(tmp_path / "bb.safetensors")]) == 0
+    assert (tmp_path / "bb.safetensors").is_file() and (tmp_path / "bb.json").is_file()
