@@ -49,16 +49,16 @@ if [ "$DRY" = 1 ]; then
   export TRITON_INTERPRET=1
   run pytest_kernels 300 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_covariance.py
   run pytest_cuda 300 $PY -m pytest -q -p no:cacheprovider tests/test_gpu_recipe.py
-  run gpu_bench_loss 300 $PY scripts/gpu_bench_loss.py --device cpu --small --repeats 1
-  run gpu_bench_step 300 $PY scripts/gpu_bench_step.py --smoke
+  run gpu_bench_loss 300 $PY -m fastssl.cli.bench loss --suite smoke --repeats 1
+  run gpu_bench_step 300 $PY -m fastssl.cli.bench step --suite smoke
   run gpu_bench_loader 300 $PY scripts/gpu_bench_loader.py --smoke --step-json "$OUT/gpu_bench_step.json"
 else
   # The kernels' bf16 tl.dot branches never run under the CPU interpreter: their tests come first.
   export TRITON_INTERPRET=0
   run pytest_kernels 90 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_kernels_contrastive.py tests/test_kernels_covariance.py
   run pytest_cuda 120 $PY -m pytest -q -x -m cuda -p no:cacheprovider tests --ignore tests/test_kernels_contrastive.py --ignore tests/test_kernels_covariance.py
-  run gpu_bench_loss 100 $PY scripts/gpu_bench_loss.py --budget 70
-  run gpu_bench_step 180 $PY scripts/gpu_bench_step.py --quick
+  run gpu_bench_loss 100 $PY -m fastssl.cli.bench loss --suite gpu --budget 70
+  run gpu_bench_step 180 $PY -m fastssl.cli.bench step --suite gpu --quick
   # The loader goal is relative to the trainer: the step benchmark's JSON lines are its yardstick.
   run gpu_bench_loader 60 $PY scripts/gpu_bench_loader.py --batches 8 --step-json "$OUT/gpu_bench_step.json"
 fi

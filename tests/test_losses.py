@@ -262,15 +262,13 @@ def test_torch_path_memory_at_16k_has_no_n_by_n_buffer():
     assert peak_kib * 1024 < (4 << 30) / 4, peak_kib              # < 1 GiB; an N x N buffer alone is 4 GiB
 
 
-def test_gpu_bench_script_cpu_smoke():
-    """scripts/gpu_bench_loss.py --device cpu --small: kernel checks pass, every implementation agrees."""
+def test_bench_loss_suite_cpu_smoke():
+    """``fastssl-bench loss --suite smoke``: the GPU suite's path on the CPU; every implementation agrees."""
     import json
     import subprocess
     import sys
-    from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_bench_loss.py"
-    p = subprocess.run([sys.executable, str(script), "--device", "cpu", "--small", "--repeats", "1"],
+    p = subprocess.run([sys.executable, "-m", "fastssl.cli.bench", "loss", "--suite", "smoke", "--repeats", "1"],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     lines = [json.loads(x) for x in p.stdout.splitlines() if x.strip()]   # one JSON line per result

@@ -412,13 +412,11 @@ def test_bench_step_json_with_compare_variant(capsys):
     assert main(["step", "--config", str(ROOT / "configs/demo/mae.yaml"), "method.mask_ratoi=0.1"]) == 2
 
 
-def test_gpu_bench_step_script_smoke_on_cpu(capsys):
-    import importlib.util
+def test_bench_step_suite_smoke_on_cpu(capsys):
+    """``fastssl-bench step --suite smoke``: the GPU suite's code path on the CPU, one JSON line per case."""
+    from fastssl.cli.bench import main as bench
 
-    spec = importlib.util.spec_from_file_location("gpu_bench_step", ROOT / "scripts" / "gpu_bench_step.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    assert mod.main(["--smoke"]) == 0
+    assert bench(["step", "--suite", "smoke"]) == 0
     res = {r.pop("case"): r for r in map(json.loads, capsys.readouterr().out.splitlines())}
     assert set(res) == {"simclr_demo", "mae_demo", "dino_demo"}
     assert [v["overrides"][-1] for v in res["dino_demo"]["variants"]][1] == "model.attn=naive"

@@ -85,17 +85,17 @@ def measure(loss: str, impl: str, n: int, d: int, dtype: str, device: str, repea
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times = []
     try:
+        from fastssl.benchmarking import Timer
+
         for it in range(warmup + repeats):
             z1.grad = z2.grad = None
             if cuda:
                 torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            v = fn(z1, z2)
-            v.backward()
-            if cuda:
-                torch.cuda.synchronize()
+            with Timer(dev) as t:  # CUDA events on a GPU
+                v = fn(z1, z2)
+                v.backward()
             if it >= warmup:
-                times.append(time.perf_counter() - t0)
+                times.append(t.seconds())
             value = float(v.detach())
     except torch.OutOfMemoryError:
         out.update(status="oom")
@@ -149,9 +149,123 @@ def run(loss: str, impls: list[str], n: int, d: int, dtype: str, device: str, re
     return res
 
 
+# ----------------------------------------------------------------------------- suites (--suite gpu|smoke)
+
+
+def compiled_kernel_stats() -> list:
+    """Registers, spills and shared memory of every compiled variant of our Triton kernels (sm_90 on H100)."""
+    import triton
+
+    from fastssl.kernels import contrastive as K
+    from fastssl.kernels import covariance as C
+
+    rows = []
+    for mod in (K, C):
+        for name in dir(mod):
+            fn = getattr(mod, name)
+            if not isinstance(fn, triton.runtime.JITFunction):
+                continue
+            caches = getattr(fn, "device_caches", None) or {}
+            for dev, entry in caches.items():
+                cache = entry[0] if isinstance(entry, (tuple, list)) else entry
+                for key, k in cache.items():
+                    md = getattr(k, "metadata", None)
+                    rows.append({"kernel": f"{mod.__name__.split('.')[-1]}.{name}", "n_regs": getattr(k, "n_regs", None),
+                                 "n_spills": getattr(k, "n_spills", None),
+                                 "shared_bytes": getattr(md, "shared", None), "num_warps": getattr(md, "num_warps", None),
+                                 "num_stages": getattr(md, "num_stages", None), "target": str(getattr(md, "target", "")),
+                                 "constants": str(key)[:300]})
+    return rows
+
+
+def _suite_part(device: str, small: bool, repeats: int | None, emit, deadline: float,
+               part: str = "goals", t0: float = 0.0) -> tuple[list, dict]:
+    """The goal cases first, then the extras; each result goes to ``emit`` as it finishes.
+
+    N=65536/view: the eager reference is not run to its out-of-memory error (that allocation alone
+    takes seconds and fragments the allocator); its need is the (2N)^2 fp32 logit matrix, compared with
+    the device's memory.
+    """
+    import torch
+
+    if small:
+        plan = [("nt_xent", 256, 32, "fp32", None), ("barlow_twins", 32, 512, "fp32", None)]
+    else:
+        plan = [("nt_xent", 8192, 128, "bf16", None),
+                ("barlow_twins", 2048, 8192, "bf16", None), ("vicreg", 2048, 8192, "bf16", None),
+                ("nt_xent", 65536, 128, "bf16", ["triton"])]
+    if part == "extras":
+        plan = [] if small else [("nt_xent", 8192, 128, "fp32", None), ("info_nce", 8192, 256, "bf16", None),
+                                 ("barlow_twins", 2048, 8192, "fp32", None), ("vicreg", 2048, 8192, "fp32", None)]
+    rows = []
+    for loss, n, d, dtype, only in plan:
+        if time.monotonic() > deadline:
+            emit({"skipped": f"{loss} N={n} D={d} {dtype}", "reason": "--budget spent"})
+            continue
+        r = repeats or (2 if small else 5)
+        row = run(loss, only or impls_for(loss), n, d, dtype, device, repeats=r, warmup=1)
+        if only and "eager" not in only and device == "cuda":
+            need = row.get("full_logit_matrix_fp32_bytes", 0)
+            total = torch.cuda.get_device_properties(0).total_memory
+            row["eager_estimate"] = {"needs_bytes_at_least": need, "device_bytes": total,
+                                     "status": "oom" if need > total else "fits"}
+        rows.append(row)
+        emit({"benchmark": row, "t": round(time.monotonic() - t0, 1)})
+
+    def find(loss, n, d, dtype):
+        return next((x for x in rows if (x["loss"], x["batch"], x["dim"], x["dtype"]) == (loss, n, d, dtype)), None)
+
+    def status(res, impl):
+        return next((x.get("status") for x in res["results"] if x.get("impl") == impl), None) if res else None
+
+    goals = {}
+    if not small and part == "goals":
+        r = find("nt_xent", 8192, 128, "bf16")
+        s = r.get("speedup_vs_eager", {}).get("triton") if r else None
+        goals["nt_xent_8192_bf16_triton_vs_eager>=2x"] = {"measured": s, "met": s is not None and s >= 2}
+        r = find("nt_xent", 65536, 128, "bf16")
+        eager = (r or {}).get("eager_estimate", {}).get("status")
+        goals["nt_xent_65536_triton_runs_eager_ooms"] = {
+            "triton": status(r, "triton"), "eager": f"{eager} (estimate: (2N)^2 fp32 logits vs device memory)",
+            "met": status(r, "triton") == "ok" and eager == "oom"}
+        for loss in ("barlow_twins", "vicreg"):
+            r = find(loss, 2048, 8192, "bf16")
+            s = r.get("speedup_vs_dxd", {}).get("triton") if r else None
+            goals[f"{loss}_2048x8192_bf16_triton_vs_dxd>=3x"] = {"measured": s, "met": s is not None and s >= 3}
+    return rows, goals
+
+
+def run_suite(device: str, small: bool, repeats: int | None = None, budget: float = 0, emit=None) -> dict:
+    """The GPU figures (``small``: a CPU smoke of the same path): goal cases, then the kernels' compile
+    statistics, then the extras; one JSON line per result via ``emit`` as it finishes. Correctness is the
+    kernel tests' (``pytest -m cuda tests/test_kernels_*.py``), not repeated here."""
+    emit = emit or (lambda rec: print(json.dumps(rec), flush=True))
+    t0 = time.monotonic()
+    deadline = t0 + (budget or 1e9)
+    env = {"torch": torch.__version__, "device": device, "small": small}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if device == "cuda":
+        env["gpu"] = torch.cuda.get_device_name()
+    emit({"env": env})
+    rows, goals = _suite_part(device, small, repeats, emit, deadline, part="goals", t0=t0)
+    if device == "cuda" and env["triton"]:
+        try:  # Triton's cache layout differs between versions
+            emit({"kernels_compiled": compiled_kernel_stats()})
+        except Exception as e:  # noqa: BLE001
+            emit({"kernels_compiled_error": f"{type(e).__name__}: {e}"})
+    rows += _suite_part(device, small, repeats, emit, deadline, part="extras", t0=t0)[0]
+    emit({"goals": goals, "t": round(time.monotonic() - t0, 1)})
+    return {"env": env, "rows": rows, "goals": goals}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fastssl-bench loss", description=__doc__.split("\n")[0])
-    p.add_argument("--loss", required=True, choices=CONTRASTIVE + COVARIANCE)
+    p.add_argument("--loss", choices=CONTRASTIVE + COVARIANCE)
     p.add_argument("--batch", type=int, default=4096, help="N per view")
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
@@ -160,11 +274,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--suite", choices=["gpu", "smoke"], help="the GPU figures and goals (smoke: a tiny CPU run of the "
+                   "same path), one JSON line per result")
+    p.add_argument("--budget", type=float, default=0, help="--suite: start no benchmark after this many seconds")
     p.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but no CUDA device is visible; use --device cpu")
+    if a.suite:
+        if a.suite == "smoke":
+            import os
+
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+            device = "cpu"
+        res = run_suite(device, a.suite == "smoke", a.repeats if a.repeats != 5 else None, a.budget)
+        ok = all(r.get("status") in ("ok", "oom", "skipped") for row in res["rows"] for r in row["results"])
+        return 0 if ok else 1
+    if not a.loss:
+        p.error("--loss is required (or --suite gpu|smoke)")
     if a._child:
         print(json.dumps(measure(a.loss, a.impl, a.batch, a.dim, a.dtype, device, a.repeats, a.warmup)))
         return 0

@@ -21,7 +21,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 
 import torch
 
@@ -79,12 +78,13 @@ class Variant:
         self.step_i += 1
 
     def timed(self, n: int) -> float:
-        _sync(self.device)
-        t = time.perf_counter()
-        for _ in range(n):
-            self.step()
-        _sync(self.device)
-        return time.perf_counter() - t
+        from fastssl.benchmarking import Timer
+
+        _sync(self.device)  # earlier variants' work must not land in this one's interval
+        with Timer(self.device) as t:
+            for _ in range(n):
+                self.step()
+        return t.seconds()
 
     def describe(self) -> dict:
         c = self.cfg
@@ -131,6 +131,51 @@ def run(config, overrides, compares, steps, warmup, rounds, batch, device) -> di
                         "median over interleaved rounds after warm-up; images/s = batch / sec_per_step"}
 
 
+# Named sets of cases (``--suite``): name, config, overrides, batch, compare variants.
+SUITES = {
+    # The GPU recipe's figures, in order of the goals they measure (a timeout cuts the last).
+    "gpu": [
+        ("simclr_rn50_bf16_compiled", "configs/imagenet/simclr_rn50.yaml", ["train.res_start=0"], 256, []),
+        ("dino_vits16_bf16", "configs/imagenet/dino_vits16.yaml", [], 128, [["model.attn=naive"]]),
+        ("mae_vitb16_bf16", "configs/imagenet/mae_vitb16.yaml", [], 256, [["method.mask_ratio=0.0"]]),
+    ],
+    # The same code path on a CPU in seconds (a test runs it).
+    "smoke": [
+        ("simclr_demo", "configs/demo/simclr.yaml", ["aug.global_size=16"], 8, []),
+        ("mae_demo", "configs/demo/mae.yaml", [], 8, [["method.mask_ratio=0.0"]]),
+        ("dino_demo", "configs/demo/dino.yaml", ["aug.num_local=2"], 8, [["model.attn=naive"]]),
+    ],
+}
+
+
+def run_suite(name: str, device: torch.device, quick: bool = False, emit=print) -> dict:
+    """Every case of ``SUITES[name]``; one JSON line per case via ``emit`` as it finishes (a timeout keeps
+    what was measured). A failing case is reported with its error and does not hide the others."""
+    import traceback
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    if name == "smoke":
+        steps, warmup, rounds = 1, 1, 1
+    else:  # warm-up 3: compile, cuDNN autotune and the allocator settle within the first steps
+        steps, warmup, rounds = (8, 3, 2) if quick else (30, 5, 3)
+    results = {}
+    for case, cfg, ov, batch, compares in SUITES[name]:
+        path = cfg if Path(cfg).is_file() else str(root / cfg)
+        try:
+            results[case] = run(path, ov, compares, steps, warmup, rounds, batch, device)
+            if device.type == "cuda":
+                results[case]["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                torch.cuda.reset_peak_memory_stats()
+        except Exception as e:  # noqa: BLE001 - one failing case must not hide the others
+            results[case] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:]}
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        emit(json.dumps({"case": case, **results[case]}))
+        sys.stdout.flush()
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(prog="fastssl-bench step", description=__doc__.split("\n\n")[0])
@@ -143,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--compare", nargs="+", action="append", default=[], metavar="KEY=VALUE",
                     help="a variant: the base config plus these overrides (repeatable)")
+    ap.add_argument("--suite", choices=sorted(SUITES), help="run a named set of cases (gpu: the GPU recipe's "
+                    "figures; smoke: the same on a CPU in seconds), one JSON line per case")
+    ap.add_argument("--quick", action="store_true", help="--suite: fewer timed steps")
     ap.add_argument("--json", action="store_true", help="print JSON only")
     ap.add_argument("--out", help="also write the JSON here")
     args, rest = ap.parse_known_args(argv)
@@ -157,6 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     dev = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if dev == "cuda" and not torch.cuda.is_available():
         print("fastssl-bench step: --device cuda but no CUDA device is visible", file=sys.stderr)
+        return 2
+    if args.suite:
+        res = run_suite(args.suite, torch.device("cpu") if args.suite == "smoke" else torch.device(dev), args.quick)
+        return 1 if any("error" in r for r in res.values()) else 0
+    if not args.config:
+        print("fastssl-bench step: give --config C (or --suite gpu|smoke)", file=sys.stderr)
         return 2
     try:
         res = run(args.config, rest, args.compare, args.steps, args.warmup, args.rounds, args.batch, torch.device(dev))
