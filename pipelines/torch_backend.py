@@ -7,19 +7,29 @@ CUDA path: workers only read file bytes and the JPEG header (for the crop
 geometry); the main process decodes the whole batch with
 ``torchvision.io.decode_jpeg(device="cuda")`` and crops + resizes every view on
 the GPU with ``roi_align`` (adaptive sampling = area-averaging, i.e. antialiased).
-Non-JPEG files are decoded by the worker on the CPU. A file that cannot be
-decoded is dropped from its batch with a warning, never ending the epoch.
+Non-JPEG files, and JPEGs that do not end with their end-of-image marker (truncated
+ones among them), are decoded by the worker on the CPU.
+
+Unreadable files: batches stay full (gathered losses need equal rows on every rank). A
+sample whose file cannot be decoded is replaced by a deterministic pick from the same
+rank's shard of the epoch (a hash of seed, epoch and slot), cropped with the slot's own
+random stream; ``Batch.indices`` names the sample actually used. The loader records the
+file in ``skipped``, remembers it (later epochs do not retry it) and prints one warning
+line per epoch (``LoaderBase``).
 """
 from __future__ import annotations
 
 import sys
-import warnings
 
 import numpy as np
 import torch
 
-from fastssl.pipelines import Batch
-from fastssl.pipelines.crops import EpochContract, crop_params, view_params
+from fastssl.pipelines import DataError
+from fastssl.pipelines.crops import crop_params, sample_key, view_params
+from fastssl.pipelines.loader import LoaderBase
+
+MAX_TRIES = 16          # replacement candidates per unreadable sample before the folder is declared unreadable
+_REPLACE_STREAM = 1 << 20  # "view" numbers of the replacement hash, far from any real view
 
 
 def _crop_geometry(h: int, w: int, params: np.ndarray, seed: int, epoch: int, index: int, train: bool) -> np.ndarray:
@@ -31,59 +41,105 @@ def _crop_geometry(h: int, w: int, params: np.ndarray, seed: int, epoch: int, in
     return out
 
 
+def _reason(e: BaseException) -> str:
+    msg = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {msg[:120]}" if msg else type(e).__name__
+
+
 class FolderViews(torch.utils.data.Dataset):
-    """``ds[i] -> (ok, crops: tuple of uint8 (S, S, 3) arrays, label, index)``; ``gpu_decode``: bytes + geometry."""
+    """``ds[i] -> (payload, geo, label, index, slot, skipped)``: the views of slot ``i``.
+
+    ``payload``: a tuple of uint8 (S, S, 3) crop arrays (CPU path, ``geo`` None), or for
+    ``gpu_decode`` the JPEG bytes (1-D uint8) / a decoded (H, W, 3) uint8 image with its (V, 5)
+    crop geometry; None when no readable replacement was found. ``index``: the sample used
+    (``slot`` itself, or its replacement); ``skipped``: ``(index, path, reason)`` of the
+    unreadable files met. ``shard`` (this rank's epoch order) and ``bad`` (index -> reason,
+    known unreadable) are set by the loader before each epoch.
+    """
 
     def __init__(self, items, sizes, params, seed: int, train: bool, gpu_decode: bool = False):
         self.items, self.sizes, self.params = items, list(sizes), params
         self.seed, self.epoch, self.train, self.gpu_decode = seed, 0, train, gpu_decode
+        self.shard = np.arange(len(items), dtype=np.int64)
+        self.bad: dict[int, str] = {}
 
     def __len__(self) -> int:
         return len(self.items)
 
+    def candidate(self, slot: int, k: int) -> int:
+        """The ``k``-th replacement (k >= 1) of ``slot``: a hash of (seed, epoch, slot, k) into the shard."""
+        key = int(sample_key(self.seed, self.epoch, slot, _REPLACE_STREAM + k))
+        return int(self.shard[key % len(self.shard)])
+
     def __getitem__(self, i: int):
+        return self.fetch(i, "bytes" if self.gpu_decode else "crops")
+
+    def fetch(self, slot: int, mode: str, first: int | None = None):
+        """Slot ``slot``'s sample, or the first readable replacement; ``mode``: crops | bytes | rgb (see class)."""
+        skipped = []
+        j = slot if first is None else first
+        for k in range(MAX_TRIES + 1):
+            if k:
+                j = self.candidate(slot, k)
+            path, label = self.items[j]
+            if j in self.bad:
+                if j == slot:
+                    skipped.append((j, path, self.bad[j]))
+                continue
+            try:
+                payload, geo = self._load(path, slot, mode)
+            except Exception as e:  # noqa: BLE001 - any undecodable file is replaced, never ends the epoch
+                self.bad[j] = _reason(e)
+                skipped.append((j, path, self.bad[j]))
+                continue
+            return payload, geo, label, j, slot, skipped
+        return None, None, -1, slot, slot, skipped
+
+    def _load(self, path: str, key: int, mode: str):
+        """Decode (or read) ``path``; crops are keyed by the slot ``key``, not by the file's own index."""
         from PIL import Image
 
-        path, label = self.items[i]
-        try:
-            if self.gpu_decode:
-                data = open(path, "rb").read()
-                if data[:2] == b"\xff\xd8":  # JPEG: decode on the GPU; the header gives the geometry
-                    with Image.open(path) as im:
-                        w, h = im.size
-                    geo = _crop_geometry(h, w, self.params, self.seed, self.epoch, i, self.train)
-                    return True, torch.frombuffer(bytearray(data), dtype=torch.uint8), geo, label, i
-                # not a JPEG: decode here (CPU) and let the GPU crop it
-                from fastssl.pipelines.prepare import load_rgb
+        geometry = lambda h, w: _crop_geometry(h, w, self.params, self.seed, self.epoch, key, self.train)  # noqa: E731
+        if mode == "bytes":
+            with open(path, "rb") as f:
+                data = f.read()
+            # A JPEG that ends with its EOI marker goes to the GPU decoder; one that does not
+            # (truncated, or trailing bytes) is decoded here, where a failure is caught.
+            if data[:2] == b"\xff\xd8" and data[-2:] == b"\xff\xd9":
+                with Image.open(path) as im:
+                    w, h = im.size
+                return torch.frombuffer(bytearray(data), dtype=torch.uint8), geometry(h, w)
+            mode = "rgb"
+        if mode == "rgb":  # decode here (CPU) and let the GPU crop it
+            from fastssl.pipelines.prepare import load_rgb
 
-                rgb = load_rgb(path)
-                geo = _crop_geometry(rgb.shape[0], rgb.shape[1], self.params, self.seed, self.epoch, i, self.train)
-                return True, torch.from_numpy(rgb), geo, label, i
-            with Image.open(path) as im:
-                im = im.convert("RGB")
-                w, h = im.size
-                geo = _crop_geometry(h, w, self.params, self.seed, self.epoch, i, self.train)
-                crops = []
-                for (t, l, ch, cw, f), s in zip(geo, self.sizes):
-                    a = np.asarray(im.resize((s, s), Image.BILINEAR, box=(l, t, l + cw, t + ch)))
-                    crops.append(np.ascontiguousarray(a[:, ::-1]) if f else a)
-            return True, tuple(crops), None, label, i
-        except Exception as e:  # one bad file must not end the epoch
-            warnings.warn(f"torch back-end: skipping {path}: {type(e).__name__}: {e}")
-            return False, None, None, label, i
+            rgb = load_rgb(path)
+            return torch.from_numpy(rgb), geometry(rgb.shape[0], rgb.shape[1])
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            crops = []
+            for (t, l, ch, cw, f), s in zip(geometry(h, w), self.sizes):
+                a = np.asarray(im.resize((s, s), Image.BILINEAR, box=(l, t, l + cw, t + ch)))
+                crops.append(np.ascontiguousarray(a[:, ::-1]) if f else a)
+        return tuple(crops), None
 
 
 def _collate(samples):
-    """Drop undecodable samples; stack crops per view (CPU path) or keep lists (GPU path)."""
-    good = [s for s in samples if s[0]]
-    labels = torch.tensor([s[3] for s in good], dtype=torch.int64)
-    idx = torch.tensor([s[4] for s in good], dtype=torch.int64)
-    if not good:
-        return None, None, labels, idx
-    if good[0][2] is None:  # CPU path: V x (B, S, S, 3)
-        crops = [torch.from_numpy(np.stack([s[1][v] for s in good])) for v in range(len(good[0][1]))]
-        return crops, None, labels, idx
-    return [s[1] for s in good], torch.from_numpy(np.stack([s[2] for s in good])), labels, idx
+    """Stack crops per view (CPU path) or keep payload lists (GPU path); payload None if a slot found no replacement.
+
+    Returns ``(payload, geo, labels, indices, slots, skipped)``.
+    """
+    skipped = [x for s in samples for x in s[5]]
+    labels = torch.tensor([s[2] for s in samples], dtype=torch.int64)
+    idx = torch.tensor([s[3] for s in samples], dtype=torch.int64)
+    slots = torch.tensor([s[4] for s in samples], dtype=torch.int64)
+    if any(s[0] is None for s in samples):
+        return None, None, labels, idx, slots, skipped
+    if samples[0][1] is None:  # CPU path: V x (B, S, S, 3)
+        crops = [torch.from_numpy(np.stack([s[0][v] for s in samples])) for v in range(len(samples[0][0]))]
+        return crops, None, labels, idx, slots, skipped
+    return [s[0] for s in samples], torch.from_numpy(np.stack([s[1] for s in samples])), labels, idx, slots, skipped
 
 
 def gpu_decode_and_crop(payloads: list[torch.Tensor], geo: torch.Tensor, sizes: list[int], device) -> list[torch.Tensor]:
@@ -125,48 +181,83 @@ def gpu_decode_and_crop(payloads: list[torch.Tensor], geo: torch.Tensor, sizes: 
     return out
 
 
-class TorchLoader(EpochContract):
+class TorchLoader(LoaderBase):
     """Iterable of :class:`Batch` over an image folder; see :func:`pipelines.loader.build_loader`."""
+
+    backend = "torch"
 
     def __init__(self, path: str, views, batch_size: int, device, *, seed: int = 0, rank: int = 0,
                  world_size: int = 1, drop_last: bool = True, workers: int = 2, train: bool = True,
                  finisher=None, gpu_decode: bool | None = None):
-        from fastssl.pipelines.prepare import list_images
+        from fastssl.pipelines.prepare import PrepareError, list_images
 
-        self.path, self.views, self.batch_size = str(path), list(views), int(batch_size)
-        self.device = torch.device(device)
-        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
-        self.drop_last, self.train, self.finisher, self.workers = bool(drop_last), bool(train), finisher, int(workers)
-        self.items, self.classes, _ = list_images(self.path)
+        self._setup(path, views, batch_size, device, seed=seed, rank=rank, world_size=world_size,
+                    drop_last=drop_last, train=train, finisher=finisher)
+        self.workers = int(workers)
+        try:
+            self.items, self.classes, _ = list_images(self.path)
+        except PrepareError as e:
+            raise DataError(str(e)) from e
         self.num_samples = len(self.items)
         self.num_classes = len(self.classes) if self.classes else None
-        self.epoch = 0
-        vs = self.views if train else self.views[:1]
-        self.sizes = [v.size for v in vs]
         self.gpu_decode = (self.device.type == "cuda") if gpu_decode is None else bool(gpu_decode)
-        self.dataset = FolderViews(self.items, self.sizes, view_params(vs), self.seed, self.train, self.gpu_decode)
-        self.decodes = 0  # images decoded by the last epoch (decode-once checks): one per yielded sample
+        self.dataset = FolderViews(self.items, self.sizes, view_params(self.specs), self.seed, self.train,
+                                   self.gpu_decode)
 
-    def __iter__(self):
-        order = self.order(self.epoch).astype(np.int64)
-        nb = len(self)
+    def _raw_batches(self, order, nb: int):
+        order = order.astype(np.int64)
         batches = [order[b * self.batch_size:(b + 1) * self.batch_size].tolist() for b in range(nb)]
-        self.dataset.epoch, self.dataset.sizes = self.epoch, list(self.sizes)  # workers copy the dataset per epoch
+        ds = self.dataset  # workers copy it per epoch (fork): epoch, sizes, shard, known-bad files
+        ds.epoch, ds.sizes, ds.shard = self.epoch, list(self.sizes), order
         dl = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=batches, num_workers=self.workers, collate_fn=_collate,
+            ds, batch_sampler=batches, num_workers=self.workers, collate_fn=_collate,
             pin_memory=self.device.type == "cuda", persistent_workers=False,
             multiprocessing_context="fork" if (self.workers > 0 and sys.platform.startswith("linux")) else None,
             prefetch_factor=4 if self.workers > 0 else None)
         labelled = self.num_classes is not None
         nbk = self.device.type == "cuda"
-        for b, (crops, geo, labels, idx) in enumerate(dl):
-            if crops is None:
-                continue
+        for payload, geo, labels, idx, slots, skipped in dl:
+            self._note(skipped)
+            if payload is None:
+                self._unreadable()
             if geo is not None:
-                crops = gpu_decode_and_crop(crops, geo, self.sizes, self.device)
+                try:
+                    crops = gpu_decode_and_crop(payload, geo, self.sizes, self.device)
+                except RuntimeError:  # a JPEG the GPU decoder refuses: decode it (or its replacement) on the CPU
+                    payload, geo, labels, idx = self._cpu_fallback(payload, geo, labels, idx, slots)
+                    crops = gpu_decode_and_crop(payload, geo, self.sizes, self.device)
             else:
-                crops = [c.to(self.device, non_blocking=nbk) for c in crops]
-            step = self.epoch * nb + b
-            views = self.finisher(crops, step) if self.finisher is not None else crops
-            yield Batch(views=views, labels=labels.to(self.device, non_blocking=nbk) if labelled else None,
-                        indices=idx.to(self.device, non_blocking=nbk))
+                crops = [c.to(self.device, non_blocking=nbk) for c in payload]
+            yield (crops, labels.to(self.device, non_blocking=nbk) if labelled else None,
+                   idx.to(self.device, non_blocking=nbk))
+
+    def _note(self, skipped) -> None:
+        for j, path, reason in skipped:
+            self.dataset.bad[j] = reason  # the next epoch's workers skip it without opening it
+            self._skip(path, reason)
+
+    def _unreadable(self):
+        bad = self.skipped
+        raise DataError(f"{self.path}: no readable replacement after {MAX_TRIES} tries ({len(bad)} unreadable files "
+                        f"met, e.g. {bad[0][0]}: {bad[0][1]}): check the folder with `fastssl-prepare {self.path} "
+                        f"OUT.beton`, which lists every unreadable file")
+
+    def _cpu_fallback(self, payload, geo, labels, idx, slots):
+        """Payloads the GPU decoder refuses, decoded on the CPU here (or replaced, if the CPU cannot either)."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        payload, geo, labels, idx = list(payload), geo.clone(), labels.clone(), idx.clone()
+        for k, p in enumerate(payload):
+            if p.dim() != 1:
+                continue
+            try:
+                decode_jpeg([p], mode=ImageReadMode.RGB, device=self.device)
+                continue
+            except RuntimeError:
+                pass
+            got = self.dataset.fetch(int(slots[k]), "rgb", first=int(idx[k]))
+            self._note(got[5])
+            if got[0] is None:
+                self._unreadable()
+            payload[k], geo[k], labels[k], idx[k] = got[0], torch.from_numpy(got[1]), got[2], got[3]
+        return payload, geo, labels, idx
