@@ -155,14 +155,26 @@ def train_step(core: TrainCore, micro_batches: Iterable, step: int) -> int:
 
 
 def make_accelerator(cfg: Config, device: torch.device):
-    """An ``accelerate.Accelerator`` for this config (bf16 mixed precision per :func:`use_bf16`)."""
+    """An ``accelerate.Accelerator`` for this config (bf16 mixed precision per :func:`use_bf16`).
+
+    ``train.log_with`` names its experiment trackers; its project directory is the run directory,
+    TensorBoard writes under ``<run dir>/tensorboard/`` (:class:`fastssl.metrics_log.MetricsLog`
+    starts them and mirrors ``metrics.jsonl`` to them).
+    """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+    from accelerate.utils import ProjectConfiguration
+
+    from fastssl.config import trackers
+    from fastssl.train import run_dir_for
 
     # A second run in one process (tests, notebooks, sweeps) may change precision: accelerate keeps
     # its first choice unless its state is reset (the distributed part, PartialState, is kept).
     AcceleratorState._reset_state()
-    return Accelerator(mixed_precision="bf16" if use_bf16(cfg, device) else "no", cpu=device.type != "cuda")
+    out = run_dir_for(cfg)
+    project = ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tensorboard"))
+    return Accelerator(mixed_precision="bf16" if use_bf16(cfg, device) else "no", cpu=device.type != "cuda",
+                       log_with=trackers(cfg) or None, project_config=project)
 
 
 def warn(msg: str) -> None:

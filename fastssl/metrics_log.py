@@ -2,31 +2,136 @@
 
 Every record is one JSON line with a ``kind`` (train, eval, error, preempted), flushed as
 written, so a killed run keeps every line it logged.
+
+Experiment trackers (``train.log_with=tensorboard,wandb,mlflow``, through accelerate's tracker
+API) mirror the stream: at the start the config goes to each tracker as hyper-parameters (one
+flat ``section.key`` dict), then every ``train`` and ``eval`` record's numbers are logged at the
+record's step as ``train/<name>`` and ``eval/<name>`` (the random-init evaluation is
+``eval/...`` at step 0). The JSON line is always written first; a tracker that fails in the
+middle of a run is reported once and dropped, and the run goes on.
 """
 from __future__ import annotations
 
 import json
+import math
+import os
+import sys
 from pathlib import Path
+
+PROJECT = "fastssl"  # W&B project / MLflow experiment (WANDB_PROJECT, MLFLOW_EXPERIMENT_NAME override it)
+
+
+def flat_config(cfg) -> dict:
+    """The config as one flat ``{"optim.lr": 0.3, "aug.views.0.size": 224, ...}`` of str/int/float/bool.
+
+    Lists are indexed (``aug.views.0.size``); None becomes ``"none"`` (TensorBoard's hparams and
+    MLflow's params take scalars only).
+    """
+    from fastssl.config import to_dict
+
+    out: dict = {}
+
+    def walk(v, key: str) -> None:
+        if isinstance(v, dict):
+            for k, x in v.items():
+                walk(x, f"{key}.{k}" if key else str(k))
+        elif isinstance(v, (list, tuple)):
+            if not v:
+                out[key] = "[]"
+            for i, x in enumerate(v):
+                walk(x, f"{key}.{i}")
+        elif v is None:
+            out[key] = "none"
+        elif isinstance(v, (bool, int, float, str)):
+            out[key] = v
+        else:
+            out[key] = str(v)
+
+    walk(to_dict(cfg), "")
+    return out
+
+
+def tracker_values(rec: dict) -> dict:
+    """The numbers of a ``train``/``eval`` record, keyed ``<kind>/<name>`` (``step`` is the x axis, not a value)."""
+    kind = rec.get("kind", "train")
+    return {f"{kind}/{k}": v for k, v in rec.items()
+            if k not in ("kind", "step") and isinstance(v, (int, float)) and not isinstance(v, bool)
+            and math.isfinite(v)}
 
 
 class MetricsLog:
     """Append-only ``metrics.jsonl`` (main process only); lines are flushed as written.
 
-    ``cfg`` and ``acc`` (the run's config and ``accelerate.Accelerator``) are there for
-    experiment trackers that mirror the stream.
+    ``cfg`` and ``acc`` (the run's config and ``accelerate.Accelerator``, built by
+    :func:`fastssl.engine.make_accelerator` with ``log_with``) start the trackers that
+    ``train.log_with`` names and mirror the stream to them.
     """
 
     def __init__(self, path: Path, enabled: bool, cfg=None, acc=None):
         self.enabled = enabled
         self.cfg, self.acc = cfg, acc
         self.f = open(path, "a") if enabled else None
+        self.tracking = False
+        if enabled and cfg is not None and acc is not None:
+            self._start_trackers(Path(path).parent)
+
+    # ------------------------------------------------------------------ trackers
+
+    def _start_trackers(self, run_dir: Path) -> None:
+        from fastssl.config import trackers
+
+        wanted = trackers(self.cfg)
+        if not wanted:
+            return
+        have = [str(getattr(t, "value", t)) for t in (getattr(self.acc, "log_with", None) or [])]
+        missing = [t for t in wanted if t not in have]
+        if missing:  # accelerate drops a tracker whose package is missing, silently: say so
+            raise ImportError(f"train.log_with={self.cfg.train.log_with}: accelerate found no {', '.join(missing)} "
+                              f"(pip install {' '.join(missing)}), or the Accelerator was built without log_with")
+        name = run_dir.name
+        init_kwargs = {"wandb": {"name": name, "dir": str(run_dir)}, "mlflow": {"run_name": name}}
+        project = os.environ.get("WANDB_PROJECT") or PROJECT
+        self.acc.init_trackers(project, config=flat_config(self.cfg), init_kwargs=init_kwargs)
+        self.tracking = True
+
+    def _mirror(self, rec: dict) -> None:
+        if not self.tracking or rec.get("kind") not in ("train", "eval") or "step" not in rec:
+            return
+        values = tracker_values(rec)
+        if not values:
+            return
+        try:
+            self.acc.log(values, step=int(rec["step"]))
+        except Exception as e:  # noqa: BLE001 - a tracker (a network, a full disk) never stops the run
+            print(f"[fastssl] warning: experiment tracker failed ({type(e).__name__}: {e}); stopped mirroring to "
+                  f"trackers, {self.f.name if self.f else 'metrics.jsonl'} goes on", file=sys.stderr, flush=True)
+            self.tracking = False
+
+    def _finish_trackers(self) -> None:
+        """End the trackers' runs now (also on an error or pre-emption); ``acc.end_training`` then finds none."""
+        if self.acc is None or not getattr(self.acc, "trackers", None):
+            return
+        for t in list(self.acc.trackers):
+            try:
+                t.finish()
+            except Exception as e:  # noqa: BLE001
+                print(f"[fastssl] warning: closing tracker {getattr(t, 'name', t)} failed: {e}", file=sys.stderr)
+        self.acc.trackers.clear()
+        self.tracking = False
+
+    # ------------------------------------------------------------------ the stream
 
     def write(self, **rec) -> None:
         if self.f:
             self.f.write(json.dumps(rec) + "\n")
             self.f.flush()
+            self._mirror(rec)
+            if rec.get("kind") == "error":  # the run stops with an exception: end the trackers' runs now
+                self._finish_trackers()
 
     def close(self) -> None:
         if self.f:
             self.f.close()
             self.f = None
+        if self.enabled:
+            self._finish_trackers()
