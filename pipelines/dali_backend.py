@@ -14,28 +14,30 @@ take (``hw_decoder_load`` share, odd subsamplings, CMYK, ...) to nvJPEG's CUDA
 path, and formats nvJPEG cannot decode at all (PNG, ...) to DALI's CPU decoders,
 all inside one op. What no decoder can read (a truncated file) would stop the
 pipeline, so files are validated once (a full decode, cached under
-``~/.cache/fastssl``) and unreadable ones are left out with a warning: the epoch
-never ends early.
+``~/.cache/fastssl``) and unreadable ones are left out of the dataset: batches stay
+full, the epoch never ends early, ``loader.skipped`` lists them with the reason and
+each epoch prints one warning line (``LoaderBase``).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fastssl.pipelines import Batch
-from fastssl.pipelines.crops import EVAL_CROP_RATIO, EpochContract
+from fastssl.pipelines import DataError
+from fastssl.pipelines.crops import EVAL_CROP_RATIO
+from fastssl.pipelines.loader import LoaderBase
 
 DALI_INSTALL = "the dali back-end needs NVIDIA DALI: pip install 'fastssl[dali]'"
 
 
 def _valid_items(items, workers: int):
-    """Items whose file decodes; the verdict per listing is cached in ~/.cache/fastssl/dali-valid-<sha1>.json."""
+    """``(entries, bad)``: ``(listing index, path, label)`` of the files that decode, and ``{path: reason}`` of
+    those that do not; the verdict per listing is cached in ~/.cache/fastssl/dali-valid-<sha1>.json."""
     from fastssl.pipelines.prepare import validate
 
     h = hashlib.sha1()
@@ -44,21 +46,25 @@ def _valid_items(items, workers: int):
         h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastssl" / f"dali-valid-{h.hexdigest()}.json"
     try:
-        bad = set(json.loads(cache.read_text()))
-    except (OSError, ValueError):
-        bad = {p for p, why, _ in validate([p for p, _ in items], workers, progress=False) if why}
+        bad = json.loads(cache.read_text())
+        if isinstance(bad, list):  # the earlier format: paths only
+            bad = {p: "cannot be decoded" for p in bad}
+        bad = {str(p): str(r) for p, r in dict(bad).items()}
+    except (OSError, ValueError, TypeError):
+        bad = {p: why for p, why, _ in validate([p for p, _ in items], workers, progress=False) if why}
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            cache.write_text(json.dumps(sorted(bad)))
+            cache.write_text(json.dumps(dict(sorted(bad.items()))))
         except OSError:
             pass
-    for p in sorted(bad):
-        warnings.warn(f"dali back-end: leaving out {p}: it cannot be decoded (fastssl-prepare lists why)")
-    return [(i, p, label) for i, (p, label) in enumerate(items) if p not in bad]
+    return [(i, p, label) for i, (p, label) in enumerate(items) if p not in bad], bad
 
 
-class DALILoader(EpochContract):
+class DALILoader(LoaderBase):
     """Iterable of :class:`Batch` over an image folder through DALI; see :func:`pipelines.loader.build_loader`."""
+
+    backend = "dali"
+    _skip_action = "left out of the dataset (found when the loader was built; batches stay full)"
 
     def __init__(self, path: str, views, batch_size: int, device, *, seed: int = 0, rank: int = 0,
                  world_size: int = 1, drop_last: bool = True, workers: int = 2, train: bool = True,
@@ -67,24 +73,28 @@ class DALILoader(EpochContract):
             import nvidia.dali  # noqa: F401
         except ImportError as e:
             raise ImportError(DALI_INSTALL) from e
-        from fastssl.pipelines.prepare import list_images
+        from fastssl.pipelines.prepare import PrepareError, list_images
 
-        self.path, self.views, self.batch_size = str(path), list(views), int(batch_size)
-        self.device = torch.device(device)
-        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
-        self.drop_last, self.train, self.finisher, self.workers = bool(drop_last), bool(train), finisher, int(workers)
-        items, self.classes, _ = list_images(self.path)
+        self._setup(path, views, batch_size, device, seed=seed, rank=rank, world_size=world_size,
+                    drop_last=drop_last, train=train, finisher=finisher)
+        self.workers = int(workers)
+        try:
+            items, self.classes, _ = list_images(self.path)
+        except PrepareError as e:
+            raise DataError(str(e)) from e
         self.num_classes = len(self.classes) if self.classes else None
-        self.entries = _valid_items(items, self.workers) if validate else [(i, p, l) for i, (p, l) in enumerate(items)]
+        if validate:
+            self.entries, bad = _valid_items(items, self.workers)
+            for p, why in bad.items():
+                self._skip(p, why)
+        else:
+            self.entries = [(i, p, l) for i, (p, l) in enumerate(items)]
         if not self.entries:
-            raise ValueError(f"{self.path}: no decodable image")
+            raise DataError(f"{self.path}: no image decodes ({len(items)} files, e.g. {items[0][0]}: "
+                            f"{self._skipped.get(items[0][0], '?')}): check it with `fastssl-prepare {self.path} OUT.beton`")
         self.num_samples = len(self.entries)
         self.labels = np.array([label for _, _, label in self.entries], np.int64)
         self.index = np.array([i for i, _, _ in self.entries], np.int64)  # listing index of each valid entry
-        vs = self.views if train else self.views[:1]
-        self.specs = vs
-        self.sizes = [v.size for v in vs]
-        self.epoch = 0
         self.gpu = self.device.type == "cuda"
 
     def _pipeline(self, files: list[str], ids: list[int]):
@@ -121,11 +131,11 @@ class DALILoader(EpochContract):
         p.build()
         return p
 
-    def __iter__(self):
-        order = self.order(self.epoch).astype(np.int64)
+    def _raw_batches(self, order, nb: int):
+        self._epoch_skipped = dict(self._skipped)  # left out of every epoch
+        order = order.astype(np.int64)
         if len(order) == 0:
             return
-        nb = len(self)
         p = self._pipeline([self.entries[i][1] for i in order], [int(i) for i in order])
         labelled = self.num_classes is not None
         seen = 0
@@ -133,13 +143,11 @@ class DALILoader(EpochContract):
             for b in range(nb):
                 outs = p.run()
                 take = min(self.batch_size, len(order) - seen)
-                ids = torch.from_numpy(np.array(outs[0].as_cpu().as_tensor()).reshape(-1)[:take].astype(np.int64))
+                ids = np.array(outs[0].as_cpu().as_tensor()).reshape(-1)[:take].astype(np.int64)
                 seen += take
                 crops = [_to_torch(o, self.device)[:take] for o in outs[1:]]           # V x (B, S, S, 3) uint8
-                step = self.epoch * nb + b
-                views = self.finisher(crops, step) if self.finisher is not None else crops
-                labels = torch.from_numpy(self.labels[ids.numpy()]).to(self.device) if labelled else None
-                yield Batch(views=views, labels=labels, indices=torch.from_numpy(self.index[ids.numpy()]).to(self.device))
+                labels = torch.from_numpy(self.labels[ids]).to(self.device) if labelled else None
+                yield crops, labels, torch.from_numpy(self.index[ids]).to(self.device)
         finally:
             del p
 
