@@ -138,6 +138,30 @@ def test_tensorboard_event_files_mirror_metrics_jsonl(demo_data, tmp_path):
     assert hparams["optim.batch_size"] == 32 and hparams["model.backbone"] == "resnet_tiny"
 
 
+def wandb_records(path):
+    """The protobuf records of an offline ``.wandb`` file (LevelDB-log framing after a 7-byte header)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    buf = path.read_bytes()
+    assert buf[:4] == b":W&B"
+    pos, block, pending = 7, 32768, b""
+    while pos + 7 <= len(buf):
+        room = block - pos % block
+        if room < 7:  # a block's tail too short for a chunk header is padding
+            pos += room
+            continue
+        length, kind = struct.unpack("<HB", buf[pos + 4:pos + 7])
+        pending += buf[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST chunk: a whole record
+            rec = pb.Record()
+            rec.ParseFromString(pending)
+            pending = b""
+            yield rec
+
+
 def test_wandb_offline_run_mirrors_metrics_jsonl(demo_data, tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -148,10 +172,18 @@ def test_wandb_offline_run_mirrors_metrics_jsonl(demo_data, tmp_path, monkeypatc
     assert main(args) == 0
     run = tmp_path / "t"
     train = [r for r in records(run) if r["kind"] == "train"]
-    offline = sorted((run / "wandb").glob("offline-run-*"))
-    assert len(offline) == 1 and list(offline[0].glob("*.wandb"))
-    summary = json.loads((offline[0] / "files" / "wandb-summary.json").read_text())
-    assert summary["train/loss"] == pytest.approx(train[-1]["loss"], rel=1e-6)
-    assert summary["_step"] == train[-1]["step"]
-    config = (offline[0] / "files" / "config.yaml").read_text()
-    assert "train.log_with" in config and "wandb" in config
+    (offline,) = (run / "wandb").glob("offline-run-*/*.wandb")
+    history, config, meta = [], {}, None
+    for rec in wandb_records(offline):
+        kind = rec.WhichOneof("record_type")
+        if kind == "history":
+            history.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
+        elif kind == "config":
+            config.update({i.key: json.loads(i.value_json) for i in rec.config.update})
+        elif kind == "run":
+            meta = rec.run
+    assert meta.project == "fastssl" and meta.display_name == "t"
+    assert config["train.log_with"] == "wandb" and config["optim.batch_size"] == 32
+    assert [h["_step"] for h in history] == [r["step"] for r in train]
+    for h, r in zip(history, train):
+        assert h["train/loss"] == pytest.approx(r["loss"], rel=1e-6) and h["train/lr"] == pytest.approx(r["lr"])
