@@ -229,9 +229,10 @@ class FFCVLoader(LoaderBase):
                                     self.scratch_per_thread)
         pipelines = {"image": [decoder, ToTensor()],
                      "label": [IntDecoder(), ToTensor()] if labels is not None else None}
-        self._loader = make_loader(self.path, pipelines, self.order, batch_size=self.batch_size, workers=workers,
-                                   in_memory=in_memory, drop_last=self.drop_last, seed=self.seed,
-                                   batches_ahead=batches_ahead)
+        self._loader, outputs = make_loader(info, pipelines, self.order, batch_size=self.batch_size, workers=workers,
+                                            in_memory=in_memory, drop_last=self.drop_last, seed=self.seed,
+                                            batches_ahead=batches_ahead)
+        self._out_image, self._out_label = outputs["image"], outputs.get("label")
 
     # -- contract (order, __len__ from EpochContract; iteration from LoaderBase)
     def set_epoch(self, epoch: int, global_size: int | None = None) -> None:
@@ -263,15 +264,15 @@ class FFCVLoader(LoaderBase):
             out = next_batch(it)
             if out is None:
                 break
-            rows = out[0]                                   # (B, sum 3 S^2) uint8, CPU (pinned on CUDA hosts)
+            rows = out[self._out_image]                     # (B, sum 3 S^2) uint8, CPU (pinned on CUDA hosts)
             B = rows.shape[0]
             idx = torch.from_numpy(order[b * self.batch_size: b * self.batch_size + B].astype(np.int64))
             rows = rows.to(self.device, non_blocking=non_blocking)
             crops = [rows[:, offs[v]:offs[v + 1]].unflatten(1, (s, s, 3)) for v, s in enumerate(self.sizes)]
             labels = None
-            if self.labelled and len(out) > 1:
+            if self.labelled:
                 # Copy: ffcv reuses its batch slots, and a caller that keeps labels across batches
                 # (feature extraction for kNN) would otherwise see them overwritten.
-                labels = out[1].to(self.device, dtype=torch.long, non_blocking=non_blocking, copy=True).reshape(B)
+                labels = out[self._out_label].to(self.device, dtype=torch.long, non_blocking=non_blocking, copy=True).reshape(B)
             yield crops, labels, idx.to(self.device, non_blocking=non_blocking)
         self._it = None

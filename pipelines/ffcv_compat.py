@@ -193,21 +193,25 @@ def decoder_base():
     return SimpleRGBImageDecoder
 
 
-def make_loader(path: str, pipelines: dict, sample_order, *, batch_size: int, workers: int, in_memory: bool,
+def make_loader(info: BetonInfo, pipelines: dict, sample_order, *, batch_size: int, workers: int, in_memory: bool,
                 drop_last: bool, seed: int, batches_ahead: int):
-    """An ffcv ``Loader`` whose epoch order is ``sample_order(epoch) -> uint64 indices`` (ours, not ffcv's).
+    """``(loader, outputs)``: an ffcv ``Loader`` whose epoch order is ``sample_order(epoch) -> uint64 indices``
+    (ours, not ffcv's), and ``{field name: position}`` in the tuple each of its batches is.
 
-    ffcv's ``order=`` takes a ``TraversalOrder`` class built from the loader; replacing the
-    built instance (and the cached first epoch's order) keeps its distributed options out of it.
+    Fields of the file without a pipeline in ``pipelines`` are not decoded. ffcv's ``order=``
+    takes a ``TraversalOrder`` class built from the loader; replacing the built instance (and
+    the cached first epoch's order) keeps its distributed options out of it. A batch holds the
+    fields in the file's order (ffcv's ``pipeline_specs``), not in the order of ``pipelines``.
     """
     from ffcv.loader import Loader, OrderOption
 
-    loader = Loader(path, batch_size=batch_size, num_workers=max(1, int(workers)), os_cache=not in_memory,
+    pipelines = {**{name: None for name in info.field_names}, **pipelines}
+    loader = Loader(info.path, batch_size=batch_size, num_workers=max(1, int(workers)), os_cache=not in_memory,
                     order=OrderOption.SEQUENTIAL, seed=seed, pipelines=pipelines, drop_last=drop_last,
                     batches_ahead=batches_ahead)
     loader.traversal_order = _Order(sample_order)
     loader.first_traversal_order = sample_order(0)
-    return loader
+    return loader, {name: i for i, name in enumerate(loader.pipeline_specs)}
 
 
 class _Order:

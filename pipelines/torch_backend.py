@@ -114,6 +114,7 @@ class FolderViews(torch.utils.data.Dataset):
             from fastssl.pipelines.prepare import load_rgb
 
             rgb = load_rgb(path)
+            rgb = rgb if rgb.flags.writeable else rgb.copy()  # torch warns on read-only arrays
             return torch.from_numpy(rgb), geometry(rgb.shape[0], rgb.shape[1])
         with Image.open(path) as im:
             im = im.convert("RGB")
