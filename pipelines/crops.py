@@ -160,7 +160,8 @@ def shard_size(n: int, rank: int, world_size: int, drop_last: bool) -> int:
 
 
 class EpochContract:
-    """The epoch half of the loader contract, shared by every back-end (a mixin, no state of its own).
+    """The epoch half of the loader contract (a mixin, no state of its own); ``pipelines.loader.LoaderBase``,
+    the base of every back-end, builds on it.
 
     Needs ``num_samples, seed, rank, world_size, train, drop_last, batch_size, epoch, views, sizes``.
     """

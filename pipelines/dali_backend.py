@@ -91,7 +91,8 @@ class DALILoader(LoaderBase):
             self.entries = [(i, p, l) for i, (p, l) in enumerate(items)]
         if not self.entries:
             raise DataError(f"{self.path}: no image decodes ({len(items)} files, e.g. {items[0][0]}: "
-                            f"{self._skipped.get(items[0][0], '?')}): check it with `fastssl-prepare {self.path} OUT.beton`")
+                            f"{self._skipped.get(items[0][0], '?')}): check it with "
+                            f"`fastssl-prepare {self.path} OUT.beton`")
         self.num_samples = len(self.entries)
         self.labels = np.array([label for _, _, label in self.entries], np.int64)
         self.index = np.array([i for i, _, _ in self.entries], np.int64)  # listing index of each valid entry

@@ -273,6 +273,7 @@ class FFCVLoader(LoaderBase):
             if self.labelled:
                 # Copy: ffcv reuses its batch slots, and a caller that keeps labels across batches
                 # (feature extraction for kNN) would otherwise see them overwritten.
-                labels = out[self._out_label].to(self.device, dtype=torch.long, non_blocking=non_blocking, copy=True).reshape(B)
+                labels = out[self._out_label].to(self.device, dtype=torch.long, non_blocking=non_blocking,
+                                                 copy=True).reshape(B)
             yield crops, labels, idx.to(self.device, non_blocking=non_blocking)
         self._it = None

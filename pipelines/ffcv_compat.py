@@ -228,7 +228,7 @@ def start_epoch(loader, epoch: int):
 
 
 def next_batch(it):
-    """``next(it)`` for an ffcv EpochIterator that raises if its thread died (ffcv would block forever); None at the end."""
+    """``next(it)`` of an ffcv EpochIterator, None at the end; raises if its thread died (ffcv would block forever)."""
     import queue
 
     while True:

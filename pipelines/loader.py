@@ -1,4 +1,4 @@
-"""``build_loader``: one entry point for the ffcv, torch and DALI back-ends.
+"""``build_loader``: one entry point for the ffcv, torch and DALI back-ends, and their one base, ``LoaderBase``.
 
 Every back-end crops all views of a sample from ONE decode (geometry:
 ``pipelines.crops``), hands uint8 ``(B, S, S, 3)`` crops to the device, and the
@@ -59,11 +59,12 @@ class LoaderBase(EpochContract):
     stage or normalisation, keyed by the global step, then :class:`Batch`), and the record
     of unreadable files: ``skipped`` lists ``(path, reason)``; each epoch that met any
     prints one warning line naming how many and the first few. Batches stay full: a
-    back-end replaces an unreadable sample, never drops it (gathered losses need equal
-    rows on every rank).
+    back-end replaces an unreadable sample (torch) or leaves the file out of the dataset
+    (DALI), never shortens a batch (gathered losses need equal rows on every rank).
     """
 
-    backend = "base"
+    backend = "base"  # the name in messages
+    _skip_action = "replaced by other samples of this rank (batches stay full)"
 
     def _setup(self, path, views, batch_size: int, device, *, seed: int, rank: int, world_size: int,
                drop_last: bool, train: bool, finisher) -> None:
@@ -118,8 +119,6 @@ class LoaderBase(EpochContract):
                   file=sys.stderr, flush=True)
         except (ValueError, AttributeError, OSError):  # stderr closed (interpreter shutdown)
             pass
-
-    _skip_action = "replaced by other samples of this rank (batches stay full)"
 
 
 def _field(cfg, name, default=None):
