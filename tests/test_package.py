@@ -57,6 +57,46 @@ def installed(tmp_path_factory):
     return venv / "bin", work, env
 
 
+# ----------------------------------------------------------------------------- recipes by name (in the checkout)
+
+
+def test_recipes_resolve_by_stem_group_and_checkout_path():
+    from fastssl.recipes import list_recipes, resolve_recipe
+
+    recipes = list_recipes()
+    simclr_rn50 = ROOT / "configs" / "imagenet" / "simclr_rn50.yaml"
+    assert recipes["imagenet/simclr_rn50"].resolve() == simclr_rn50
+    for name in ("simclr_rn50", "imagenet/simclr_rn50", "imagenet/simclr_rn50.yaml", "configs/imagenet/simclr_rn50.yaml",
+                 "./configs/imagenet/simclr_rn50.yaml"):
+        assert resolve_recipe(name).resolve() == simclr_rn50, name
+    assert resolve_recipe("simclr").resolve() == ROOT / "configs" / "demo" / "simclr.yaml"
+    assert resolve_recipe("demo/simclr").resolve() == ROOT / "configs" / "demo" / "simclr.yaml"
+
+
+def test_unknown_recipe_names_the_closest(monkeypatch, tmp_path, capsys):
+    from fastssl.config import ConfigError, load_config
+    from fastssl.recipes import RecipeNotFound, resolve_recipe
+    from fastssl.train import main
+
+    with pytest.raises(RecipeNotFound, match=r"did you mean 'simclr_rn50'"):
+        resolve_recipe("simclr_rn5")
+    with pytest.raises(RecipeNotFound, match=r"the recipes are demo/barlow_twins, .*imagenet/vicreg_rn50"):
+        resolve_recipe("zzzz")
+    monkeypatch.chdir(tmp_path)  # no configs/ here: names still resolve, a real file still wins
+    assert load_config("imagenet/simclr_rn50").model.backbone == "resnet50"
+    (tmp_path / "simclr_rn50").write_text("model:\n  backbone: resnet18\n")
+    assert load_config("simclr_rn50").model.backbone == "resnet18"
+    with pytest.raises(ConfigError, match=r"config 'demo/simclrr' is neither a file nor a packaged recipe: "
+                                          r"did you mean 'demo/simclr'"):
+        load_config("demo/simclrr")
+    assert main(["--list-configs"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("packaged recipes (") and any(
+        line.split()[:1] == ["imagenet/simclr_rn50"] and "SimCLR ResNet-50" in line for line in out), out
+
+
+# ----------------------------------------------------------------------------- the installed wheel
+
 CHECKS = r"""
 import contextlib, io, json, sys
 import fastssl, fastssl.recipes
