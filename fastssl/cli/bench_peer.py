@@ -473,6 +473,7 @@ def run_arm(arm: str, spec: dict, workdir: Path, tag: str) -> dict:
         sp.write_text(json.dumps(spec))
         cmd = [sys.executable, "-m", "fastssl.cli.bench_peer", "--arm", arm, "--spec", str(sp), "--result", str(result)]
     load0 = os.getloadavg()[0]
+    code = _git("log", "-1", "--format=%h", "--", "fastssl", "pipelines")  # a shared checkout may move mid-run
     c0, t0 = _cpu(resource.RUSAGE_CHILDREN), time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log, _ = p.communicate()
@@ -486,7 +487,7 @@ def run_arm(arm: str, spec: dict, workdir: Path, tag: str) -> dict:
         out = json.loads(result.read_text())
     # The 1-minute load average before and after: others' work on a shared machine shows here.
     out.update({"pid": p.pid, "process_seconds": round(wall, 2),
-                "loadavg_1min": [round(load0, 2), round(os.getloadavg()[0], 2)]})
+                "loadavg_1min": [round(load0, 2), round(os.getloadavg()[0], 2)], "code_commit": code})
     trained = spec["batch"] * out.get("steps", 0)
     if trained:
         out["process_cpu_ms_per_image"] = round(1000 * cpu / trained, 3)
@@ -507,7 +508,8 @@ def summarise(method: str, rounds: list[dict], stages: list[dict]) -> dict:
              "images_per_second_rounds": [round(x["images_per_second"], 2) for x in per],
              "first_loss": _median([x["losses"][0] for x in per]), "last_loss": _median([x["losses"][-1] for x in per]),
              "pids": [x["pid"] for x in per], "steps": per[0]["steps"], "torch_threads": per[0].get("torch_threads"),
-             "loadavg_1min_rounds": [x.get("loadavg_1min") for x in per]}
+             "loadavg_1min_rounds": [x.get("loadavg_1min") for x in per],
+             "code_commit_rounds": [x.get("code_commit") for x in per]}
         for k in ("data_wait_fraction", "process_cpu_ms_per_image", "main_process_cpu_ms_per_image",
                   "summary_images_per_second"):
             if any(k in x for x in per):
@@ -642,6 +644,7 @@ def main(argv: list[str] | None = None) -> int:
     if spec["steps_per_epoch"] < 1:
         ap.error(f"{folder} holds {n_images} images, fewer than a batch of {a.batch}")
     t_start = time.perf_counter()
+    versions = _versions()  # at the start; "versions_end" too if the checkout moved during the run
     per_method: dict = {m: {"rounds": [], "stages": []} for m in methods}
     with tempfile.TemporaryDirectory(prefix="fastssl-peer-") as tmp:
         work = Path(tmp)
@@ -658,11 +661,13 @@ def main(argv: list[str] | None = None) -> int:
                 per_method[m]["rounds"].append({arm: got[arm] for arm in arms})
                 if "fastssl" in arms:
                     per_method[m]["stages"].append(run_arm("stages-fastssl", s, work, f"{m}-stages-r{k}"))
-    res = {"benchmark": "peer", "argv": argv, "cpu_count": os.cpu_count(), "versions": _versions(),
+    res = {"benchmark": "peer", "argv": argv, "cpu_count": os.cpu_count(), "versions": versions,
            "settings": {**{k: v for k, v in spec.items() if k != "source"}, "data": str(root), "images": n_images,
                         "rounds": max(1, a.rounds), "arms": arms, "smoke": a.smoke},
            "methods": {m: summarise(m, per_method[m]["rounds"], per_method[m]["stages"]) for m in methods},
            "seconds": round(time.perf_counter() - t_start, 1)}
+    if _versions() != versions:
+        res["versions_end"] = _versions()
     res["table"] = _table(res)
     text = json.dumps(res, indent=1)
     if a.out:
