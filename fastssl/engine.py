@@ -83,12 +83,27 @@ class TrainCore:
         self.n_micro = 0
 
     def read_logs(self) -> dict:
-        """Means since the last read (one host sync), then reset."""
+        """Means since the last read, over every rank (one collective and one host sync), then reset.
+
+        Each rank's loss is the mean over its own anchors; the mean over ranks is the loss of the
+        global batch, which is what one process with that batch logs.
+        """
         n = max(self.n_micro, 1)
-        out = {"loss": float(self.loss_sum) / n}
-        out.update({k: float(v) / n for k, v in self.log_sums.items()})
-        if self.probe is not None and self.probe_seen:
-            out["linear_top1_online"] = 100.0 * float(self.probe_correct) / self.probe_seen
+        keys = sorted(self.log_sums)
+        # One vector: [loss, log terms..., probe hits, probe count] -> one all-reduce.
+        vec = torch.stack([self.loss_sum.float()] + [self.log_sums[k].float() for k in keys]
+                          + [self.probe_correct.float(), torch.tensor(float(self.probe_seen), device=self.device)])
+        world = self.acc.num_processes
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(vec)
+            vec[: 1 + len(keys)] /= world
+        vals = vec.tolist()
+        out = {"loss": vals[0] / n}
+        out.update({k: v / n for k, v in zip(keys, vals[1:1 + len(keys)])})
+        if self.probe is not None and vals[-1]:
+            out["linear_top1_online"] = 100.0 * vals[-2] / vals[-1]
         self.reset_logs()
         return out
 

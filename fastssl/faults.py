@@ -32,7 +32,7 @@ PREEMPTED_EXIT_CODE = 75
 # Keys that may differ between a run and its resumption (they change how it runs, not what it computes).
 RESUME_FREE_KEYS = ("train.resume", "train.progress", "train.log_every", "train.max_steps", "train.keep_checkpoints",
                     "train.ckpt_every_epochs", "train.ckpt_every_steps", "data.workers", "data.train", "data.val",
-                    "eval.every_epochs", "eval.final", "eval.val_subset", "train.out_dir")
+                    "eval.every_epochs", "eval.final", "eval.val_subset", "train.out_dir", "train.log_with")
 
 
 def warn(msg: str) -> None:
@@ -74,10 +74,10 @@ class Preemption:
             signal.signal(sig, old)
         self._old.clear()
 
-    def requeue(self) -> None:
-        """Under SLURM, after a SIGUSR1: put the job back in the queue (needs ``#SBATCH --requeue``)."""
+    def requeue(self, rank: int = 0) -> None:
+        """Under SLURM, after a SIGUSR1: put the job back in the queue (needs ``#SBATCH --requeue``); global rank 0 only."""
         job = os.environ.get("SLURM_JOB_ID")
-        if self.signal_name != "SIGUSR1" or not job or not shutil.which("scontrol"):
+        if rank != 0 or self.signal_name != "SIGUSR1" or not job or not shutil.which("scontrol"):
             return
         r = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
         if r.returncode == 0:

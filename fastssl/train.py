@@ -318,7 +318,7 @@ def _train(cfg, acc, device, bf16, threads, out, history, state, lock) -> dict:
                           checkpoint=str(ckpt_path))
                 log.close()
                 preempt.uninstall()
-                preempt.requeue()
+                preempt.requeue(rank)
                 raise Preempted(f"stopped at step {step} on {preempt.signal_name or 'a signal to another rank'}; "
                                 f"checkpoint {ckpt_path}; resume with train.resume=auto (or --resume)")
         done = step >= d.run_steps

@@ -158,8 +158,6 @@ def test_two_nodes_train_exactly_like_one_process(two_ranks, one_process):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="the trainer logs rank 0's loss (its half of the anchors), not the mean over "
-                                       "ranks: engine.TrainCore.read_logs should all-reduce the logged sums")
 def test_two_nodes_log_the_one_process_losses(two_ranks, one_process):
     one, two = _train_records(one_process), _train_records(two_ranks)
     for a, b in zip(one, two):
