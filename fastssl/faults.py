@@ -115,6 +115,11 @@ class CheckpointHistory:
             old.unlink(missing_ok=True)
         return path
 
+    def clear(self) -> None:
+        """Remove every checkpoint of this folder (a new run starts in it)."""
+        for p in self.history() + [self.last]:
+            p.unlink(missing_ok=True)
+
     def candidates(self) -> list[Path]:
         seen, out = set(), []
         for p in [self.last] + self.history():

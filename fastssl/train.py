@@ -192,8 +192,11 @@ def _train(cfg, acc, device, bf16, threads, out, history, state, lock) -> dict:
         (out / "env.json").write_text(json.dumps({**environment(device), "world_size": world,
                                                   "derived": asdict(d), "precision": "bf16" if bf16 else "fp32",
                                                   "compiled": core.compiled}, indent=2))
-        if not resume and (out / "metrics.jsonl").exists():
-            (out / "metrics.jsonl").unlink()
+        if not resume:
+            # A new run in a used directory: an earlier run's metrics and checkpoints must not mix
+            # with this one's (a fallback past an unreadable last.pt would pick the other run's).
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+            history.clear()
     log = MetricsLog(out / "metrics.jsonl", acc.is_main_process, cfg=cfg, acc=acc)
 
     def eval_loaders():

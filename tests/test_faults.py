@@ -126,6 +126,8 @@ def test_history_unit(tmp_path):
     assert [p.name for p in h.history()] == ["ckpt-000000005.pt", "ckpt-000000004.pt", "ckpt-000000003.pt"]
     state, path = h.load_latest()
     assert state["step"] == 5 and path.name == "last.pt"
+    h.clear()
+    assert not h.exists() and not list(tmp_path.glob("*.pt"))
 
 
 @pytest.mark.parametrize("method,extra", [
