@@ -27,7 +27,7 @@ def ckpts(run):
     return sorted(p.name for p in (run / "checkpoints").glob("ckpt-*.pt"))
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGUSR1, marks=pytest.mark.slow)])
 def test_signal_checkpoints_and_exits_then_auto_resume_continues(demo_data, tmp_path, sig):
     """A real signal to a training process: it finishes its step, writes a checkpoint (periodic ones are
     off), exits with 75; the same command with train.resume=auto then continues from that step."""
@@ -132,7 +132,8 @@ def test_history_unit(tmp_path):
 
 @pytest.mark.parametrize("method,extra", [
     ("nnclr", {"method.queue_size": 64}),
-    ("swav", {"method.queue_size": 64, "method.queue_start_epochs": 0, "aug.num_local": 2, "aug.local_size": 8}),
+    pytest.param("swav", {"method.queue_size": 64, "method.queue_start_epochs": 0, "aug.num_local": 2,
+                          "aug.local_size": 8}, marks=pytest.mark.slow),
 ])
 def test_queues_resume_exactly(demo_data, tmp_path, method, extra):
     """Queues (NNCLR's support set, SwAV's feature queue) are in the checkpoint: stopped at step 3 and resumed,
