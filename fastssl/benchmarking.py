@@ -1,4 +1,4 @@
-"""What every ``fastssl-bench`` measurement shares: one timer.
+"""What every ``fastssl-bench`` measurement shares: one timer, one JSON writer.
 
 :class:`Timer` times GPU work with CUDA events (recorded on the stream: the loop under the
 timer runs without host syncs, and the one sync is at :meth:`Timer.seconds`), and CPU work
@@ -6,9 +6,20 @@ with ``time.perf_counter``.
 """
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import torch
+
+
+def write_json(res: dict, out: str | None, indent: int = 1) -> str:
+    """The benchmark's JSON text, also written to ``out`` (folders made) when given."""
+    text = json.dumps(res, indent=indent)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
+    return text
 
 
 class Timer:

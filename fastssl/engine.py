@@ -15,7 +15,6 @@ trainer logs, and a non-finite loss is flagged on the device with the first bad 
 from __future__ import annotations
 
 import contextlib
-import sys
 from typing import Iterable
 
 import torch
@@ -191,6 +190,3 @@ def make_accelerator(cfg: Config, device: torch.device):
     return Accelerator(mixed_precision="bf16" if use_bf16(cfg, device) else "no", cpu=device.type != "cuda",
                        log_with=trackers(cfg) or None, project_config=project)
 
-
-def warn(msg: str) -> None:
-    print(msg, file=sys.stderr)

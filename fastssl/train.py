@@ -163,18 +163,19 @@ def _train(cfg, acc, device, bf16, threads, out, history, state, lock) -> dict:
     view_dtype = torch.bfloat16 if bf16 else torch.float32
 
     def loader_for(split, batch, train, seed, r, w, sv):
-        return build_loader(cfg.data, sv, split, batch, device, seed=seed, rank=r, world_size=w,
-                            backend=cfg.data.backend, workers=cfg.data.workers, train=train,
-                            drop_last=train, dtype=view_dtype)
+        loader = build_loader(cfg.data, sv, split, batch, device, seed=seed, rank=r, world_size=w,
+                              backend=cfg.data.backend, workers=cfg.data.workers, train=train,
+                              drop_last=train, dtype=view_dtype)
+        # A loader library may change the process's thread count (ffcv's import sets 1): the steps
+        # run with the count chosen above, which env.json and every metrics line record.
+        torch.set_num_threads(threads)
+        return loader
 
     probe_loader = loader_for("train", 2, True, cfg.train.seed, rank, world, views)
     d: Derived = derive(cfg, probe_loader.num_samples, world)
     del probe_loader
     loader = loader_for("train", d.micro_batch, True, cfg.train.seed, rank, world, views)
     num_classes = loader.num_classes
-    # A loader library may have changed the process's thread count (ffcv's import sets 1): the steps
-    # run with the count chosen above, which env.json and every metrics line record.
-    torch.set_num_threads(threads)
 
     # ---- model, optimizer, schedules, probe: the training core that the benchmarks time too
     core = TrainCore(cfg, d, acc, num_classes)
@@ -205,9 +206,7 @@ def _train(cfg, acc, device, bf16, threads, out, history, state, lock) -> dict:
         return tuple(loader_for(split, 256, False, 0, 0, 1, views[:1]) for split in ("train", "val"))
 
     def evaluate(max_val: int = 0) -> dict:
-        res = evaluate_knn(core.method, *eval_loaders(), cfg, device, num_classes, max_val)
-        torch.set_num_threads(threads)  # the eval loaders were built afresh
-        return res
+        return evaluate_knn(core.method, *eval_loaders(), cfg, device, num_classes, max_val)
 
     can_eval = bool((cfg.eval.final or cfg.eval.every_epochs) and cfg.data.val and num_classes)
     if can_eval and knn_init is None and acc.is_main_process and cfg.eval.final:

@@ -39,6 +39,15 @@ def jpeg_data(tmp_path_factory):
     return out
 
 
+def has_module(mod: str) -> bool:
+    """Whether an optional package imports here (for skipif marks: ffcv, DALI)."""
+    try:
+        __import__(mod)
+        return True
+    except ImportError:
+        return False
+
+
 def tiny_overrides(data, out_dir, **extra):
     """A CPU-seconds-sized SimCLR run on ``demo_data``."""
     kv = {

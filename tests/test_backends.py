@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import has_module as _has
 from fastssl.pipelines.loader import build_loader
 from fastssl.pipelines.recipes import preset
 
@@ -20,14 +21,6 @@ def _views(recipe):
 
 def _src(demo_data, backend, split="train"):
     return str(demo_data / (f"{split}.beton" if backend == "ffcv" else split))
-
-
-def _has(mod):
-    try:
-        __import__(mod)
-        return True
-    except ImportError:
-        return False
 
 
 BACKENDS = [pytest.param("ffcv", marks=pytest.mark.skipif(not _has("ffcv"), reason="ffcv missing")),

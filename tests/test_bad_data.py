@@ -9,17 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import has_module as _has
 from fastssl.pipelines import DataError
 from fastssl.pipelines.loader import LoaderBase, build_loader
 from fastssl.pipelines.recipes import preset
-
-
-def _has(mod):
-    try:
-        __import__(mod)
-        return True
-    except ImportError:
-        return False
 
 
 needs_ffcv = pytest.mark.skipif(not _has("ffcv"), reason="ffcv missing")

@@ -132,7 +132,8 @@ def test_fastssl_eval_refuses_hostile_checkpoint(trained_run, tmp_path, capsys):
 
 
 def test_fastssl_export_refuses_hostile_checkpoint(trained_run, tmp_path, capsys):
-    export = pytest.importorskip("fastssl.cli.export", reason="fastssl-export not written yet")
+    import fastssl.cli.export as export
+
     marker = tmp_path / "ran"
     p = hostile_copy(trained_run, tmp_path / "h", marker)
     try:

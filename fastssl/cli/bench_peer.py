@@ -672,10 +672,9 @@ def main(argv: list[str] | None = None) -> int:
     if _versions() != versions:
         res["versions_end"] = _versions()
     res["table"] = _table(res)
-    text = json.dumps(res, indent=1)
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(text + "\n")
+    from fastssl.benchmarking import write_json
+
+    text = write_json(res, a.out)
     if a.json:
         print(text)
     else:

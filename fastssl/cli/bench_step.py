@@ -217,12 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"fastssl-bench step: config error: {e}", file=sys.stderr)
         return 2
-    text = json.dumps(res, indent=2)
-    if args.out:
-        from pathlib import Path
+    from fastssl.benchmarking import write_json
 
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    text = write_json(res, args.out, indent=2)
     if args.json:
         print(text)
     else:
