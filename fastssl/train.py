@@ -78,8 +78,10 @@ def evaluate_knn(method, train_loader, val_loader, cfg: Config, device, num_clas
     method.eval()
     embed = method.embed
     with eager(method.backbone):  # no new graphs for eval batch sizes / no_grad
-        tr_x, tr_y = extract_features(embed, train_loader, device)
-        va_x, va_y = extract_features(embed, val_loader, device, max_samples=max_val or None)
+        shown = cfg.train.progress  # progress of the extraction (fastssl.progress: rank 0, not quiet)
+        tr_x, tr_y = extract_features(embed, train_loader, device, progress="eval: train features" if shown else None)
+        va_x, va_y = extract_features(embed, val_loader, device, max_samples=max_val or None,
+                                      progress="eval: val features" if shown else None)
     top1 = knn_top1(tr_x, tr_y, va_x, va_y, num_classes=num_classes, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature)
     rm = rankme(va_x)
     method.train(was_training)
@@ -200,18 +202,31 @@ def _train(cfg, acc, device, bf16, threads, out, history, state, lock) -> dict:
             history.clear()
     log = MetricsLog(out / "metrics.jsonl", acc.is_main_process, cfg=cfg, acc=acc)
 
-    def eval_loaders():
-        # Fresh loaders per evaluation (evaluation is rare; building one costs about a second),
-        # so an evaluation never depends on the state a previous pass left in a loader.
-        return tuple(loader_for(split, 256, False, 0, 0, 1, views[:1]) for split in ("train", "val"))
+    eval_cache: list = []
 
-    def evaluate(max_val: int = 0) -> dict:
-        return evaluate_knn(core.method, *eval_loaders(), cfg, device, num_classes, max_val)
+    def eval_loaders():
+        # Built once per run and rewound per evaluation: a new ffcv loader JIT-compiles its decoder
+        # at its first batch (about 5 s of CPU on 2 cores, against 0.25 s for a pass over the demo's
+        # 2,000 images), so fresh loaders per evaluation had made each kNN evaluation 10x dearer.
+        # set_epoch(0) stops any pass left running and restarts the fixed (unshuffled) order.
+        if not eval_cache:
+            eval_cache.extend(loader_for(split, 256, False, 0, 0, 1, views[:1]) for split in ("train", "val"))
+        for ld in eval_cache:
+            ld.set_epoch(0)
+        return tuple(eval_cache)
+
+    # Rank 0 evaluates; under FSDP every rank takes part (the weights are gathered), and gets None.
+    evaluates = acc.is_main_process or core.sharded
+
+    def evaluate(max_val: int = 0) -> dict | None:
+        method = core.eval_method()
+        return None if method is None else evaluate_knn(method, *eval_loaders(), cfg, device, num_classes, max_val)
 
     can_eval = bool((cfg.eval.final or cfg.eval.every_epochs) and cfg.data.val and num_classes)
-    if can_eval and knn_init is None and acc.is_main_process and cfg.eval.final:
+    if can_eval and knn_init is None and evaluates and cfg.eval.final:
         knn_init = evaluate()
-        log.write(kind="eval", step=0, epoch=0, wall=0.0, init=True, **{k: v for k, v in knn_init.items() if k != "protocol"})
+        if knn_init is not None:
+            log.write(kind="eval", step=0, epoch=0, wall=0.0, init=True, **{k: v for k, v in knn_init.items() if k != "protocol"})
 
     def check_finite() -> None:
         bad = core.first_bad_step()
@@ -225,9 +240,10 @@ def _train(cfg, acc, device, bf16, threads, out, history, state, lock) -> dict:
     def save(epoch: int, batch_in_epoch: int, wall: float) -> None:
         check_finite()  # never overwrite the last good checkpoint with a diverged model
         rngs = _gather_rng(acc)  # every rank's own RNG state, in rank order
+        states = core.state_dict()  # every rank: FSDP gathers the shards (to rank 0)
         if acc.is_main_process:
             history.save({
-                **core.state_dict(),
+                **states,
                 "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "total_steps": d.total_steps,
                 "wall_seconds": wall, "knn_init": knn_init, "rng": rngs, "config": to_dict(cfg)}, step)
         acc.wait_for_everyone()
@@ -253,11 +269,12 @@ def _train(cfg, acc, device, bf16, threads, out, history, state, lock) -> dict:
     totals: dict = {}
     bi = batch0
     t_run = time.perf_counter()
-    bar = None
-    if cfg.train.progress and acc.is_main_process:
-        from tqdm import tqdm
+    from fastssl.progress import first_step, progress
 
-        bar = tqdm(total=d.run_steps, initial=step, unit="step", dynamic_ncols=True, file=sys.stdout)
+    # A bar on a terminal; otherwise a line per log_every steps (train.progress=false: none). Rank 0 only.
+    bar = progress(d.run_steps, "train", "step", enabled=cfg.train.progress and acc.is_main_process, initial=step,
+                   every=cfg.train.log_every)
+    compiling = core.compiled  # the first step compiles (lazily): announced and timed (host time, no sync)
     micro = cfg.optim.accum_steps
     done = step >= d.run_steps
     epoch = epoch0
@@ -287,7 +304,10 @@ def _train(cfg, acc, device, bf16, threads, out, history, state, lock) -> dict:
                     wait_s += time.perf_counter() - tw
                     yield b
 
-            if train_step(core, fetch(), step) == 0:
+            with first_step(cfg.model.backbone, bar, enabled=compiling and cfg.train.progress):
+                consumed = train_step(core, fetch(), step)
+            compiling = False
+            if consumed == 0:
                 break
             step += 1
             bi += 1
@@ -327,10 +347,11 @@ def _train(cfg, acc, device, bf16, threads, out, history, state, lock) -> dict:
         end_of_epoch = bi >= d.steps_per_epoch
         ep_done = epoch + 1 if end_of_epoch else epoch
         if can_eval and cfg.eval.every_epochs and end_of_epoch and ep_done % cfg.eval.every_epochs == 0 \
-                and acc.is_main_process and not done:
+                and evaluates and not done:
             last_eval = evaluate(cfg.eval.val_subset)
-            log.write(kind="eval", step=step, epoch=ep_done, wall=wall0 + time.perf_counter() - t_run,
-                      **{k: v for k, v in last_eval.items() if k != "protocol"})
+            if last_eval is not None:
+                log.write(kind="eval", step=step, epoch=ep_done, wall=wall0 + time.perf_counter() - t_run,
+                          **{k: v for k, v in last_eval.items() if k != "protocol"})
         if end_of_epoch and cfg.train.ckpt_every_epochs and ep_done % cfg.train.ckpt_every_epochs == 0:
             save(ep_done, 0, wall0 + time.perf_counter() - t_run)
         if done:
@@ -342,8 +363,8 @@ def _train(cfg, acc, device, bf16, threads, out, history, state, lock) -> dict:
     save(epoch + 1 if end_of_epoch else epoch, 0 if end_of_epoch else bi, wall)
 
     summary: dict = {}
+    final = (evaluate() if can_eval and cfg.eval.final and evaluates else None) or {}
     if acc.is_main_process:
-        final = evaluate() if can_eval and cfg.eval.final else {}
         if final:
             log.write(kind="eval", step=step, epoch=epoch + 1, wall=wall, **{k: v for k, v in final.items() if k != "protocol"})
         summary = make_summary(cfg, d, totals, final, knn_init, wall, step, bf16, device)

@@ -11,10 +11,23 @@ def read_metrics(run_dir, kind="train"):
     return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if json.loads(l)["kind"] == kind]
 
 
-def test_short_cpu_run_loss_decreases_and_run_dir_describes_itself(demo_data, tmp_path):
+def test_short_cpu_run_loss_decreases_and_run_dir_describes_itself(demo_data, tmp_path, monkeypatch):
+    import fastssl.pipelines.loader as loader_mod
+
+    built = []
+    real_build = loader_mod.build_loader
+
+    def counting_build(*a, **kw):
+        built.append(kw.get("train"))
+        return real_build(*a, **kw)
+
+    monkeypatch.setattr(loader_mod, "build_loader", counting_build)
     args = ["--config", "configs/demo/simclr.yaml"] + tiny_overrides(
-        demo_data, tmp_path, **{"train.epochs": 4, "optim.lr": 0.002, "eval.final": True})
+        demo_data, tmp_path, **{"train.epochs": 4, "optim.lr": 0.002, "eval.final": True, "eval.every_epochs": 2})
     assert main(args) == 0
+    # Four evaluations (init, epoch 2, final; epoch 4 is the final one) share two evaluation loaders:
+    # a new ffcv loader JIT-compiles its decoder, which had made every evaluation cost seconds.
+    assert built.count(False) == 2, built
     run = tmp_path / "t"
     m = read_metrics(run)
     assert len(m) == 4 * (200 // 32)
@@ -27,6 +40,9 @@ def test_short_cpu_run_loss_decreases_and_run_dir_describes_itself(demo_data, tm
               "data_wait_fraction"):
         assert s[k] is not None, k
     assert s["protocol"]["knn"]["k"] == 20 and s["protocol"]["knn"]["temperature"] == 0.07
+    # The reused loaders still cover every image after earlier passes.
+    assert "(200 images" in s["protocol"]["knn"]["train_split"], s["protocol"]["knn"]
+    assert len(read_metrics(run, "eval")) == 3
     assert 0.0 <= s["data_wait_fraction"] <= 1.0
     # The trainer's final kNN equals an independent evaluation of the saved checkpoint on fresh loaders.
     from fastssl.checkpoint import load_for_eval
