@@ -1,4 +1,4 @@
-"""``fastssl-bench loader|loss|step|eval|peer ...``: every speed claim is one of these.
+"""``fastssl-bench loader|loss|step|eval|peer|accuracy ...``: every speed claim is one of these.
 
 Each sub-command lives in ``fastssl/cli/bench_<name>.py`` with ``main(argv)``,
 measures side by side in one run after warm-up, and prints JSON with ``--json``.
@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "step": "training steps/s of a method on synthetic tensors (no data loading)",
     "eval": "linear probe on cached features against re-extracting features every probe epoch",
     "peer": "end-to-end pretraining (SimCLR, DINO) against lightly's loop, and the bare model's limit",
+    "accuracy": "kNN top-1 after the same steps as lightly's loop on the built-in data, one protocol",
 }
 
 
