@@ -42,15 +42,24 @@ def make_teacher(student: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """teacher <- m * teacher + (1 - m) * student (parameters); buffers (BN statistics) are copied."""
-    tp = [p for p in teacher.parameters()]
-    sp = [p.detach() for p in _orig(student).parameters()]
-    if len(tp) != len(sp):
-        raise RuntimeError("EMA teacher and student have different parameter lists")
+    """teacher <- m * teacher + (1 - m) * student (parameters); buffers (BN statistics) are copied.
+
+    Under ``train.strategy=fsdp`` both are sharded alike (DTensors): the update runs on each
+    process's local shards, with no communication.
+    """
+    tp = [_local(p) for p in teacher.parameters()]
+    sp = [_local(p.detach()) for p in _orig(student).parameters()]
+    if len(tp) != len(sp) or any(a.shape != b.shape for a, b in zip(tp, sp)):
+        raise RuntimeError("EMA teacher and student have different parameter lists (or shards)")
     torch._foreach_mul_(tp, momentum)
     torch._foreach_add_(tp, sp, alpha=1.0 - momentum)
     for tb, sb in zip(teacher.buffers(), _orig(student).buffers()):
         tb.copy_(sb)
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (a view: in-place updates reach the parameter); other tensors as they are."""
+    return p.to_local() if hasattr(p, "to_local") else p
 
 
 def make_teachers(**students: nn.Module) -> nn.ModuleDict:
