@@ -110,12 +110,15 @@ class TrainConfig:
     res_step: int = 32              # sizes are rounded to this multiple (bounded number of recompiles)
     log_with: str = "none"          # experiment trackers mirroring metrics.jsonl: none | tensorboard | wandb | mlflow,
                                     # several comma-separated (tensorboard,wandb)
+    strategy: str = "ddp"           # several processes: ddp (replicated model, DistributedDataParallel) | fsdp (FSDP2:
+                                    # parameters, gradients and optimizer states sharded; ViT blocks one unit each)
 
     def __post_init__(self):
         self.log_with = _trackers("train.log_with", self.log_with)
         _choice("train.device", self.device, ("auto", "cpu", "cuda"))
         _choice("train.precision", self.precision, ("auto", "bf16", "fp32"))
         _choice("train.compile", str(self.compile), ("auto", "on", "off"))
+        _choice("train.strategy", self.strategy, ("ddp", "fsdp"))
         _range("train.epochs", self.epochs, 1, None)
         _range("train.max_steps", self.max_steps, 0, None)
         _run_name("train.name", self.name)

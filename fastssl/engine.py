@@ -48,9 +48,29 @@ class TrainCore:
         self.device = acc.device
         self.bf16 = use_bf16(cfg, self.device)
         method = create_method(cfg, d.total_steps).to(self.device)
-        if cfg.train.channels_last:
+        # train.strategy=fsdp (fastssl/fsdp.py): sharded over the processes; one process has nothing to shard.
+        self.sharded = cfg.train.strategy == "fsdp" and acc.num_processes > 1
+        if cfg.train.strategy == "fsdp" and not self.sharded and acc.is_main_process:
+            import sys
+
+            (log or (lambda m: print(m, file=sys.stderr)))("[fastssl] train.strategy=fsdp with one process: "
+                                                           "nothing to shard, the model runs whole")
+        if cfg.train.channels_last and not self.sharded:  # FSDP shards contiguous parameters
             # Also on the CPU: oneDNN convolutions run NHWC about 1.5x faster (resnet_tiny at 32 px, 2 cores).
             method = method.to(memory_format=torch.channels_last)
+        self.compiled = use_compile(cfg, self.device)
+        if self.compiled:
+            # In place: state-dict keys keep no `_orig_mod.`; a compile error falls back to eager. Under FSDP
+            # each ViT block compiles its own forward (FSDP's gathers run between the graphs).
+            from fastssl.fsdp import block_modules
+
+            parts = [b for b in block_modules(method.backbone)] if self.sharded else [method.backbone]
+            for part in parts or [method.backbone]:
+                compile_module(part, log=log)
+        if self.sharded:
+            from fastssl.fsdp import shard_method
+
+            method = shard_method(method, self.device, self.bf16)  # before the optimizer: new parameters
         opt = build_optimizer(method, cfg.optim, d.lr)
         # Schedules are pure functions of the step, precomputed (numpy arrays indexed by step).
         self.lr_sched = cosine(d.lr, d.lr * cfg.optim.min_lr_ratio, d.total_steps, d.warmup_steps)
@@ -61,11 +81,10 @@ class TrainCore:
             from fastssl.evaluation import OnlineLinearProbe
 
             self.probe = OnlineLinearProbe(method.feat_dim, num_classes, lr=cfg.eval.probe_lr).to(self.device)
-        self.compiled = use_compile(cfg, self.device)
-        if self.compiled:
-            # In place: state-dict keys keep no `_orig_mod.`; a compile error falls back to eager.
-            compile_module(method.backbone, log=log)
-        self.model, self.opt = acc.prepare(method, opt)
+        if self.sharded:
+            self.model, self.opt = method, acc.prepare(opt)  # FSDP in place of DDP: no wrapper
+        else:
+            self.model, self.opt = acc.prepare(method, opt)
         self.method = acc.unwrap_model(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.before_opt = getattr(self.method, "before_optimizer_step", None)
@@ -113,16 +132,46 @@ class TrainCore:
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict:
-        return {"method": self.method.state_dict(), "optimizer": self.opt.state_dict(),
+        """Method, optimizer and probe states, in the one-process format (FSDP: gathered, a collective; full on
+        rank 0, whose dict is the one written)."""
+        if self.sharded:
+            from fastssl.fsdp import full_state
+
+            method, opt = full_state(self.method, self.opt.optimizer)
+        else:
+            method, opt = self.method.state_dict(), self.opt.state_dict()
+        return {"method": method, "optimizer": opt,
                 "probe": self.probe.state_dict() if self.probe is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         from fastssl.compile import clean_state_dict
 
-        self.method.load_state_dict(clean_state_dict(state["method"]))  # old checkpoints: `_orig_mod.` keys
-        self.opt.load_state_dict(state["optimizer"])
+        if self.sharded:  # each process keeps its shards of the full state (any strategy wrote it)
+            from fastssl.fsdp import load_full_state
+
+            load_full_state(self.method, self.opt.optimizer, state["method"], state["optimizer"])
+        else:
+            self.method.load_state_dict(clean_state_dict(state["method"]))  # old checkpoints: `_orig_mod.` keys
+            self.opt.load_state_dict(state["optimizer"])
         if self.probe is not None and state.get("probe"):
             self.probe.load_state_dict(state["probe"])
+
+    def eval_method(self):
+        """The method to evaluate: itself, or under FSDP a whole copy on rank 0 (None elsewhere).
+
+        Under FSDP every process calls it (the weights are gathered); rank 0 alone then evaluates.
+        """
+        if not self.sharded:
+            return self.method
+        from fastssl.fsdp import full_model_state
+        from fastssl.methods import create_method
+
+        sd = full_model_state(self.method)
+        if not self.acc.is_main_process:
+            return None
+        whole = create_method(self.cfg, self.d.total_steps)
+        whole.load_state_dict(sd)
+        return whole.to(self.device).train(self.method.training)
 
 
 def train_step(core: TrainCore, micro_batches: Iterable, step: int) -> int:
