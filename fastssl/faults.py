@@ -32,7 +32,8 @@ PREEMPTED_EXIT_CODE = 75
 # Keys that may differ between a run and its resumption (they change how it runs, not what it computes).
 RESUME_FREE_KEYS = ("train.resume", "train.progress", "train.log_every", "train.max_steps", "train.keep_checkpoints",
                     "train.ckpt_every_epochs", "train.ckpt_every_steps", "data.workers", "data.train", "data.val",
-                    "eval.every_epochs", "eval.final", "eval.val_subset", "train.out_dir", "train.log_with")
+                    "eval.every_epochs", "eval.final", "eval.val_subset", "train.out_dir", "train.log_with",
+                    "train.strategy")  # ddp and fsdp write and read the same checkpoint format
 
 
 def warn(msg: str) -> None:
