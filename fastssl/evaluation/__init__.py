@@ -11,8 +11,22 @@ import torch.nn.functional as F
 
 
 @torch.no_grad()
-def extract_features(embed_fn, loader, device, max_samples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ``embed_fn`` over a loader of Batch (view 0); returns (feats (N, F) float32 CPU, labels (N,) int64)."""
+def extract_features(embed_fn, loader, device, max_samples: int | None = None,
+                     progress: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``embed_fn`` over a loader of Batch (view 0); returns (feats (N, F) float32 CPU, labels (N,) int64).
+
+    ``progress``: a label to report progress under (images; ``fastssl.progress``), None for none.
+    """
+    from fastssl.progress import progress as reporter
+
+    total = getattr(loader, "num_samples", None)
+    if total is not None and max_samples:
+        total = min(total, max_samples)
+    with reporter(total, progress or "", "img", enabled=progress is not None, leave=False) as bar:
+        return _extract(embed_fn, loader, max_samples, bar)
+
+
+def _extract(embed_fn, loader, max_samples, bar) -> tuple[torch.Tensor, torch.Tensor]:
     feats, labels, n = [], [], 0
     for batch in loader:
         x = batch.views[0]
@@ -24,6 +38,7 @@ def extract_features(embed_fn, loader, device, max_samples: int | None = None) -
         feats.append(f.float().cpu())
         labels.append(batch.labels.cpu() if batch.labels is not None else torch.full((len(feats[-1]),), -1))
         n += len(feats[-1])
+        bar.update(len(feats[-1]))  # no extra sync: .cpu() above already waited for the batch
         if max_samples and n >= max_samples:
             break
     x, y = torch.cat(feats), torch.cat(labels)
