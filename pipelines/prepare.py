@@ -311,10 +311,10 @@ def validate(paths: list[str], workers: int, progress: bool = True, max_resoluti
     """Decode every image once, in ``workers`` processes; one ``(path, reason or None, (h, w))`` per path, in order."""
     import functools
 
-    from tqdm import tqdm
+    from fastssl.progress import progress as progress_bar
 
     one = functools.partial(_validate_one, max_resolution=max_resolution, max_aspect_ratio=max_aspect_ratio)
-    bar = tqdm(total=len(paths), desc="validate", unit="img", disable=not progress, file=sys.stderr)
+    bar = progress_bar(len(paths), "validate", "img", enabled=progress)
     out = []
     if workers <= 1 or len(paths) < 64:
         for p in paths:
@@ -443,10 +443,17 @@ def _atomic_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def _write_beton(dataset, out: Path, s: WriteSettings, page_size: int) -> None:
-    """ffcv ``DatasetWriter`` into ``out`` through a temporary file in the same folder, then rename."""
+def _write_beton(dataset, out: Path, s: WriteSettings, page_size: int, quiet: bool = False) -> None:
+    """ffcv ``DatasetWriter`` into ``out`` through a temporary file in the same folder, then rename.
+
+    ffcv's writer draws its own tqdm bar (no label, on stderr, even when quiet, ``\r``-joined in a
+    log); it gets fastssl's reporter instead (``fastssl.progress``: a bar on a terminal, lines
+    otherwise, nothing with ``quiet``)."""
+    import ffcv.writer
     from ffcv.fields import IntField
     from ffcv.writer import DatasetWriter
+
+    from fastssl.progress import progress
 
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".partial", dir=out.parent)
@@ -454,7 +461,13 @@ def _write_beton(dataset, out: Path, s: WriteSettings, page_size: int) -> None:
     try:
         writer = DatasetWriter(tmp, {"image": s.field(), "label": IntField()}, num_workers=max(1, s.workers),
                                page_size=page_size)
-        writer.from_indexed_dataset(dataset, chunksize=max(1, min(100, len(dataset) // (4 * max(1, s.workers)) or 1)))
+        saved, ffcv.writer.tqdm = ffcv.writer.tqdm, \
+            lambda total=None, **kw: progress(total, f"write {out.name}", "img", enabled=not quiet)
+        try:
+            writer.from_indexed_dataset(dataset,
+                                        chunksize=max(1, min(100, len(dataset) // (4 * max(1, s.workers)) or 1)))
+        finally:
+            ffcv.writer.tqdm = saved
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it 0600
@@ -531,7 +544,7 @@ def prepare_folder(src: str | os.PathLike, out: str | os.PathLike, settings: Wri
          f"write_mode={s.write_mode}, quality={s.jpeg_quality}, max_resolution={s.max_resolution})", quiet)
 
     with tempfile.TemporaryDirectory() as fail_dir:
-        _write_beton(_FolderDataset(good, fail_dir, s), out, s, page)
+        _write_beton(_FolderDataset(good, fail_dir, s), out, s, page, quiet)
         failed = sorted(Path(fail_dir).iterdir())
         if failed:
             out.unlink(missing_ok=True)
@@ -567,7 +580,7 @@ def prepare_dataset(ds, out: str | os.PathLike, params: dict, classes: list[str]
     page = page_size_for(h * w, s)
     est, k = estimate_size(lambda i: _resized(data[i][0], s.max_resolution), len(data), s, page)
     _log(f"estimated output size: {_fmt_bytes(est)} ({len(data)} images, from {k} sampled)", quiet)
-    _write_beton(data, out, s, page)
+    _write_beton(data, out, s, page, quiet)
     counts = None
     if classes and getattr(ds, "num_classes", None) == len(classes):  # SyntheticImages: label = i % num_classes
         counts = np.bincount(np.arange(len(ds)) % len(classes), minlength=len(classes)).tolist()

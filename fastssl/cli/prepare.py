@@ -34,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2,
                     help="processes for validation and writing (peak memory grows with it)")
     ap.add_argument("--force", action="store_true", help="rewrite even if an up-to-date output exists")
-    ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--quiet", action="store_true",
+                    help="print nothing but errors: no messages, no progress (progress is a bar on a terminal, "
+                         "one line per tenth of the work when stdout is not one)")
     g = ap.add_argument_group("synthetic")
     g.add_argument("--classes", type=int, default=10)
     g.add_argument("--per-class", type=int, default=200)
