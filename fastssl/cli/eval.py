@@ -24,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--temperature", type=float, default=None, help="kNN temperature (default 0.07)")
     ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
     ap.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
+    ap.add_argument("--quiet", action="store_true",
+                    help="no progress of feature extraction (off too when stdout is not a terminal: "
+                         "one line per tenth of a split instead)")
     ap.add_argument("overrides", nargs="*", help="data.train=... data.val=... to evaluate on other data")
     args = ap.parse_args(argv)
 
@@ -53,9 +56,12 @@ def main(argv: list[str] | None = None) -> int:
         setattr(cfg.data, key.split(".")[1], value)
     run_dir = ck.parent.parent if ck.parent.name == "checkpoints" else ck.parent
     any_flag = args.knn or args.linear or args.rankme or args.alpha_req
-    res = evaluate(cfg, method, step, run_dir, knn=args.knn or not any_flag, linear=args.linear or not any_flag,
-                   rank=args.rankme or not any_flag, alpha=args.alpha_req or not any_flag,
-                   k=args.k, temperature=args.temperature, device=args.device)
+    from fastssl.progress import quiet
+
+    with quiet(args.quiet):
+        res = evaluate(cfg, method, step, run_dir, knn=args.knn or not any_flag, linear=args.linear or not any_flag,
+                       rank=args.rankme or not any_flag, alpha=args.alpha_req or not any_flag,
+                       k=args.k, temperature=args.temperature, device=args.device)
     print(f"\nevaluation of {ck} (step {step}); written to {run_dir / 'eval.json'}")
     for key in ("knn_top1", "linear_top1", "linear_top5", "rankme", "alpha_req"):
         if key in res:

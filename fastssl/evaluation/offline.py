@@ -171,15 +171,19 @@ def feature_meta(cfg, split: str, step: int) -> dict:
 
 def evaluate(cfg, method, step: int, run_dir: str | Path, knn: bool = True, linear: bool = True,
              rank: bool = True, alpha: bool = True, k: int | None = None, temperature: float | None = None,
-             device="cpu", loaders=None) -> dict:
-    """Evaluate ``method``'s frozen backbone; results (each with its protocol) also go to ``RUN_DIR/eval.json``."""
+             device="cpu", loaders=None, progress: bool = True) -> dict:
+    """Evaluate ``method``'s frozen backbone; results (each with its protocol) also go to ``RUN_DIR/eval.json``.
+
+    ``progress``: report feature extraction (``fastssl.progress``; cached features need none)."""
     loaders = loaders or eval_loaders(cfg, device)
     method.eval()
     size = cfg.aug.global_size
     feats = {}
     for split, ld in loaders.items():
         feats[split] = cached_features(run_dir, split, step, feature_meta(cfg, split, step),
-                                       lambda ld=ld: extract_features(method.embed, ld, device))
+                                       lambda ld=ld, split=split: extract_features(
+                                           method.embed, ld, device,
+                                           progress=f"features {split}" if progress else None))
     (tx, ty), (vx, vy) = feats["train"], feats["val"]
     num_classes = int(max(ty.max(), vy.max())) + 1
     k = k or cfg.eval.knn_k
