@@ -12,7 +12,7 @@ def test_yaml_and_overrides():
                                                     "data.train=x.beton", "train.resume=true"])
     assert cfg.optim.batch_size == 128 and cfg.train.epochs == 2 and cfg.method.temperature == 0.5
     assert cfg.data.train == "x.beton" and cfg.train.resume == "true"
-    assert cfg.model.backbone == "resnet_nano"  # from the YAML
+    assert cfg.model.backbone == "resnet_nano_s2"  # from the YAML
 
 
 @pytest.mark.parametrize("override, needle", [

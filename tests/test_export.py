@@ -89,6 +89,20 @@ def test_cpu_resnet_run_exports_native_and_refuses_torchvision(demo_data, tmp_pa
         assert words in err and "--format native" in err, err
 
 
+@pytest.mark.parametrize("name", ["resnet_tiny", "resnet_nano", "resnet_nano_s2"])
+def test_fastssl_cpu_resnets_pick_native(name):
+    """Their stems (3x3, stride 1 or 2, no max-pool) are not timm's: auto must not call them timm models."""
+    from types import SimpleNamespace
+
+    from fastssl.cli.export import ExportError, pick_format
+    from fastssl.models import create_backbone
+
+    net, _ = create_backbone(SimpleNamespace(backbone=name, drop_path=0.0))
+    assert pick_format("auto", name, net) == "native"
+    with pytest.raises(ExportError):
+        pick_format("timm", name, net)
+
+
 def test_torchvision_resnet_loads_strict_in_torchvision_and_timm(tmp_path, no_network):
     import timm
     import torchvision

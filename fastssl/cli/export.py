@@ -28,7 +28,7 @@ from, and the call that loads it. Formats:
   size, position embeddings resampled as in training).
 * ``native``: the backbone module's own state dict; :func:`load_backbone` rebuilds it from
   the JSON's ``model`` section. The only format for fastssl's CPU ResNets (``resnet_tiny``,
-  ``resnet_nano``: a 3x3 stride-1 stem without max-pool, which neither library builds).
+  ``resnet_nano``, ``resnet_nano_s2``: a 3x3 stem without max-pool, which neither library builds).
 * ``auto`` (default): torchvision for torchvision ResNets, timm for ViTs and other timm
   models, native otherwise.
 
@@ -96,8 +96,8 @@ def pick_format(fmt: str, name: str, backbone: nn.Module) -> str:
     if fmt == "auto":
         return "torchvision" if tv_ok else "timm" if timm_ok else "native"
     if fmt == "torchvision" and not tv_ok:
-        if name in ("resnet_tiny", "resnet_nano"):
-            why = (f"{name!r} is fastssl's CIFAR-style ResNet (3x3 stride-1 stem, no max-pool, "
+        if name in ("resnet_tiny", "resnet_nano", "resnet_nano_s2"):
+            why = (f"{name!r} is fastssl's CIFAR-style ResNet (3x3 stem, no max-pool, "
                    "one block per stage), not a torchvision architecture")
         elif vit:
             why = f"{name!r} is a ViT; torchvision's ViTs use another layout"
@@ -112,10 +112,11 @@ def pick_format(fmt: str, name: str, backbone: nn.Module) -> str:
 
 
 def _custom_stem(backbone: nn.Module) -> bool:
-    # resnet_tiny / resnet_nano are timm ResNet instances with a replaced stem: timm cannot rebuild them by name.
+    # resnet_tiny / resnet_nano(_s2) are timm ResNet instances with a replaced stem (a 3x3 conv, stride 1
+    # or 2, and no max-pool): timm cannot rebuild them by name. timm's own ResNets always pool the stem.
     m = _core(backbone)
     return isinstance(getattr(m, "maxpool", None), nn.Identity) and getattr(getattr(m, "conv1", None),
-                                                                            "stride", None) == (1, 1)
+                                                                            "kernel_size", None) == (3, 3)
 
 
 # ----------------------------------------------------------------------------- the three layouts
