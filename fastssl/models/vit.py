@@ -261,6 +261,7 @@ _SIZES = {  # name: (patch, dim, depth, heads, native img size)
     "vit_tiny_patch16": (16, 192, 12, 3, 224),
     "vit_small_patch16": (16, 384, 12, 6, 224),
     "vit_base_patch16": (16, 768, 12, 12, 224),
+    "vit_large_patch16": (16, 1024, 24, 16, 224),
     "vit_small_patch8": (8, 384, 12, 6, 224),
     "vit_base_patch8": (8, 768, 12, 12, 224),
 }
