@@ -27,9 +27,6 @@ from fastssl.pipelines.resize import area_resize
 # State array layout (int64): [seed, epoch, row_bytes, V, S_0 .. S_{V-1}]
 ST_SEED, ST_EPOCH, ST_ROW, ST_NVIEWS, ST_SIZES = range(5)
 MAX_VIEWS = 64
-# Shrink crops with our area resize (pipelines/resize.py); False: OpenCV's INTER_AREA for every
-# crop, as upstream ffcv. Read when a loader is built; `fastssl-bench loader --backend ffcv-opencv`.
-AREA_RESIZE = True
 
 
 def _intrinsics():
@@ -54,13 +51,14 @@ _VOIDPTR = None
 
 
 def multiview_decoder(params: np.ndarray, state: np.ndarray, counts: np.ndarray, train: bool,
-                      scratch: np.ndarray, per_thread: int):
+                      scratch: np.ndarray, per_thread: int, use_area: bool = True):
     """An ffcv decoder ``Operation`` for RGBImageField: decode once, V random-resized crops (+ flip) or one centre crop.
 
     ``params``: (V, 5) float64 from :func:`pipelines.crops.view_params`; ``state``: the loader's
     int64 state array (kept alive by the loader); ``counts``: int64 per-sample decode counter;
     ``scratch``: float32, ``per_thread`` elements for each numba thread (the area resize's row;
-    a crop needing more falls back to OpenCV).
+    a crop needing more falls back to OpenCV). ``use_area``: shrink crops with our area resize
+    (``pipelines/resize.py``); False: OpenCV's INTER_AREA for every crop, as upstream ffcv.
     """
     global _VOIDPTR
     from dataclasses import replace
@@ -96,7 +94,7 @@ def multiview_decoder(params: np.ndarray, state: np.ndarray, counts: np.ndarray,
             resize_crop_c = Compiler.compile(resize_crop)
             rrc, cc, key_of = random_resized_crop, center_crop, sample_key
             area = area_resize
-            use_area = bool(AREA_RESIZE)
+            with_area = bool(use_area)
             prm = params.copy()
             st_addr, st_len = int(state.ctypes.data), int(state.shape[0])
             cnt_addr, cnt_len = int(counts.ctypes.data), int(counts.shape[0])
@@ -153,7 +151,7 @@ def multiview_decoder(params: np.ndarray, state: np.ndarray, counts: np.ndarray,
                         else:
                             src, t, l, h, w = img, top, left, ch, cw
                         tid = numba.get_thread_id()
-                        if use_area and h >= s and w >= s and w * 3 <= per and (tid + 1) * per <= scr_len:
+                        if with_area and h >= s and w >= s and w * 3 <= per and (tid + 1) * per <= scr_len:
                             # Shrinking: our area resize (INTER_AREA maths, faster), in this thread's
                             # scratch, flipping as it writes. numba does not bounds-check, hence the
                             # explicit slice bounds above.
@@ -183,13 +181,15 @@ class FFCVLoader(LoaderBase):
 
     The file is checked first (:func:`pipelines.ffcv_compat.open_beton`): a truncated or corrupt
     ``.beton``, or one of other fields, raises :class:`fastssl.pipelines.DataError`.
+    ``area_resize``: shrink crops with our area resize (default); False resizes every crop with
+    OpenCV's INTER_AREA, as upstream ffcv (``fastssl-bench loader --backend ffcv-opencv``).
     """
 
     backend = "ffcv"
 
     def __init__(self, path: str, views, batch_size: int, device, *, seed: int = 0, rank: int = 0,
                  world_size: int = 1, drop_last: bool = True, workers: int = 2, train: bool = True,
-                 in_memory: bool = True, finisher=None, batches_ahead: int = 2):
+                 in_memory: bool = True, finisher=None, batches_ahead: int = 2, area_resize: bool = True):
         import_ffcv()  # first: keeps torch's thread count (ffcv's import sets it to 1) and patches ffcv's
         from ffcv.fields.basics import IntDecoder
         from ffcv.transforms import ToTensor
@@ -225,8 +225,9 @@ class FFCVLoader(LoaderBase):
 
         self.scratch_per_thread = int(info.widths.max()) * 3
         self.scratch = np.empty(numba.config.NUMBA_NUM_THREADS * self.scratch_per_thread, np.float32)
+        self.area_resize = bool(area_resize)
         decoder = multiview_decoder(self.params, self.state, self.counts, self.train, self.scratch,
-                                    self.scratch_per_thread)
+                                    self.scratch_per_thread, use_area=self.area_resize)
         pipelines = {"image": [decoder, ToTensor()],
                      "label": [IntDecoder(), ToTensor()] if labels is not None else None}
         self._loader, outputs = make_loader(info, pipelines, self.order, batch_size=self.batch_size, workers=workers,

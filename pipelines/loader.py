@@ -92,17 +92,58 @@ class LoaderBase(EpochContract):
         crops, ``labels`` (B,) int64 or None and ``indices`` (B,) int64, all on the device."""
         raise NotImplementedError
 
+    overlap_finish: bool | None = None  # None: on when the finisher runs on the CPU (see __iter__)
+
+    def _finish(self, step: int, raw) -> Batch:
+        crops, labels, indices = raw
+        views = self.finisher(crops, step) if self.finisher is not None else crops
+        return Batch(views=views, labels=labels, indices=indices)
+
     def __iter__(self):
         order = self.order(self.epoch)
         nb = len(self)
+        base = self.epoch * nb  # deterministic photometric stream: same (seed, epoch, batch) -> same views
         self._epoch_skipped = {}
+        overlap = self.overlap_finish
+        if overlap is None:
+            overlap = self.finisher is not None and self.device.type == "cpu"
         try:
-            for b, (crops, labels, indices) in enumerate(self._raw_batches(order, nb)):
-                step = self.epoch * nb + b  # deterministic photometric stream: same (seed, epoch, batch) -> same views
-                views = self.finisher(crops, step) if self.finisher is not None else crops
-                yield Batch(views=views, labels=labels, indices=indices)
+            if not overlap:
+                for b, raw in enumerate(self._raw_batches(order, nb)):
+                    yield self._finish(base + b, raw)
+                return
+            yield from self._overlapped(base, self._raw_batches(order, nb))
         finally:
             self._report_skipped()
+
+    def _overlapped(self, base: int, raws):
+        """Finish batch b+1 (photometric stage, on its own thread pool) while the caller trains on batch b.
+
+        On the CPU the finisher ran inside ``next()``, on the step's critical path, while one core
+        often idled in the step's single-threaded stretches. A raw batch is taken only after the
+        previous one is finished, because ffcv reuses a raw batch's memory slot once its consumer
+        moves on (its ``batches_ahead + 2`` slots): at most one raw batch is held here.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = getattr(self, "_finish_pool", None)
+        if pool is None:
+            pool = self._finish_pool = ThreadPoolExecutor(1, thread_name_prefix="fastssl-finish")
+        ready, fut = None, None
+        try:
+            for b, raw in enumerate(raws):
+                fut = pool.submit(self._finish, base + b, raw)
+                if ready is not None:
+                    yield ready
+                ready, fut = fut.result(), None
+            if ready is not None:
+                yield ready
+        finally:
+            if fut is not None:  # the caller stopped early: never leave a thread reading a raw slot
+                try:
+                    fut.result()
+                except Exception:
+                    pass
 
     def _report_skipped(self, first: int = 3) -> None:
         """One warning line for the epoch's unreadable files (how many, the first few, where the rest are)."""
@@ -146,14 +187,16 @@ def resolve_backend(path: str, backend: str) -> str:
 def build_loader(data_cfg, aug_views, split: str, batch_size: int, device, *, seed: int = 0, rank: int = 0,
                  world_size: int = 1, drop_last: bool = True, backend: str | None = None, workers: int | None = None,
                  train: bool = True, photometric: bool = True, in_memory: bool | None = None,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, area_resize: bool = True):
     """A loader of :class:`Batch` for ``split`` ("train"/"val": the path ``data_cfg.<split>``, or a path itself).
 
     ``aug_views``: the recipe's ``ViewSpec`` list (``train=False`` uses ``aug_views[0].size``, centre crop).
     ``data_cfg`` is duck-typed (``train``, ``val``, ``backend``, ``workers``, ``in_memory``); explicit
     keyword arguments win. ``photometric=False`` yields the uint8 ``(B, S, S, 3)`` crops on ``device``
     (the ``loader`` benchmark stage). ``dtype``: of the normalised views (default bf16 on CUDA, fp32
-    on the CPU; the trainer passes fp32 for ``train.precision=fp32``). The loader has ``len()`` (batches per epoch),
+    on the CPU; the trainer passes fp32 for ``train.precision=fp32``). ``area_resize`` (ffcv back-end):
+    shrink crops with our area resize; False resizes with OpenCV's INTER_AREA, as upstream ffcv (a
+    benchmark arm, ``fastssl-bench loader --backend ffcv-opencv``). The loader has ``len()`` (batches per epoch),
     ``set_epoch(epoch, global_size=None)``, ``num_samples`` (this dataset's size, all ranks),
     ``num_classes`` (None when unlabelled).
     """
@@ -175,6 +218,8 @@ def build_loader(data_cfg, aug_views, split: str, batch_size: int, device, *, se
     if not views:
         raise ValueError("aug_views is empty: give the recipe's views (AugConfig.resolved_views())")
     kind = resolve_backend(path, backend)
+    if not area_resize and kind != "ffcv":
+        raise ValueError(f"area_resize=False (OpenCV's resize) is an option of the ffcv back-end, not of {kind}")
     finisher = make_finisher(views if train else views[:1], device, seed, train, photometric, dtype)
     common = dict(seed=seed, rank=rank, world_size=world_size, drop_last=drop_last if train else False,
                   workers=workers, train=train, finisher=finisher)
@@ -184,7 +229,7 @@ def build_loader(data_cfg, aug_views, split: str, batch_size: int, device, *, se
         import_ffcv()  # torch's thread count survives ffcv's import; a missing ffcv names its install
         from fastssl.pipelines.ffcv_backend import FFCVLoader
 
-        return FFCVLoader(path, views, batch_size, device, in_memory=in_memory, **common)
+        return FFCVLoader(path, views, batch_size, device, in_memory=in_memory, area_resize=area_resize, **common)
     if kind == "dali":
         from fastssl.pipelines.dali_backend import DALILoader
 

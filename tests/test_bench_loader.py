@@ -27,33 +27,109 @@ def test_bench_loader_json_rounds_and_recipe_ratio(demo_data, capsys):
         d["time_per_image_vs_simclr_rounds"])
     assert "time_per_image_vs_simclr" not in rows[("ffcv", "simclr", "loader")]
     assert rows[("baseline", "simclr", "full")]["x_baseline"] == 1.0
+    # The JSON fields of a CPU run (what earlier figures were read from), none added by --device.
+    base = {"backend", "recipe", "stage", "views", "size", "batch_size", "workers", "images", "seconds",
+            "images_per_second", "ms_per_batch", "cpu_percent", "jitter", "rounds", "images_per_second_rounds",
+            "x_baseline"}
+    assert set(rows[("ffcv", "simclr", "loader")]) == set(rows[("baseline", "simclr", "full")]) == base
+    assert set(d) == base | {"time_per_image_vs_simclr", "time_per_image_vs_simclr_rounds"}
+    assert set(out) == {"benchmark", "cpu_count", "argv", "results"}
 
 
-def test_gpu_bench_loader_script_smoke_on_cpu_and_its_goal_check(tmp_path, capsys):
-    """``scripts/gpu_bench_loader.py --smoke``: the GPU script's code path, tiny, on the CPU; the goal compares
-    the GPU-decode full-stage SimCLR loader with the step benchmark's ResNet-50 figure."""
-    import importlib.util
-    from pathlib import Path
+def test_bench_loader_device_cuda_without_cuda_is_a_one_line_error(tmp_path, capsys):
+    """``--device cuda`` where torch sees no GPU: exit 2 with one line naming the fix, before any work."""
+    import pytest
+    import torch
 
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("gpu_bench_loader", root / "scripts" / "gpu_bench_loader.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    step = tmp_path / "step.json"
-    step.write_text(json.dumps({"simclr_rn50_bf16_compiled": {"variants": [{"images_per_s": 1e9}]}}))
-    assert mod.main(["--smoke", "--recipes", "simclr", "--step-json", str(step)]) == 0
-    out = json.loads(capsys.readouterr().out)
-    runs = {(r["pipeline"], r["stage"]): r for r in out["runs"]}
-    assert set(runs) == {("torch_cpu_decode", "loader"), ("torch_cpu_decode", "full"), ("torch_gpu_decode", "loader"),
-                         ("torch_gpu_decode", "full"), ("baseline_torchvision", "full")}
-    assert all(r["images_per_second"] > 0 for r in runs.values())
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible")
+    from fastssl.cli.bench import main
+
+    rc = main(["loader", "--device", "cuda", "--make-imagenet-like", str(tmp_path / "set"), "--measure",
+               "--backend", "torch", "--json"])
+    assert rc == 2
+    cap = capsys.readouterr()
+    lines = cap.err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in cap.err and cap.out == ""
+    assert lines[0].startswith("fastssl-bench loader: --device cuda but ") and "--device cpu" in lines[0]
+    assert not (tmp_path / "set").exists()                              # nothing written first
+    assert main(["loader", "--device", "tpu0", "--data", str(tmp_path)]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_bench_loader_make_and_measure_with_the_step_goal(tmp_path, capsys):
+    """``--make-imagenet-like DIR --measure`` (what ``scripts/gpu_check.sh`` runs, there with ``--device cuda``):
+    the JPEG set written by shards of worker processes equals the serial writer's, no .beton without an ffcv
+    arm, rows as JSON lines on stderr, and the goal against the step benchmark's ResNet-50 figure."""
+    from fastssl.cli.bench import main
+    from fastssl.cli.bench_loader import step_goal
+    from fastssl.pipelines.synthetic import SyntheticImages, write_jpeg_folder
+
+    step = tmp_path / "step.json"  # `fastssl-bench step --suite gpu` stdout: one JSON line per case
+    step.write_text(json.dumps({"case": "dino_vits16_bf16", "error": "timeout"}) + "\n" + json.dumps(
+        {"case": "simclr_rn50_bf16_compiled", "variants": [{"images_per_s": 1e9}]}) + "\n")
+    rc = main(["loader", "--make-imagenet-like", str(tmp_path / "set"), "--measure", "--n", "20", "--workers", "2",
+               "--backend", "torch", "--recipe", "simclr", "--stage", "full", "--batch-size", "4",
+               "--max-batches", "2", "--size", "32", "--step-json", str(step), "--json"])
+    assert rc == 0
+    cap = capsys.readouterr()
+    out = json.loads(cap.out)
+    assert out["images_per_second"] > 0 and out["images"] == 8 and "device" not in out    # CPU: no GPU name
+    assert out["data"]["images"] == 20 and "beton" not in out["data"]
+    assert not (tmp_path / "set" / "train.beton").exists()
+    rows = [json.loads(line) for line in cap.err.splitlines() if line.startswith("{")]
+    assert [r["row"]["backend"] for r in rows] == ["torch"]
+    serial = write_jpeg_folder(SyntheticImages(10, 2, (350, 400), seed=0, split="train"), tmp_path / "serial")
+    made = sorted(p.relative_to(tmp_path / "set" / "train") for p in (tmp_path / "set" / "train").rglob("*.jpg"))
+    assert made == sorted(p.relative_to(serial) for p in serial.rglob("*.jpg"))
+    assert all((tmp_path / "set" / "train" / p).read_bytes() == (serial / p).read_bytes() for p in made)
     goal = out["goal"]
-    assert goal["loader_images_per_second"] == runs[("torch_gpu_decode", "full")]["images_per_second"]
+    assert goal["loader_images_per_second"] == out["images_per_second"]
     assert goal["met"] is False and goal["loader_over_step"] < 1                 # nothing feeds 1e9 images/s
-    fast = mod._goal(out["runs"], step.with_name("missing.json"))
-    assert "error" in fast                                                        # a missing yardstick says so
-    step.write_text(json.dumps({"simclr_rn50_bf16_compiled": {"variants": [{"images_per_s": 1e-3}]}}))
-    assert mod._goal(out["runs"], step)["met"] is True
+    assert "error" in step_goal(out["results"], tmp_path / "missing.json")      # a missing yardstick says so
+    step.write_text(json.dumps({"simclr_rn50_bf16_compiled": {"variants": [{"images_per_s": 1e-3}]}}))  # --out
+    assert step_goal(out["results"], step)["met"] is True
+
+
+def test_ffcv_area_resize_is_a_loader_argument(demo_data, monkeypatch, capsys):
+    """``area_resize`` replaces the module global the benchmark used to flip: ``ffcv-opencv`` passes False,
+    every other arm the default, and only the ffcv back-end takes it."""
+    import pytest
+    import torch
+
+    from fastssl.pipelines import Batch
+    from fastssl.pipelines import loader as loader_mod
+    from fastssl.pipelines.recipes import preset
+
+    pytest.importorskip("ffcv")
+    from fastssl.pipelines import ffcv_backend
+
+    assert not hasattr(ffcv_backend, "AREA_RESIZE")
+    views = preset("simclr")
+    for v in views:
+        v.size = 16
+    L = loader_mod.build_loader(None, views, str(demo_data / "train.beton"), 8, "cpu", workers=1,
+                                photometric=False, area_resize=False)
+    assert L.area_resize is False
+    b = next(iter(L))
+    assert [tuple(v.shape) for v in b.views] == [(8, 16, 16, 3)] * 2
+    assert loader_mod.build_loader(None, views, str(demo_data / "train.beton"), 8, "cpu", workers=1).area_resize
+    with pytest.raises(ValueError, match="ffcv back-end"):
+        loader_mod.build_loader(None, views, str(demo_data / "train"), 8, "cpu", workers=0, area_resize=False)
+
+    seen = []
+
+    def fake_build_loader(data_cfg, views, src, batch_size, device, **kw):
+        seen.append((kw["backend"], kw["area_resize"], src.endswith(".beton")))
+        return [Batch(views=[torch.zeros(batch_size, 16, 16, 3, dtype=torch.uint8)], labels=None, indices=None)]
+
+    monkeypatch.setattr(loader_mod, "build_loader", fake_build_loader)
+    from fastssl.cli.bench import main
+
+    assert main(["loader", "--backend", "ffcv,ffcv-opencv,torch", "--data", str(demo_data), "--stage", "loader",
+                 "--batch-size", "8", "--size", "16", "--json"]) == 0
+    assert seen == [("ffcv", True, True), ("ffcv", False, True), ("torch", True, False)]
+    capsys.readouterr()
 
 
 def test_bench_loader_lightly_peer_arm_and_its_jitter(demo_data, capsys):

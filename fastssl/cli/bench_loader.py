@@ -2,6 +2,9 @@
 
     fastssl-bench loader --make-imagenet-like data/bench [--n 2000]
     fastssl-bench loader --backend all --data data/bench --recipe simclr --batch-size 64 --workers 2 --json
+    fastssl-bench loader --device cuda --make-imagenet-like /tmp/bench --measure --n 1000 --backend torch,baseline \
+        --recipe simclr,dino --jitter recipe --batch-size 128 --workers 8 --max-batches 8 \
+        --step-json gpu-results/gpu_bench_step.json --json
 
 ``--data`` is a folder holding ``train/`` (JPEG ImageFolder) and ``train.beton``
 (what ``--make-imagenet-like`` writes), or a .beton / folder itself.
@@ -28,6 +31,18 @@ for the recipe (SimCLR: (0.8, 0.8, 0.8, 0.2), SimCLR's s=1; BYOL and DINO: (0.4,
 0.2, 0.1), equal to our presets; MAE: none); ``--jitter recipe`` keeps our presets'.
 Measured after one warm-up pass (compilation, worker start); CPU use = process +
 reaped children CPU time / wall time.
+
+``--device cuda``: images/s of ready views on the GPU. The torch back-end then decodes
+on the GPU (``torchvision.io.decode_jpeg(device="cuda")`` + ``roi_align`` crops), so its
+``loader`` and ``full`` rows are the GPU-decode loader without and with the batched
+photometric stage; ``baseline`` and ``lightly`` views are copied to the GPU inside the
+timed loop. Timed with :class:`fastssl.benchmarking.Timer` (CUDA events). Without a
+visible CUDA device it stops with a one-line error. ``--make-imagenet-like DIR --measure``
+writes the benchmark set (the .beton only when an ffcv arm needs it) and measures it in
+the same call. ``--step-json`` (the JSON lines of ``fastssl-bench step --suite gpu``) adds
+``goal``: does the torch back-end's SimCLR ``full`` stage deliver at least the images/s of
+the ResNet-50 SimCLR bf16 step? With ``--json``, each row is also printed to stderr as a
+JSON line as it finishes, so a run cut short keeps what it measured.
 """
 from __future__ import annotations
 
@@ -45,22 +60,74 @@ def _cpu_seconds() -> float:
     return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
 
 
-def make_imagenet_like(out_dir: str, n: int = 2000, workers: int = 2, seed: int = 0) -> dict:
-    """``n`` JPEGs of 400x350 px at quality 90 (ImageFolder ``out/train``) and the same as ``out/train.beton``."""
-    from fastssl.pipelines.prepare import WriteSettings, prepare_folder
+class _Shard:
+    """Every ``step``-th image of ``ds`` from ``first``: what one writer process renders."""
+
+    def __init__(self, ds, first: int, step: int):
+        self.ds, self.first, self.step = ds, first, step
+        self.classes = ds.classes
+
+    def __len__(self) -> int:
+        return len(range(self.first, len(self.ds), self.step))
+
+    def __getitem__(self, j: int):
+        return self.ds[self.first + j * self.step]
+
+
+def _write_shard(job) -> None:
+    """Write one shard with the one JPEG writer, then give its files their global names."""
+    from fastssl.pipelines.synthetic import write_jpeg_folder
+
+    ds, first, step, folder, part = job
+    write_jpeg_folder(_Shard(ds, first, step), part, quality=90)
+    for f in Path(part).glob("*/*.jpg"):  # <class>/<shard index>.jpg -> <class>/<dataset index>.jpg
+        os.replace(f, Path(folder) / f.parent.name / f"{first + int(f.stem) * step:07d}.jpg")
+
+
+def make_imagenet_like(out_dir: str, n: int = 2000, workers: int = 2, seed: int = 0, beton: bool = True) -> dict:
+    """``n`` JPEGs of 400x350 px at quality 90 (ImageFolder ``out/train``) and the same as ``out/train.beton``.
+
+    The JPEGs are rendered by ``workers`` processes (each writes a shard with
+    :func:`pipelines.synthetic.write_jpeg_folder`); ``beton=False`` skips the .beton (no ffcv needed).
+    """
+    import shutil
+    import tempfile
+
     from fastssl.pipelines.synthetic import SyntheticImages, write_jpeg_folder
 
     out = Path(out_dir)
     folder = out / "train"
     stamp = out / ".imagenet-like.json"
     want = {"n": n, "seed": seed, "size": [350, 400], "quality": 90}
+    t0 = time.perf_counter()
     if not (stamp.is_file() and json.loads(stamp.read_text()) == want):
+        if stamp.is_file() and folder.is_dir():  # our own earlier set of another size: no stale files
+            shutil.rmtree(folder)
+        stamp.unlink(missing_ok=True)
         ds = SyntheticImages(num_classes=10, per_class=max(1, n // 10), size=(350, 400), seed=seed, split="train")
-        write_jpeg_folder(ds, folder, quality=90)
+        procs = max(1, min(int(workers), len(ds)))
+        if procs == 1:
+            write_jpeg_folder(ds, folder, quality=90)
+        else:
+            import multiprocessing as mp
+
+            for name in ds.classes:
+                (folder / name).mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(prefix=".parts-", dir=out) as parts:
+                jobs = [(ds, k, procs, str(folder), str(Path(parts) / str(k))) for k in range(procs)]
+                ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+                with ctx.Pool(procs) as pool:
+                    pool.map(_write_shard, jobs)
         stamp.write_text(json.dumps(want))
-    summary = prepare_folder(folder, out / "train.beton", WriteSettings(jpeg_quality=90, workers=workers), quiet=True)
-    return {"folder": str(folder), "beton": str(out / "train.beton"), "images": summary["written"],
-            "beton_bytes": summary["bytes"]}
+    info = {"folder": str(folder), "images": sum(1 for _ in folder.rglob("*.jpg")),
+            "make_seconds": round(time.perf_counter() - t0, 1)}
+    if beton:
+        from fastssl.pipelines.prepare import WriteSettings, prepare_folder
+
+        summary = prepare_folder(folder, out / "train.beton", WriteSettings(jpeg_quality=90, workers=workers),
+                                 quiet=True)
+        info.update(beton=str(out / "train.beton"), images=summary["written"], beton_bytes=summary["bytes"])
+    return info
 
 
 class _BaselineViews:
@@ -140,9 +207,13 @@ def _baseline_loader(folder: str, views, batch_size: int, workers: int):
 
 
 def _source(data: str, backend: str) -> str:
+    """The file or folder a back-end reads in a bench set (``train/`` and, when written, ``train.beton``)."""
     p = Path(data)
-    if p.is_dir() and (p / "train").is_dir() and (p / "train.beton").is_file():
-        return str(p / ("train.beton" if backend == "ffcv" else "train"))
+    if p.is_dir() and (p / "train").is_dir():
+        if backend != "ffcv":
+            return str(p / "train")
+        if (p / "train.beton").is_file():
+            return str(p / "train.beton")
     return str(p)
 
 
@@ -169,18 +240,18 @@ def measure(backend: str, stage: str, data: str, recipe: str, batch_size: int, w
         loader = _baseline_loader(src, views, batch_size, workers)
         stage = "full"
     else:
-        from fastssl.pipelines import ffcv_backend
         from fastssl.pipelines.loader import build_loader
 
         # ffcv-opencv: the ffcv back-end with OpenCV's INTER_AREA for every crop (upstream ffcv's
         # resize), to measure our area resize side by side.
-        ffcv_backend.AREA_RESIZE = backend != "ffcv-opencv"
-        try:
-            loader = build_loader(None, views, src, batch_size, device, seed=seed, workers=workers,
-                                  backend="ffcv" if backend == "ffcv-opencv" else backend,
-                                  photometric=(stage == "full"))
-        finally:
-            ffcv_backend.AREA_RESIZE = True
+        opencv = backend == "ffcv-opencv"
+        loader = build_loader(None, views, src, batch_size, device, seed=seed, workers=workers,
+                              backend="ffcv" if opencv else backend, photometric=(stage == "full"),
+                              area_resize=not opencv)
+    from fastssl.benchmarking import Timer
+
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
 
     def run(epoch: int, limit: int) -> tuple[int, float, float]:
         """One pass of up to ``limit`` batches: (images, wall seconds, CPU seconds).
@@ -188,20 +259,28 @@ def measure(backend: str, stage: str, data: str, recipe: str, batch_size: int, w
         ``set_epoch`` runs before the clock starts: it shuts down the previous pass, which
         the benchmark abandoned early (ffcv takes ~0.7 s to stop an iterator mid-epoch; a
         training epoch runs to its end and never pays that). The new epoch's start-up
-        (first-batch latency, worker start) is timed.
+        (first-batch latency, worker start) is timed. On CUDA the interval is between two CUDA
+        events; the device is idle at the first (synchronised before) and has finished every
+        stream's work at the second (synchronised inside, so side streams such as nvJPEG's count).
         """
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
-        c0, t0 = _cpu_seconds(), time.perf_counter()
+        if cuda:
+            torch.cuda.synchronize(dev)
+        c0 = _cpu_seconds()
         n = 0
-        for k, b in enumerate(loader):
-            vs = b.views if hasattr(b, "views") else b[0]
-            n += vs[0].shape[0]
-            if k + 1 >= limit:
-                break
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return n, time.perf_counter() - t0, _cpu_seconds() - c0
+        with Timer(dev) as t:
+            for k, b in enumerate(loader):
+                vs = b.views if hasattr(b, "views") else b[0]
+                if cuda and vs[0].device.type != "cuda":  # baseline, lightly: ready views are on the GPU
+                    vs = [v.to(dev, non_blocking=True) for v in vs]
+                n += vs[0].shape[0]
+                if k + 1 >= limit:
+                    break
+            if cuda:
+                torch.cuda.synchronize(dev)
+        wall = t.seconds()
+        return n, wall, _cpu_seconds() - c0
 
     run(0, min(max_batches, 4))                                    # warm-up: compile, start workers
     images, batches, wall, cpu = 0, 0, 0.0, 0.0
@@ -246,6 +325,44 @@ def _recipe_cost_ratios(results: list[dict], rounds: list[list[dict]], ref: str)
             r[f"time_per_image_vs_{ref}_rounds"] = [round(x, 3) for x in ratios]
 
 
+def device_error(device: str) -> str | None:
+    """Why ``--device`` cannot run here (one line), or None."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        return f"--device {device!r} is not a device: give cpu or cuda (cuda:N)"
+    if dev.type not in ("cpu", "cuda"):
+        return f"--device {device!r}: only cpu and cuda are measured"
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "torch was built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            return (f"--device {device} but {why} (torch {torch.__version__}); run it on a GPU machine, "
+                    f"or use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            return f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible"
+    return None
+
+
+def step_goal(results: list[dict], step_json: str | Path) -> dict:
+    """Issue 4's GPU goal: the torch back-end's SimCLR ``full`` stage (GPU decode on CUDA) delivers at least the
+    images/s of the ResNet-50 SimCLR bf16 step (case ``simclr_rn50_bf16_compiled`` of ``fastssl-bench step``)."""
+    loader = next((r["images_per_second"] for r in results if r["recipe"] == "simclr"
+                   and r["backend"] == "torch" and r["stage"] == "full"), None)
+    try:
+        text = Path(step_json).read_text()
+        try:
+            cases = json.loads(text)                         # one document (``--out``)
+        except ValueError:                                   # or ``--suite`` stdout: one JSON line per case
+            cases = {r.get("case"): r for r in map(json.loads, filter(str.strip, text.splitlines()))}
+        step = cases["simclr_rn50_bf16_compiled"]["variants"][0]["images_per_s"]
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        return {"error": f"no ResNet-50 step figure in {step_json}: {type(e).__name__}: {e}"}
+    return {"loader_images_per_second": loader, "step_images_per_second": round(step, 1),
+            "loader_over_step": round(loader / step, 3) if loader else None, "met": bool(loader and loader >= step)}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fastssl-bench loader``."""
     ap = argparse.ArgumentParser(prog="fastssl-bench loader", description=__doc__.split("\n\n")[0])
@@ -264,19 +381,37 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=1,
                     help="measure the whole grid this many times, interleaved, and report medians (noisy machines)")
     ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--device", default="cpu",
+                    help="cpu (default) or cuda: images/s of ready views on the GPU (the torch back-end decodes there)")
+    ap.add_argument("--json", action="store_true",
+                    help="print one JSON object (and each row to stderr as a JSON line as it finishes)")
     ap.add_argument("--out", help="also write the JSON here")
-    ap.add_argument("--make-imagenet-like", metavar="OUT_DIR", help="write the benchmark set and exit")
+    ap.add_argument("--make-imagenet-like", metavar="OUT_DIR", help="write the benchmark set and exit (see --measure)")
+    ap.add_argument("--measure", action="store_true",
+                    help="with --make-imagenet-like: then measure that set (--data OUT_DIR) instead of exiting")
     ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--step-json", metavar="FILE",
+                    help="output of `fastssl-bench step --suite gpu`: add the loader >= ResNet-50 step goal")
     a = ap.parse_args(argv)
+    err = device_error(a.device)
+    if err:
+        print(f"fastssl-bench loader: {err}", file=sys.stderr)
+        return 2
+    backends = ["lightly", "baseline", "torch", "dali", "ffcv"] if a.backend == "all" else a.backend.split(",")
+    made = None
     if a.make_imagenet_like:
-        info = make_imagenet_like(a.make_imagenet_like, a.n, a.workers)
-        print(json.dumps(info) if a.json else f"wrote {info}")
-        return 0
+        if a.data:
+            ap.error("give --data or --make-imagenet-like OUT_DIR, not both")
+        beton = not a.measure or any(be in ("ffcv", "ffcv-opencv") for be in backends)
+        made = make_imagenet_like(a.make_imagenet_like, a.n, a.workers, beton=beton)
+        if not a.measure:
+            print(json.dumps(made) if a.json else f"wrote {made}")
+            return 0
+        a.data = a.make_imagenet_like
+    elif a.measure:
+        ap.error("--measure needs --make-imagenet-like OUT_DIR")
     if not a.data:
         ap.error("--data is required (make a set with --make-imagenet-like OUT_DIR)")
-    backends = ["lightly", "baseline", "torch", "dali", "ffcv"] if a.backend == "all" else a.backend.split(",")
     grid = [(recipe, be, stage) for recipe in a.recipe.split(",") for be in backends
             for stage in (["full"] if be in ("baseline", "lightly") else a.stage.split(","))]
     rounds: list[list[dict]] = []
@@ -287,7 +422,9 @@ def main(argv: list[str] | None = None) -> int:
             r = measure(be, stage, a.data, recipe, a.batch_size, a.workers, a.size, a.epochs, a.max_batches,
                         a.device, jitter=a.jitter)
             rows.append(r)
-            if not a.json:
+            if a.json:  # a run cut short keeps what it measured
+                print(json.dumps({"row": r, "round": k + 1}), file=sys.stderr, flush=True)
+            else:
                 tag = f" [round {k + 1}]" if a.rounds > 1 else ""
                 print(f"{be:>8} {recipe:>6} {stage:>6}: {r['images_per_second']:8.1f} img/s  "
                       f"{r['ms_per_batch']:8.1f} ms/batch  cpu {r['cpu_percent']:5.0f}%{tag}", flush=True)
@@ -303,11 +440,21 @@ def main(argv: list[str] | None = None) -> int:
            "results": results}
     if len(results) == 1:
         out.update(results[0])
+    import torch
+
+    if torch.device(a.device).type == "cuda":
+        out["device"] = torch.cuda.get_device_name(torch.device(a.device))
+    if made is not None:
+        out["data"] = made
+    if a.step_json:
+        out["goal"] = step_goal(results, a.step_json)
+        if not a.json:
+            print(f"goal (torch simclr full >= ResNet-50 step): {out['goal']}")
+    from fastssl.benchmarking import write_json
+
+    text = write_json(out, a.out)
     if a.json:
-        print(json.dumps(out, indent=1))
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(out, indent=1))
+        print(text)
     return 0
 
 
