@@ -32,6 +32,8 @@ if ! $PY -c "import fastssl, fastssl.train, fastssl.kernels.contrastive, torch, 
 fi
 
 status=0
+# The loader benchmark's JPEGs (ImageNet-like, 400x350 px): outside $OUT, which returns every file.
+LOADER_DATA=${TMPDIR:-/tmp}/fastssl-gpu-check-loader
 # Each step's stdout to $OUT/<name>.json (JSON lines), its stderr to $OUT/errors.log
 # (the device tool returns at most 8 files).
 run() {
@@ -51,7 +53,9 @@ if [ "$DRY" = 1 ]; then
   run pytest_cuda 300 $PY -m pytest -q -p no:cacheprovider tests/test_gpu_recipe.py
   run gpu_bench_loss 300 $PY -m fastssl.cli.bench loss --suite smoke --repeats 1
   run gpu_bench_step 300 $PY -m fastssl.cli.bench step --suite smoke
-  run gpu_bench_loader 300 $PY scripts/gpu_bench_loader.py --smoke --step-json "$OUT/gpu_bench_step.json"
+  run gpu_bench_loader 300 $PY -m fastssl.cli.bench loader --make-imagenet-like "$LOADER_DATA" --measure --n 40 \
+    --backend torch,baseline --recipe simclr,dino --jitter recipe --batch-size 8 --workers 1 --max-batches 2 \
+    --step-json "$OUT/gpu_bench_step.json" --json
 else
   # The kernels' bf16 tl.dot branches never run under the CPU interpreter: their tests come first.
   export TRITON_INTERPRET=0
@@ -60,7 +64,10 @@ else
   run gpu_bench_loss 100 $PY -m fastssl.cli.bench loss --suite gpu --budget 70
   run gpu_bench_step 180 $PY -m fastssl.cli.bench step --suite gpu --quick
   # The loader goal is relative to the trainer: the step benchmark's JSON lines are its yardstick.
-  run gpu_bench_loader 60 $PY scripts/gpu_bench_loader.py --batches 8 --step-json "$OUT/gpu_bench_step.json"
+  # On CUDA the torch back-end decodes on the GPU (nvJPEG + roi_align): its loader and full rows.
+  run gpu_bench_loader 60 $PY -m fastssl.cli.bench loader --device cuda --make-imagenet-like "$LOADER_DATA" --measure \
+    --n 1000 --backend torch,baseline --recipe simclr,dino --jitter recipe --batch-size 128 --workers 8 \
+    --max-batches 8 --step-json "$OUT/gpu_bench_step.json" --json
 fi
 echo "total $(( $(date +%s) - T0 ))s, status $status"
 exit $status
