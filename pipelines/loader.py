@@ -92,17 +92,58 @@ class LoaderBase(EpochContract):
         crops, ``labels`` (B,) int64 or None and ``indices`` (B,) int64, all on the device."""
         raise NotImplementedError
 
+    overlap_finish: bool | None = None  # None: on when the finisher runs on the CPU (see __iter__)
+
+    def _finish(self, step: int, raw) -> Batch:
+        crops, labels, indices = raw
+        views = self.finisher(crops, step) if self.finisher is not None else crops
+        return Batch(views=views, labels=labels, indices=indices)
+
     def __iter__(self):
         order = self.order(self.epoch)
         nb = len(self)
+        base = self.epoch * nb  # deterministic photometric stream: same (seed, epoch, batch) -> same views
         self._epoch_skipped = {}
+        overlap = self.overlap_finish
+        if overlap is None:
+            overlap = self.finisher is not None and self.device.type == "cpu"
         try:
-            for b, (crops, labels, indices) in enumerate(self._raw_batches(order, nb)):
-                step = self.epoch * nb + b  # deterministic photometric stream: same (seed, epoch, batch) -> same views
-                views = self.finisher(crops, step) if self.finisher is not None else crops
-                yield Batch(views=views, labels=labels, indices=indices)
+            if not overlap:
+                for b, raw in enumerate(self._raw_batches(order, nb)):
+                    yield self._finish(base + b, raw)
+                return
+            yield from self._overlapped(base, self._raw_batches(order, nb))
         finally:
             self._report_skipped()
+
+    def _overlapped(self, base: int, raws):
+        """Finish batch b+1 (photometric stage, on its own thread pool) while the caller trains on batch b.
+
+        On the CPU the finisher ran inside ``next()``, on the step's critical path, while one core
+        often idled in the step's single-threaded stretches. A raw batch is taken only after the
+        previous one is finished, because ffcv reuses a raw batch's memory slot once its consumer
+        moves on (its ``batches_ahead + 2`` slots): at most one raw batch is held here.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = getattr(self, "_finish_pool", None)
+        if pool is None:
+            pool = self._finish_pool = ThreadPoolExecutor(1, thread_name_prefix="fastssl-finish")
+        ready, fut = None, None
+        try:
+            for b, raw in enumerate(raws):
+                fut = pool.submit(self._finish, base + b, raw)
+                if ready is not None:
+                    yield ready
+                ready, fut = fut.result(), None
+            if ready is not None:
+                yield ready
+        finally:
+            if fut is not None:  # the caller stopped early: never leave a thread reading a raw slot
+                try:
+                    fut.result()
+                except Exception:
+                    pass
 
     def _report_skipped(self, first: int = 3) -> None:
         """One warning line for the epoch's unreadable files (how many, the first few, where the rest are)."""

@@ -67,6 +67,29 @@ def test_raw_crops_seeded_reproducible(demo_data, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_overlapped_finishing_gives_the_same_batches(demo_data, backend):
+    """On the CPU the photometric stage of batch b+1 runs while batch b is used. The batches are the
+    same as finishing in next(), over a whole epoch and when a pass stops early (ffcv reuses its raw
+    slots: a raw batch must be finished before the next is taken)."""
+    seq = _loader(demo_data, backend, "dino", seed=5)
+    seq.overlap_finish = False
+    ovl = _loader(demo_data, backend, "dino", seed=5)
+    assert ovl.overlap_finish is None  # default: on, since the finisher runs on the CPU
+    a, b = list(seq), list(ovl)
+    assert len(a) == len(b) == len(seq)
+    for x, y in zip(a, b):
+        assert torch.equal(x.indices, y.indices) and torch.equal(x.labels, y.labels)
+        assert all(torch.equal(u, v) for u, v in zip(x.views, y.views))
+    for stop in (1, 3):  # an abandoned pass, then a full one from the start of the same epoch
+        for i, _ in enumerate(ovl):
+            if i == stop:
+                break
+        ovl.set_epoch(0)
+        again = list(ovl)
+        assert all(torch.equal(u, v) for x, y in zip(a, again) for u, v in zip(x.views, y.views))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_epochs_shuffle_and_progressive_resolution(demo_data, backend):
     L = _loader(demo_data, backend, "dino", photometric=False)
     e0 = torch.cat([b.indices for b in L])
