@@ -104,7 +104,7 @@ class TrainConfig:
     ckpt_every_epochs: int = 1      # periodic checkpoints (also always at the end)
     ckpt_every_steps: int = 0       # >0: also every N optimizer steps
     log_every: int = 10             # steps between metric lines (host sync only then)
-    progress: bool = True           # tqdm progress bar
+    progress: bool = True           # progress (fastssl.progress: a bar on a terminal, lines otherwise)
     res_start: int = 0              # progressive resolution: global-view size at epoch 0 (0 = off)
     res_end_epoch: float = 0.85     # ... reaches aug.global_size at this fraction of the epochs
     res_step: int = 32              # sizes are rounded to this multiple (bounded number of recompiles)
