@@ -190,8 +190,8 @@ def evaluate(spec: dict) -> dict:
         init, _ = create_backbone(c.model)
         _, method, _ = load_for_eval(spec["runs"][str(seed)]["fastssl"]["run_dir"])
         lb, _ = create_backbone(c.model)
-        lb.load_state_dict(clean_state_dict(torch.load(spec["runs"][str(seed)]["lightly"]["backbone_file"],
-                                                       weights_only=True)))
+        path = spec["runs"][str(seed)]["lightly"]["backbone_file"]
+        lb.load_state_dict(clean_state_dict(torch.load(path, weights_only=True)))
         out[str(seed)] = {"init": knn(init), "fastssl": knn(method.backbone), "lightly": knn(lb)}
     out["protocol"] = {"k": cfg.eval.knn_k, "temperature": cfg.eval.knn_temperature, "image_size": views[0].size,
                        "features": f"backbone pooled ({cfg.model.backbone}), centre crop",
