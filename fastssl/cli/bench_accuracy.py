@@ -36,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from fastssl.cli.bench_peer import _versions  # package versions and the git head, as bench peer records them
+
 GOAL_POINTS = 2.0
 
 
@@ -93,11 +95,10 @@ def arm_lightly(spec: dict) -> dict:
     from lightly.utils.scheduler import CosineWarmupScheduler
     from torch import nn
 
-    from fastssl.config import load_config
     from fastssl.models import create_backbone
     from fastssl.train import cpu_threads
 
-    cfg = load_config(spec["config"], [f"train.seed={spec['seed']}", *spec["overrides"]])
+    cfg = load_config_for(spec, spec["seed"])
     if cfg.method.name != "simclr":
         raise SystemExit(f"fastssl-bench accuracy: the lightly arm covers simclr recipes, not {cfg.method.name!r}")
     torch.manual_seed(spec["seed"])
@@ -144,16 +145,7 @@ def arm_lightly(spec: dict) -> dict:
     out = Path(spec["work"]) / f"lightly-s{spec['seed']}.pt"
     torch.save(backbone.state_dict(), out)
     return {"backbone_file": str(out), "train_seconds": wall, "steps": len(losses),
-            "final_loss": float(losses[-1]) if losses else None, "lightly": _lightly_version()}
-
-
-def _lightly_version() -> str | None:
-    try:
-        from importlib.metadata import version
-
-        return version("lightly")
-    except Exception:
-        return None
+            "final_loss": float(losses[-1]) if losses else None}
 
 
 def evaluate(spec: dict) -> dict:
@@ -238,7 +230,7 @@ def summarise(spec: dict, runs: dict, evals: dict) -> dict:
     return {"benchmark": "accuracy", "config": spec["config"], "overrides": spec["overrides"], "seeds": spec["seeds"],
             "rows": rows, "mean_fastssl_minus_lightly": mean, "goal": f">= -{GOAL_POINTS} points",
             "goal_met": mean >= -GOAL_POINTS, "protocol": evals["protocol"],
-            "lightly": runs[str(spec["seeds"][0])]["lightly"].get("lightly"),
+            "versions": _versions(),
             "fastssl_command": runs[str(spec["seeds"][0])]["fastssl"]["command"]}
 
 
