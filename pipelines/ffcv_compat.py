@@ -4,7 +4,8 @@ The ffcv back-end (``pipelines/ffcv_backend.py``) goes through this module for: 
 (thread count, below), the ``.beton`` checks and its metadata columns found by position
 (:func:`open_beton`), the decoder's base class (:func:`decoder_base`), our epoch order in
 ffcv's ``Loader`` (:func:`make_loader`, :func:`start_epoch`) and the epoch iterator's
-private queue (:func:`next_batch`, :func:`stop_epoch`). The decoder itself uses ffcv's
+private queue (:func:`next_batch`, :func:`stop_epoch`); ``fastssl-prepare`` goes through it
+for the writer's progress bar (:func:`writer_progress`). The decoder itself uses ffcv's
 public extension API (``Operation``, ``AllocationQuery``, ``Compiler``, ``libffcv``).
 
 ffcv 1.0.x has two process-wide side effects on torch's intra-op thread count:
@@ -53,6 +54,28 @@ def import_ffcv():
                       f"may have moved", stacklevel=2)
     _keep_torch_threads(ffcv_compiler)
     return ffcv
+
+
+def writer_progress(factory):
+    """``with writer_progress(factory):`` ffcv's ``DatasetWriter`` reports through ``factory(total=...)``.
+
+    ffcv 1.0's writer calls the module-level name ``ffcv.writer.tqdm(total=N)`` for its bar (no label,
+    on stderr, even when the caller is quiet); the name is swapped for the duration of the block.
+    """
+    import contextlib
+
+    import ffcv.writer
+
+    @contextlib.contextmanager
+    def swapped():
+        saved = ffcv.writer.tqdm
+        ffcv.writer.tqdm = lambda total=None, **kw: factory(total=total)
+        try:
+            yield
+        finally:
+            ffcv.writer.tqdm = saved
+
+    return swapped()
 
 
 def _keep_torch_threads(ffcv_compiler) -> None:

@@ -449,10 +449,10 @@ def _write_beton(dataset, out: Path, s: WriteSettings, page_size: int, quiet: bo
     ffcv's writer draws its own tqdm bar (no label, on stderr, even when quiet, ``\r``-joined in a
     log); it gets fastssl's reporter instead (``fastssl.progress``: a bar on a terminal, lines
     otherwise, nothing with ``quiet``)."""
-    import ffcv.writer
     from ffcv.fields import IntField
     from ffcv.writer import DatasetWriter
 
+    from fastssl.pipelines.ffcv_compat import writer_progress
     from fastssl.progress import progress
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -461,13 +461,9 @@ def _write_beton(dataset, out: Path, s: WriteSettings, page_size: int, quiet: bo
     try:
         writer = DatasetWriter(tmp, {"image": s.field(), "label": IntField()}, num_workers=max(1, s.workers),
                                page_size=page_size)
-        saved, ffcv.writer.tqdm = ffcv.writer.tqdm, \
-            lambda total=None, **kw: progress(total, f"write {out.name}", "img", enabled=not quiet)
-        try:
+        with writer_progress(lambda total: progress(total, f"write {out.name}", "img", enabled=not quiet)):
             writer.from_indexed_dataset(dataset,
                                         chunksize=max(1, min(100, len(dataset) // (4 * max(1, s.workers)) or 1)))
-        finally:
-            ffcv.writer.tqdm = saved
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it 0600
