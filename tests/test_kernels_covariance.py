@@ -58,10 +58,19 @@ def test_gram_paths_match_dxd(n, d, same, dtype, floor, device):
     gram = _run(C.cross_frob_gram, a, mu_a, s_a, b, mu_b, s_b)
     fused = _run(C.cross_frob, a, mu_a, s_a, b, mu_b, s_b)
     assert len(fused) == (4 if same else 7)
+    # The bf16 branch on the GPU rounds the centred, scaled rows to bf16 before ``tl.dot`` (tensor
+    # cores), which the fp32 reference does not: its floor is bf16's resolution (2^-8 ~ 3.9e-3) of the
+    # largest value. H200, 2026-11-26: the value was 2.6e-4 relative off, what emulating that rounding
+    # in fp64 gives. The interpreter computes in fp32, so the CPU keeps the tight floor.
+    lowp_gpu = device == "cuda" and dtype != torch.float32
+    # The Gram path's N x N products sum in another order than the D x D ones; on cuBLAS (N=300 > D=40)
+    # its error on the cancelling mu-gradient was 1.1x the bound of 2x the D x D error: 4x is the slack.
+    slack = 4
     for k, (t, r, gr, fu) in enumerate(zip(truth, ref, gram, fused)):
-        bound = 2 * (r - t).abs().max().item() + floor * t.abs().max().item()
+        bound = slack * (r - t).abs().max().item() + floor * t.abs().max().item()
+        fbound = bound + (4e-3 * t.abs().max().item() if lowp_gpu else 0.0)
         assert (gr - t).abs().max().item() <= bound, (k, "gram", (gr - t).abs().max().item(), bound)
-        assert (fu - t).abs().max().item() <= bound, (k, "triton", (fu - t).abs().max().item(), bound)
+        assert (fu - t).abs().max().item() <= fbound, (k, "triton", (fu - t).abs().max().item(), fbound)
 
 
 def test_identity_on_a_hand_case():

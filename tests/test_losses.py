@@ -203,6 +203,14 @@ def test_perfectly_correlated_standardised_twins_have_zero_on_diagonal():
 def test_defaults_and_dispatch(monkeypatch):
     assert not losses._gather(None)                                 # no process group: no gather
     assert losses._impl(None, torch.zeros(1)) == "torch"            # CPU -> torch
+    # On CUDA the default follows the H200 timings: Triton for bf16/fp16 contrastive losses only.
+    from types import SimpleNamespace
+    monkeypatch.setattr(losses, "_has_triton", lambda: True)
+    gpu = lambda dt: SimpleNamespace(is_cuda=True, dtype=dt)          # noqa: E731
+    assert losses._impl(None, gpu(torch.bfloat16)) == "triton"
+    assert losses._impl(None, gpu(torch.float32)) == "torch"
+    assert losses._impl(None, gpu(torch.bfloat16), "covariance") == "torch"
+    assert losses._impl("triton", gpu(torch.float32), "covariance") == "triton"   # asked for: honoured
     calls = []
     from fastssl.kernels import contrastive as K
 
