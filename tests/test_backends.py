@@ -160,6 +160,48 @@ def test_torch_gpu_path_matches_cpu_path(demo_data):
     assert (other.views[0].float() - cpu.views[0].float()).abs().mean() > 6.0   # the bound can fail
 
 
+def _crop_one_by_one(images, geo, sizes):
+    """The per-image reference: one roi_align per image and view size, no padding."""
+    from torchvision.ops import roi_align
+
+    out = [torch.empty(len(images), s, s, 3, dtype=torch.uint8) for s in sizes]
+    for b, im in enumerate(images):
+        for v, s in enumerate(sizes):
+            t, l, ch, cw, f = geo[b, v].tolist()
+            box = torch.tensor([[0.0, l, t, l + cw, t + ch]])
+            c = roi_align(im[None].float(), box, (s, s), 1.0, -1, aligned=True)[0]
+            c = c.flip(-1) if f else c
+            out[v][b] = c.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0)
+    return out
+
+
+@pytest.mark.parametrize("budget", [1 << 30, 40_000])   # one padded chunk; several (small budget)
+def test_batched_crop_views_equal_per_image_crops(budget):
+    """``crop_views`` pads images of different sizes into one roi_align call per view size; every view
+    equals cropping its image alone, also crops that touch the right/bottom edge and tiny crops that
+    are upsampled (samples past the last pixel centre), where zero padding would darken the edge."""
+    from fastssl.pipelines.torch_backend import crop_views
+
+    g = torch.Generator().manual_seed(0)
+    hw = [(37, 50), (64, 41), (20, 90), (81, 81), (33, 33)]
+    images = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for h, w in hw]
+    sizes = [24, 24, 12]
+    geo = torch.zeros(len(hw), len(sizes), 5, dtype=torch.int64)
+    for b, (h, w) in enumerate(hw):
+        geo[b, 0] = torch.tensor([h - 5, w - 4, 5, 4, 1])              # tiny, bottom-right corner, flipped
+        geo[b, 1] = torch.tensor([0, 0, h, w, 0])                      # the whole image
+        geo[b, 2] = torch.tensor([h // 3, w // 4, h - h // 3, w - w // 4, b % 2])  # to the edges
+    got = crop_views(images, geo, sizes, budget_bytes=budget)
+    ref = _crop_one_by_one(images, geo, sizes)
+    for v, (a, r) in enumerate(zip(got, ref)):
+        diff = (a.int() - r.int()).abs()
+        assert diff.max() <= 1, (v, diff.max())          # fp32 rounding of the padded blend: at most 1 level
+        assert (diff == 0).float().mean() > 0.99, v
+    zero_pad = [torch.nn.functional.pad(im, (0, 1, 0, 1)) for im in images]   # the bound can fail:
+    bad = _crop_one_by_one(zero_pad, geo, sizes)[0]                             # edge blended with 0
+    assert (bad.int() - ref[0].int()).abs().max() > 20
+
+
 @pytest.mark.cuda
 def test_torch_gpu_decode_on_cuda(jpeg_data):
     """nvJPEG decode + roi_align crops: uint8 views on the GPU, close to the CPU path's crops of the same samples."""
