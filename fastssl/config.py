@@ -63,6 +63,20 @@ class MethodConfig:
 
 
 @dataclass
+class TwoViewConfig(MethodConfig):
+    """Base of the two-view methods' configs (SimCLR, BYOL, MoCo v3, SimSiam, NNCLR, VICReg, Barlow Twins).
+
+    They run backbone, projector and predictor once per view, so BatchNorm normalises each view's
+    batch with its own statistics, as their reference code (and lightly's, solo-learn's loops) does.
+    ``joint_bn=True``: one call over both views, whose BN statistics mix the two views of every
+    image; demo SimCLR lost 7 kNN points that way (BENCHMARKS.md, "Issue 12, session 6"). The
+    multi-crop methods (DINO, SwAV) batch crops by resolution, as their reference code does.
+    """
+
+    joint_bn: bool = False
+
+
+@dataclass
 class OptimConfig:
     name: str = "lars"              # lars | adamw | sgd
     batch_size: int = 256           # GLOBAL images per optimizer step (all processes x accumulation)

@@ -50,6 +50,11 @@ def make_views(cfg, b=8, seed=1):
 # ----------------------------------------------------------------------------- direct references
 
 
+def each_view(f, views):
+    """The two-view methods' reference code: the network called once per view (BatchNorm per view)."""
+    return torch.cat([f(v) for v in views[:2]])
+
+
 def _nce_rows(anchors, cols, pos, exclude, t):
     """-log softmax over the kept columns, one anchor at a time (loop: the paper's sum written out)."""
     out = []
@@ -63,7 +68,7 @@ def _nce_rows(anchors, cols, pos, exclude, t):
 
 def ref_simclr(m, views, step):
     b = views[0].shape[0]
-    z = F.normalize(m.projector(m.backbone(torch.cat(views[:2]))).float(), dim=1)
+    z = F.normalize(each_view(lambda v: m.projector(m.backbone(v)), views).float(), dim=1)
     n = 2 * b
     pos = [(i + b) % n for i in range(n)]
     excl = [{i, pos[i]} if m.decoupled else {i} for i in range(n)]
@@ -72,10 +77,9 @@ def ref_simclr(m, views, step):
 
 def ref_byol(m, views, step):
     b = views[0].shape[0]
-    x = torch.cat(views[:2])
-    p = m.predictor(m.projector(m.backbone(x)))
+    p = each_view(lambda v: m.predictor(m.projector(m.backbone(v))), views)
     with torch.no_grad():
-        zt = m.teacher["projector"](m.teacher["backbone"](x))
+        zt = each_view(lambda v: m.teacher["projector"](m.teacher["backbone"](v)), views)
     pn, zn = p / p.norm(dim=1, keepdim=True), zt / zt.norm(dim=1, keepdim=True)
     # ||p/|p| - z'/|z'|||^2, both directions summed (BYOL eq. 2 and the symmetrised loss)
     return ((pn[:b] - zn[b:]) ** 2).sum(1).mean() + ((pn[b:] - zn[:b]) ** 2).sum(1).mean()
@@ -83,8 +87,8 @@ def ref_byol(m, views, step):
 
 def ref_simsiam(m, views, step):
     b = views[0].shape[0]
-    z = m.projector(m.backbone(torch.cat(views[:2])))
-    p = m.predictor(z)
+    z = each_view(lambda v: m.projector(m.backbone(v)), views)
+    p = each_view(m.predictor, list(z.chunk(2)))
     z = z.detach()
 
     def d(p, z):  # D(p, z) = - p/|p| . z/|z|
@@ -95,10 +99,9 @@ def ref_simsiam(m, views, step):
 
 def ref_mocov3(m, views, step):
     b = views[0].shape[0]
-    x = torch.cat(views[:2])
-    q = F.normalize(m.predictor(m.projector(m.backbone(x))), dim=1)
+    q = F.normalize(each_view(lambda v: m.predictor(m.projector(m.backbone(v))), views), dim=1)
     with torch.no_grad():
-        k = F.normalize(m.teacher["projector"](m.teacher["backbone"](x)), dim=1)
+        k = F.normalize(each_view(lambda v: m.teacher["projector"](m.teacher["backbone"](v)), views), dim=1)
     t = m.temperature
 
     def ctr(q, k):  # MoCo v3 Algorithm 1: CrossEntropyLoss(q k^T / t, arange) * 2t
@@ -110,8 +113,8 @@ def ref_mocov3(m, views, step):
 
 def ref_nnclr(m, views, step):
     b = views[0].shape[0]
-    z = m.projector(m.backbone(torch.cat(views[:2])))
-    p = F.normalize(m.predictor(z), dim=1)
+    z = each_view(lambda v: m.projector(m.backbone(v)), views)
+    p = F.normalize(each_view(m.predictor, list(z.chunk(2))), dim=1)
     zn = F.normalize(z.detach(), dim=1)
     support = m.queue.rows[: int(m.queue.filled)]
     nn1 = torch.stack([support[int(torch.argmax(support @ zi))] for zi in zn[:b]])
@@ -124,7 +127,7 @@ def ref_nnclr(m, views, step):
 
 def ref_vicreg(m, views, step):
     b = views[0].shape[0]
-    z = m.projector(m.backbone(torch.cat(views[:2]))).float()
+    z = each_view(lambda v: m.projector(m.backbone(v)), views).float()
     za, zb = z[:b], z[b:]
     sim, std_c, cov_c = m.coeffs
     inv = ((za - zb) ** 2).mean()
@@ -144,7 +147,7 @@ def ref_vicreg(m, views, step):
 
 def ref_barlow_twins(m, views, step):
     b = views[0].shape[0]
-    z = m.projector(m.backbone(torch.cat(views[:2]))).float()
+    z = each_view(lambda v: m.projector(m.backbone(v)), views).float()
     bn = torch.nn.BatchNorm1d(z.shape[1], affine=False).train()            # the official code's bn
     c = bn(z[:b]).t() @ bn(z[b:]) / b
     on = ((torch.diagonal(c) - 1) ** 2).sum()
@@ -500,3 +503,28 @@ def test_z_std_is_the_projector_output_of_view0_in_every_method(name):
         handle.remove()
     assert seen, f"{name}: the projector did not run"
     torch.testing.assert_close(out["z_std"], embedding_std(seen[0][:b]), msg=name)
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_two_view_methods_normalise_each_view_alone(name):
+    """BatchNorm statistics per view (the reference code's one call per view): in training mode, view 0's
+    features do not depend on view 1's images; with ``method.joint_bn=true`` they do (the test can fail)."""
+    from fastssl.config import TwoViewConfig
+
+    m, cfg = tiny_method(name)
+    if not isinstance(cfg.method, TwoViewConfig):
+        pytest.skip(f"{name} is not a two-view method")
+    views = make_views(cfg)
+    other = [views[0], make_views(cfg, seed=7)[1]]
+    m.train()
+    torch.manual_seed(0)
+    a = m(views, 3)["features"]
+    torch.manual_seed(0)
+    b = m(other, 3)["features"]
+    torch.testing.assert_close(a, b, msg=name)
+    joint, _ = tiny_method(name, joint_bn=True)
+    joint.train()
+    torch.manual_seed(0)
+    a = joint(views, 3)["features"]
+    torch.manual_seed(0)
+    assert not torch.allclose(a, joint(other, 3)["features"]), name

@@ -202,6 +202,19 @@ def forward_by_resolution(fn, views: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([fn(torch.cat(views[a:b])) for a, b in resolution_groups(views)])
 
 
+def per_view(fn, x: torch.Tensor, n: int, joint: bool = False) -> torch.Tensor:
+    """``fn`` over the ``n`` view chunks of ``x`` ((n*B, ...), views stacked), one call each, concatenated.
+
+    One call per view is what makes BatchNorm normalise each view's batch with its own statistics
+    (the two-view methods' reference code calls the network once per view). ``joint``: a single call
+    over all views (``method.joint_bn``): fewer, larger calls, but BN statistics shared by the two
+    views of every image, a shortcut the loss can exploit (demo SimCLR: 39.2 -> 46.4 kNN top-1 per view).
+    """
+    if joint or n == 1:
+        return fn(x)
+    return torch.cat([fn(c) for c in x.chunk(n)])
+
+
 @torch.no_grad()
 def embedding_std(z: torch.Tensor) -> torch.Tensor:
     """Mean per-dimension std of L2-normalised rows: 0 when collapsed, about 1/sqrt(D) when spread."""

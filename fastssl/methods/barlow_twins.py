@@ -12,14 +12,14 @@ import torch
 import torch.nn as nn
 
 from fastssl import losses
-from fastssl.config import MethodConfig
+from fastssl.config import TwoViewConfig
 from fastssl.methods import MethodHooks, register_method
-from fastssl.methods._common import embedding_std
+from fastssl.methods._common import embedding_std, per_view
 from fastssl.models import create_backbone, mlp
 
 
 @dataclass
-class BarlowTwinsConfig(MethodConfig):
+class BarlowTwinsConfig(TwoViewConfig):
     name: str = "barlow_twins"
     proj_hidden: int = 8192
     proj_dim: int = 8192
@@ -31,14 +31,15 @@ class BarlowTwins(MethodHooks, nn.Module):
     def __init__(self, cfg, total_steps: int):
         super().__init__()
         m = cfg.method
+        self.joint_bn = m.joint_bn
         self.lambd = m.lambd
         self.backbone, self.feat_dim = create_backbone(cfg.model)
         self.projector = mlp(self.feat_dim, m.proj_hidden, m.proj_dim, layers=3, bias_last=False)
 
     def forward(self, views: list[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         b = views[0].shape[0]
-        feats = self.backbone(torch.cat(views[:2]))
-        z = self.projector(feats).float()
+        feats = per_view(self.backbone, torch.cat(views[:2]), 2, self.joint_bn)
+        z = per_view(self.projector, feats, 2, self.joint_bn).float()
         terms = losses.barlow_twins_terms(z[:b], z[b:], self.lambd)
         out = {k: (v if k == "loss" else v.detach()) for k, v in terms.items()}
         out.update(features=feats[:b].detach(), z_std=embedding_std(z[:b]))

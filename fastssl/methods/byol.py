@@ -12,14 +12,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastssl.config import MethodConfig
+from fastssl.config import TwoViewConfig
 from fastssl.methods import MethodHooks, register_method
-from fastssl.methods._common import at_step, ema_update_teachers, embedding_std, make_teachers, momentum_schedule
+from fastssl.methods._common import (at_step, ema_update_teachers, embedding_std, make_teachers, momentum_schedule,
+                                     per_view)
 from fastssl.models import create_backbone, mlp
 
 
 @dataclass
-class BYOLConfig(MethodConfig):
+class BYOLConfig(TwoViewConfig):
     name: str = "byol"
     proj_hidden: int = 4096
     proj_dim: int = 256
@@ -38,6 +39,7 @@ class BYOL(MethodHooks, nn.Module):
     def __init__(self, cfg, total_steps: int):
         super().__init__()
         m = cfg.method
+        self.joint_bn = m.joint_bn
         self.backbone, self.feat_dim = create_backbone(cfg.model)
         self.projector = mlp(self.feat_dim, m.proj_hidden, m.proj_dim)
         self.predictor = mlp(m.proj_dim, m.pred_hidden, m.proj_dim)
@@ -46,12 +48,12 @@ class BYOL(MethodHooks, nn.Module):
 
     def forward(self, views: list[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         b = views[0].shape[0]
-        x = torch.cat(views[:2])                                            # (2B, 3, S, S): one backbone call
-        feats = self.backbone(x)
-        z = self.projector(feats)
-        p = self.predictor(z)                                               # (2B, d)
+        x = torch.cat(views[:2])                                            # (2B, 3, S, S)
+        feats = per_view(self.backbone, x, 2, self.joint_bn)
+        z = per_view(self.projector, feats, 2, self.joint_bn)
+        p = per_view(self.predictor, z, 2, self.joint_bn)                                               # (2B, d)
         with torch.no_grad():
-            zt = self.teacher["projector"](self.teacher["backbone"](x))     # (2B, d) targets
+            zt = per_view(lambda v: self.teacher["projector"](self.teacher["backbone"](v)), x, 2, self.joint_bn)     # (2B, d) targets
         loss = byol_pair_loss(p[:b], zt[b:]) + byol_pair_loss(p[b:], zt[:b])
         return {"loss": loss, "features": feats[:b].detach(), "z_std": embedding_std(z[:b]),
                 "target_std": embedding_std(zt[:b]), "ema_momentum": torch.tensor(at_step(self.momentum, step))}

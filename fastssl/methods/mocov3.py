@@ -12,14 +12,15 @@ import torch
 import torch.nn as nn
 
 from fastssl import losses
-from fastssl.config import MethodConfig
+from fastssl.config import TwoViewConfig
 from fastssl.methods import MethodHooks, register_method
-from fastssl.methods._common import at_step, ema_update_teachers, embedding_std, make_teachers, momentum_schedule
+from fastssl.methods._common import (at_step, ema_update_teachers, embedding_std, make_teachers, momentum_schedule,
+                                     per_view)
 from fastssl.models import create_backbone, mlp
 
 
 @dataclass
-class MoCoV3Config(MethodConfig):
+class MoCoV3Config(TwoViewConfig):
     name: str = "mocov3"
     proj_hidden: int = 4096
     proj_dim: int = 256
@@ -34,6 +35,7 @@ class MoCoV3(MethodHooks, nn.Module):
     def __init__(self, cfg, total_steps: int):
         super().__init__()
         m = cfg.method
+        self.joint_bn = m.joint_bn
         self.temperature = m.temperature
         self.backbone, self.feat_dim = create_backbone(cfg.model)
         # MoCo v3: 3-layer projector, 2-layer predictor, BN after every layer (last ones without affine).
@@ -45,11 +47,11 @@ class MoCoV3(MethodHooks, nn.Module):
     def forward(self, views: list[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         b = views[0].shape[0]
         x = torch.cat(views[:2])
-        feats = self.backbone(x)
-        z = self.projector(feats)
-        q = self.predictor(z).float()                                       # (2B, d)
+        feats = per_view(self.backbone, x, 2, self.joint_bn)
+        z = per_view(self.projector, feats, 2, self.joint_bn)
+        q = per_view(self.predictor, z, 2, self.joint_bn).float()                                       # (2B, d)
         with torch.no_grad():
-            k = self.teacher["projector"](self.teacher["backbone"](x)).float()
+            k = per_view(lambda v: self.teacher["projector"](self.teacher["backbone"](v)), x, 2, self.joint_bn).float()
         t = self.temperature
         loss = 2 * t * (losses.info_nce(q[:b], k[b:], temperature=t) + losses.info_nce(q[b:], k[:b], temperature=t))
         return {"loss": loss, "features": feats[:b].detach(), "z_std": embedding_std(z[:b]),

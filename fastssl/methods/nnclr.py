@@ -14,14 +14,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastssl import losses
-from fastssl.config import MethodConfig
+from fastssl.config import TwoViewConfig
 from fastssl.methods import MethodHooks, register_method
-from fastssl.methods._common import FeatureQueue, embedding_std
+from fastssl.methods._common import FeatureQueue, embedding_std, per_view
 from fastssl.models import create_backbone, mlp
 
 
 @dataclass
-class NNCLRConfig(MethodConfig):
+class NNCLRConfig(TwoViewConfig):
     name: str = "nnclr"
     proj_hidden: int = 2048
     proj_dim: int = 256
@@ -35,6 +35,7 @@ class NNCLR(MethodHooks, nn.Module):
     def __init__(self, cfg, total_steps: int):
         super().__init__()
         m = cfg.method
+        self.joint_bn = m.joint_bn
         self.temperature = m.temperature
         self.backbone, self.feat_dim = create_backbone(cfg.model)
         self.projector = mlp(self.feat_dim, m.proj_hidden, m.proj_dim, layers=3, bn_last=True)
@@ -51,9 +52,9 @@ class NNCLR(MethodHooks, nn.Module):
 
     def forward(self, views: list[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         b = views[0].shape[0]
-        feats = self.backbone(torch.cat(views[:2]))
-        z = self.projector(feats).float()                                   # (2B, d)
-        p = self.predictor(z)
+        feats = per_view(self.backbone, torch.cat(views[:2]), 2, self.joint_bn)
+        z = per_view(self.projector, feats, 2, self.joint_bn).float()                                   # (2B, d)
+        p = per_view(self.predictor, z, 2, self.joint_bn)
         zn = F.normalize(z.detach(), dim=1)
         nn1, nn2 = self.nearest(zn[:b]), self.nearest(zn[b:])
         t = self.temperature

@@ -11,14 +11,14 @@ import torch
 import torch.nn as nn
 
 from fastssl import losses
-from fastssl.config import MethodConfig
+from fastssl.config import TwoViewConfig
 from fastssl.methods import MethodHooks, register_method
-from fastssl.methods._common import embedding_std
+from fastssl.methods._common import embedding_std, per_view
 from fastssl.models import create_backbone, mlp
 
 
 @dataclass
-class SimCLRConfig(MethodConfig):
+class SimCLRConfig(TwoViewConfig):
     name: str = "simclr"
     temperature: float = 0.1        # SimCLR's ImageNet default (0.1 for LARS + large batch; 0.2 in solo-learn)
     proj_hidden: int = 2048
@@ -32,6 +32,7 @@ class SimCLR(MethodHooks, nn.Module):
     def __init__(self, cfg, total_steps: int):
         super().__init__()
         m = cfg.method
+        self.joint_bn = m.joint_bn
         self.temperature, self.decoupled = m.temperature, m.decoupled
         self.backbone, self.feat_dim = create_backbone(cfg.model)
         self.projector = mlp(self.feat_dim, m.proj_hidden, m.proj_dim, layers=m.proj_layers)
@@ -39,8 +40,8 @@ class SimCLR(MethodHooks, nn.Module):
     def forward(self, views: list[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         # Both views through the backbone in one call: (2B, 3, S, S) -> (2B, F).
         b = views[0].shape[0]
-        feats = self.backbone(torch.cat(views[:2]))
-        z = self.projector(feats)                                    # (2B, proj_dim)
+        feats = per_view(self.backbone, torch.cat(views[:2]), 2, self.joint_bn)
+        z = per_view(self.projector, feats, 2, self.joint_bn)                                    # (2B, proj_dim)
         z1, z2 = z[:b].float(), z[b:].float()                        # the loss runs in fp32
         loss = losses.nt_xent(z1, z2, temperature=self.temperature, decoupled=self.decoupled)
         # collapse monitor (the protocol's z_std): -> 0 collapsed, ~1/sqrt(d) healthy
