@@ -30,7 +30,10 @@ def test_bench_loader_json_rounds_and_recipe_ratio(demo_data, capsys):
     # The JSON fields of a CPU run (what earlier figures were read from), none added by --device.
     base = {"backend", "recipe", "stage", "views", "size", "batch_size", "workers", "images", "seconds",
             "images_per_second", "ms_per_batch", "cpu_percent", "jitter", "rounds", "images_per_second_rounds",
-            "x_baseline"}
+            "x_baseline", "first_batch_seconds", "images_per_second_after_first_batch"}
+    for r in rows.values():  # the epoch's start-up timed apart: the first batch, and the rate after it
+        assert 0 < r["first_batch_seconds"] <= r["seconds"] + 0.01
+        assert r["images_per_second_after_first_batch"] is None or r["images_per_second_after_first_batch"] > 0
     assert set(rows[("ffcv", "simclr", "loader")]) == set(rows[("baseline", "simclr", "full")]) == base
     assert set(d) == base | {"time_per_image_vs_simclr", "time_per_image_vs_simclr_rounds"}
     assert set(out) == {"benchmark", "cpu_count", "argv", "results"}

@@ -268,32 +268,48 @@ def measure(backend: str, stage: str, data: str, recipe: str, batch_size: int, w
         if cuda:
             torch.cuda.synchronize(dev)
         c0 = _cpu_seconds()
-        n = 0
+        n = n_first = 0
+        p0 = time.perf_counter()
+        first = 0.0
         with Timer(dev) as t:
             for k, b in enumerate(loader):
                 vs = b.views if hasattr(b, "views") else b[0]
                 if cuda and vs[0].device.type != "cuda":  # baseline, lightly: ready views are on the GPU
                     vs = [v.to(dev, non_blocking=True) for v in vs]
                 n += vs[0].shape[0]
+                if k == 0:  # the epoch's start-up: worker start and first-batch latency
+                    if cuda:
+                        torch.cuda.synchronize(dev)
+                    first, n_first = time.perf_counter() - p0, n
                 if k + 1 >= limit:
                     break
             if cuda:
                 torch.cuda.synchronize(dev)
         wall = t.seconds()
-        return n, wall, _cpu_seconds() - c0
+        rest = time.perf_counter() - p0 - first                   # after the first batch, same clock
+        return n, wall, _cpu_seconds() - c0, first, n_first, rest
 
     run(0, min(max_batches, 4))                                    # warm-up: compile, start workers
-    images, batches, wall, cpu = 0, 0, 0.0, 0.0
+    images, batches, wall, cpu, first, n_first, rest = 0, 0, 0.0, 0.0, 0.0, 0, 0.0
     for e in range(epochs):
-        got, w, c = run(e + 1, max_batches)
+        got, w, c, f, nf, r = run(e + 1, max_batches)
+        rest += r
         images += got
         batches += -(-got // batch_size)
         wall += w
         cpu += c
+        first += f
+        n_first += nf
+    # After the first batch: what a long epoch sustains, without the start-up a short timed pass
+    # cannot amortise (on the H200, 15-batch passes of the GPU-decode loader spent ~8 ms of CPU
+    # per image; BENCHMARKS.md, "GPU, second contact"). None when a pass had one batch.
+    steady = (images - n_first) / rest if images > n_first and rest > 0 else None
     return {"backend": backend, "recipe": recipe, "stage": stage, "views": len(views), "size": size,
             "batch_size": batch_size, "workers": workers, "images": images, "seconds": round(wall, 3),
             "images_per_second": round(images / wall, 1), "ms_per_batch": round(1000 * wall / max(1, batches), 2),
-            "cpu_percent": round(100 * cpu / wall, 1), "jitter": jitter}
+            "cpu_percent": round(100 * cpu / wall, 1), "jitter": jitter,
+            "first_batch_seconds": round(first / max(1, epochs), 3),
+            "images_per_second_after_first_batch": None if steady is None else round(steady, 1)}
 
 
 def _merge_rounds(rounds: list[list[dict]]) -> list[dict]:
