@@ -38,8 +38,8 @@ class BarlowTwins(MethodHooks, nn.Module):
 
     def forward(self, views: list[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         b = views[0].shape[0]
-        feats = per_view(self.backbone, torch.cat(views[:2]), 2, self.joint_bn)
-        z = per_view(self.projector, feats, 2, self.joint_bn).float()
+        feats = per_view(self.backbone, views[:2], self.joint_bn)        # (2B, F)
+        z = per_view(self.projector, feats, self.joint_bn).float()
         terms = losses.barlow_twins_terms(z[:b], z[b:], self.lambd)
         out = {k: (v if k == "loss" else v.detach()) for k, v in terms.items()}
         out.update(features=feats[:b].detach(), z_std=embedding_std(z[:b]))

@@ -48,12 +48,12 @@ class BYOL(MethodHooks, nn.Module):
 
     def forward(self, views: list[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         b = views[0].shape[0]
-        x = torch.cat(views[:2])                                            # (2B, 3, S, S)
-        feats = per_view(self.backbone, x, 2, self.joint_bn)
-        z = per_view(self.projector, feats, 2, self.joint_bn)
-        p = per_view(self.predictor, z, 2, self.joint_bn)                                               # (2B, d)
+        feats = per_view(self.backbone, views[:2], self.joint_bn)        # (2B, F)
+        z = per_view(self.projector, feats, self.joint_bn)
+        p = per_view(self.predictor, z, self.joint_bn)                  # (2B, d)
         with torch.no_grad():
-            zt = per_view(lambda v: self.teacher["projector"](self.teacher["backbone"](v)), x, 2, self.joint_bn)     # (2B, d) targets
+            teacher = lambda v: self.teacher["projector"](self.teacher["backbone"](v))  # noqa: E731
+            zt = per_view(teacher, views[:2], self.joint_bn)               # (2B, d) targets
         loss = byol_pair_loss(p[:b], zt[b:]) + byol_pair_loss(p[b:], zt[:b])
         return {"loss": loss, "features": feats[:b].detach(), "z_std": embedding_std(z[:b]),
                 "target_std": embedding_std(zt[:b]), "ema_momentum": torch.tensor(at_step(self.momentum, step))}

@@ -46,12 +46,12 @@ class MoCoV3(MethodHooks, nn.Module):
 
     def forward(self, views: list[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         b = views[0].shape[0]
-        x = torch.cat(views[:2])
-        feats = per_view(self.backbone, x, 2, self.joint_bn)
-        z = per_view(self.projector, feats, 2, self.joint_bn)
-        q = per_view(self.predictor, z, 2, self.joint_bn).float()                                       # (2B, d)
+        feats = per_view(self.backbone, views[:2], self.joint_bn)        # (2B, F)
+        z = per_view(self.projector, feats, self.joint_bn)
+        q = per_view(self.predictor, z, self.joint_bn).float()          # (2B, d)
         with torch.no_grad():
-            k = per_view(lambda v: self.teacher["projector"](self.teacher["backbone"](v)), x, 2, self.joint_bn).float()
+            teacher = lambda v: self.teacher["projector"](self.teacher["backbone"](v))  # noqa: E731
+            k = per_view(teacher, views[:2], self.joint_bn).float()
         t = self.temperature
         loss = 2 * t * (losses.info_nce(q[:b], k[b:], temperature=t) + losses.info_nce(q[b:], k[:b], temperature=t))
         return {"loss": loss, "features": feats[:b].detach(), "z_std": embedding_std(z[:b]),

@@ -52,9 +52,9 @@ class NNCLR(MethodHooks, nn.Module):
 
     def forward(self, views: list[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         b = views[0].shape[0]
-        feats = per_view(self.backbone, torch.cat(views[:2]), 2, self.joint_bn)
-        z = per_view(self.projector, feats, 2, self.joint_bn).float()                                   # (2B, d)
-        p = per_view(self.predictor, z, 2, self.joint_bn)
+        feats = per_view(self.backbone, views[:2], self.joint_bn)        # (2B, F)
+        z = per_view(self.projector, feats, self.joint_bn).float()     # (2B, d)
+        p = per_view(self.predictor, z, self.joint_bn)
         zn = F.normalize(z.detach(), dim=1)
         nn1, nn2 = self.nearest(zn[:b]), self.nearest(zn[b:])
         t = self.temperature

@@ -38,10 +38,9 @@ class SimCLR(MethodHooks, nn.Module):
         self.projector = mlp(self.feat_dim, m.proj_hidden, m.proj_dim, layers=m.proj_layers)
 
     def forward(self, views: list[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
-        # Both views through the backbone in one call: (2B, 3, S, S) -> (2B, F).
         b = views[0].shape[0]
-        feats = per_view(self.backbone, torch.cat(views[:2]), 2, self.joint_bn)
-        z = per_view(self.projector, feats, 2, self.joint_bn)                                    # (2B, proj_dim)
+        feats = per_view(self.backbone, views[:2], self.joint_bn)        # (2B, F)
+        z = per_view(self.projector, feats, self.joint_bn)            # (2B, proj_dim)
         z1, z2 = z[:b].float(), z[b:].float()                        # the loss runs in fp32
         loss = losses.nt_xent(z1, z2, temperature=self.temperature, decoupled=self.decoupled)
         # collapse monitor (the protocol's z_std): -> 0 collapsed, ~1/sqrt(d) healthy

@@ -36,9 +36,9 @@ class SimSiam(MethodHooks, nn.Module):
 
     def forward(self, views: list[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         b = views[0].shape[0]
-        feats = per_view(self.backbone, torch.cat(views[:2]), 2, self.joint_bn)
-        z = per_view(self.projector, feats, 2, self.joint_bn)                                           # (2B, d)
-        p = per_view(self.predictor, z, 2, self.joint_bn)
+        feats = per_view(self.backbone, views[:2], self.joint_bn)        # (2B, F)
+        z = per_view(self.projector, feats, self.joint_bn)             # (2B, d)
+        p = per_view(self.predictor, z, self.joint_bn)
         loss = 0.5 * neg_cosine(p[:b], z[b:]) + 0.5 * neg_cosine(p[b:], z[:b])   # neg_cosine detaches z
         # SimSiam's collapse monitor: std of l2-normalised z, ~1/sqrt(d) healthy, 0 collapsed.
         return {"loss": loss, "features": feats[:b].detach(), "z_std": embedding_std(z[:b])}
