@@ -68,3 +68,55 @@ def test_bench_peer_smoke_dino(demo_data, capsys):
     assert main(["peer", "--smoke", "--data", str(demo_data), "--methods", "dino", "--threads", "1", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     _check(out, "dino")
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_peer_arms_build_the_same_backbone_and_projector_width(arch):
+    """At every --arch the lightly arm (torchvision) and fastssl (timm) train backbones of one size, and the
+    projector is as wide as the features (lightly's SimCLRProjectionHead(512, 512, 128) / 2048-2048-128)."""
+    pytest.importorskip("lightly")
+    from fastssl.cli.bench_peer import FEATURE_DIM, LightlyArm, proj_hidden
+    from fastssl.config import load_config
+    from fastssl.models import count_params, create_backbone
+
+    arm = LightlyArm("simclr", arch=arch)
+    backbone, dim = create_backbone(load_config(None, [f"model.backbone={arch}"]).model)
+    assert arm.params()["backbone"] == count_params(backbone)
+    assert dim == FEATURE_DIM[arch] == proj_hidden(arch) == arm.model.projection_head.layers[0].in_features
+    with pytest.raises(ValueError, match="resnet50"):
+        proj_hidden("vit_small")
+
+
+def test_peer_lightly_arm_bf16_autocasts_the_forward():
+    """--precision bf16: the lightly arm's forward runs under bf16 autocast (its parameters stay fp32)."""
+    pytest.importorskip("lightly")
+    import torch
+
+    from fastssl.cli.bench_peer import LightlyArm
+
+    arm = LightlyArm("simclr", precision="bf16")
+    seen = []
+    arm.model.projection_head.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    loss = arm.step([torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)], 0, 1)
+    assert seen == [torch.bfloat16, torch.bfloat16] and torch.isfinite(loss)
+    assert all(p.dtype == torch.float32 for p in arm.model.parameters())
+
+
+@pytest.mark.cuda
+def test_bench_peer_smoke_on_cuda_bf16(demo_data, capsys):
+    """The GPU recipe of the peer benchmark (issue 12: 224 px, ResNet-50, bf16) in its smoke sizes."""
+    pytest.importorskip("lightly")
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from fastssl.cli.bench import main
+
+    assert main(["peer", "--smoke", "--data", str(demo_data), "--methods", "simclr", "--device", "cuda",
+                 "--precision", "bf16", "--arch", "resnet50", "--backend", "torch", "--workers", "2",
+                 "--arms", "lightly,fastssl", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    arms = out["methods"]["simclr"]["arms"]
+    assert arms["lightly"]["params"]["backbone"] == arms["fastssl"]["params"]["backbone"] == 23_508_032
+    assert "train.device=cuda" in arms["fastssl"]["command"] and "train.precision=bf16" in arms["fastssl"]["command"]
+    assert all(math.isfinite(a["last_loss"]) for a in arms.values())

@@ -62,7 +62,7 @@ from pathlib import Path
 
 METHODS = ("simclr", "dino")
 ARMS = ("lightly", "fastssl", "bare-fastssl", "bare-lightly")
-LIGHTLY_SIMCLR = {"temperature": 0.5, "lr": 0.06, "proj_hidden": 512, "proj_dim": 128}   # NTXentLoss(), SGD(lr=0.06)
+LIGHTLY_SIMCLR = {"temperature": 0.5, "lr": 0.06, "proj_dim": 128}   # NTXentLoss(), SGD(lr=0.06)
 LIGHTLY_DINO = {"hidden": 512, "bottleneck": 64, "out_dim": 2048, "lr": 1e-3, "teacher_temp": 0.04,
                 "momentum": 0.996, "warmup_teacher_temp_epochs": 5, "freeze_last_layer": 1}
 
@@ -110,6 +110,17 @@ def local_size_for(size: int) -> int:
     return max(16, round(size * 96 / 224))
 
 
+FEATURE_DIM = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
+
+
+def proj_hidden(arch: str) -> int:
+    """SimCLR's projector width: the backbone's feature width, as in lightly's examples
+    (``SimCLRProjectionHead(512, 512, 128)`` on ResNet-18, its default 2048-2048-128 on ResNet-50)."""
+    if arch not in FEATURE_DIM:
+        raise ValueError(f"--arch {arch!r}: the peer benchmark knows {sorted(FEATURE_DIM)}")
+    return FEATURE_DIM[arch]
+
+
 def _count(params) -> int:
     return sum(p.numel() for p in params)
 
@@ -120,7 +131,7 @@ def _count(params) -> int:
 class LightlyArm:
     """lightly's documented SimCLR / DINO example: model, criterion, optimizer and one training step."""
 
-    def __init__(self, method: str, device: str = "cpu"):
+    def __init__(self, method: str, device: str = "cpu", arch: str = "resnet18", precision: str = "fp32"):
         import copy
 
         import torch
@@ -128,7 +139,11 @@ class LightlyArm:
         from torch import nn
 
         self.method, self.device = method, device
-        resnet = torchvision.models.resnet18()
+        # bf16 as a lightly user gets it (Lightning's precision="bf16-mixed" is autocast): the loop's
+        # forward passes and loss under torch.autocast, parameters and optimizer in fp32.
+        self.autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+        resnet = getattr(torchvision.models, arch)()
+        feat = resnet.fc.in_features  # 512 (resnet18) / 2048 (resnet50)
         backbone = nn.Sequential(*list(resnet.children())[:-1])
         if method == "simclr":
             from lightly.loss import NTXentLoss
@@ -140,7 +155,7 @@ class LightlyArm:
                 def __init__(self, backbone):
                     super().__init__()
                     self.backbone = backbone
-                    self.projection_head = SimCLRProjectionHead(512, c["proj_hidden"], c["proj_dim"])
+                    self.projection_head = SimCLRProjectionHead(feat, proj_hidden(arch), c["proj_dim"])
 
                 def forward(self, x):
                     return self.projection_head(self.backbone(x).flatten(start_dim=1))
@@ -173,7 +188,7 @@ class LightlyArm:
                 def forward_teacher(self, x):
                     return self.teacher_head(self.teacher_backbone(x).flatten(start_dim=1))
 
-            self.model = DINO(backbone, 512).to(device)
+            self.model = DINO(backbone, feat).to(device)
             self.criterion = DINOLoss(output_dim=c["out_dim"],
                                       warmup_teacher_temp_epochs=c["warmup_teacher_temp_epochs"]).to(device)
             self.optimizer = torch.optim.Adam(self.model.parameters(), lr=c["lr"])
@@ -188,12 +203,16 @@ class LightlyArm:
 
     def step(self, views, epoch: int, epochs: int):
         """One step of lightly's example loop; returns the detached loss."""
+        import torch
+
         m, dev = self.model, self.device
+        nb = torch.device(dev).type == "cuda"
         if self.method == "simclr":
-            x0, x1 = views[0].to(dev), views[1].to(dev)
-            z0 = m(x0)
-            z1 = m(x1)
-            loss = self.criterion(z0, z1)
+            x0, x1 = views[0].to(dev, non_blocking=nb), views[1].to(dev, non_blocking=nb)
+            with self.autocast:
+                z0 = m(x0)
+                z1 = m(x1)
+                loss = self.criterion(z0, z1)
             loss.backward()
         else:
             from lightly.models.utils import update_momentum
@@ -202,11 +221,12 @@ class LightlyArm:
             momentum_val = cosine_schedule(epoch, epochs, LIGHTLY_DINO["momentum"], 1)
             update_momentum(m.student_backbone, m.teacher_backbone, m=momentum_val)
             update_momentum(m.student_head, m.teacher_head, m=momentum_val)
-            views = [view.to(dev) for view in views]
+            views = [view.to(dev, non_blocking=nb) for view in views]
             global_views = views[:2]
-            teacher_out = [m.forward_teacher(view) for view in global_views]
-            student_out = [m.forward(view) for view in views]
-            loss = self.criterion(teacher_out, student_out, epoch=epoch)
+            with self.autocast:
+                teacher_out = [m.forward_teacher(view) for view in global_views]
+                student_out = [m.forward(view) for view in views]
+                loss = self.criterion(teacher_out, student_out, epoch=epoch)
             loss.backward()
             m.student_head.cancel_last_layer_gradients(current_epoch=epoch)  # only the student head's
         self.optimizer.step()
@@ -262,11 +282,12 @@ def arm_lightly(spec: dict) -> dict:
     torch.manual_seed(spec["seed"])
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
-    arm = LightlyArm(spec["method"])
+    arm = LightlyArm(spec["method"], spec["device"], spec["arch"], spec["precision"])
     transform = lightly_transform(spec["method"], spec["size"], spec["local_size"])
     dataset = LightlyDataset(spec["folder"], transform=transform)
+    # pin_memory on a GPU: what a tuned lightly user sets (its example leaves it off).
     dataloader = torch.utils.data.DataLoader(dataset, batch_size=spec["batch"], shuffle=True, drop_last=True,
-                                             num_workers=spec["workers"])
+                                             num_workers=spec["workers"], pin_memory=spec["device"] == "cuda")
     total = spec["warmup"] + spec["steps"]
     spe = len(dataloader)
     epochs = math.ceil(total / spe)
@@ -312,7 +333,7 @@ def arm_bare_lightly(spec: dict) -> dict:
     torch.manual_seed(spec["seed"])
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
-    arm = LightlyArm(spec["method"])
+    arm = LightlyArm(spec["method"], spec["device"], spec["arch"], spec["precision"])
     views = _fixed_views(spec)
     spe = max(1, spec.get("steps_per_epoch", 10**9))
     total = spec["bare_warmup"] + spec["bare_steps"]
@@ -326,10 +347,12 @@ def _fixed_views(spec: dict, channels_last: bool = False) -> list:
     g = torch.Generator().manual_seed(0)
     sizes = [spec["size"]] * 2 + ([spec["local_size"]] * 6 if spec["method"] == "dino" else [])
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return [torch.randn(spec["batch"], 3, s, s, generator=g).contiguous(memory_format=fmt) for s in sizes]
+    return [torch.randn(spec["batch"], 3, s, s, generator=g).contiguous(memory_format=fmt).to(spec["device"])
+            for s in sizes]
 
 
 def _time_bare(step, spec: dict, params: dict, threads: int) -> dict:
+    # float(loss) waits for the step: on a GPU each step is timed to its end, as in the end-to-end arms.
     losses = []
     for i in range(spec["bare_warmup"]):
         losses.append(float(step(i)))
@@ -351,17 +374,18 @@ def fastssl_overrides(spec: dict) -> list[str]:
     kv = {
         "data.train": spec["source"], "data.val": "", "data.backend": spec["backend"], "data.workers": spec["workers"],
         "aug.recipe": method, "aug.global_size": spec["size"], "aug.local_size": spec["local_size"],
-        "model.backbone": "resnet18", "method.name": method,
+        "model.backbone": spec["arch"], "method.name": method,
         "optim.batch_size": spec["batch"], "optim.lr_scaling": "none", "optim.warmup_epochs": 0,
         "optim.min_lr_ratio": 1.0, "optim.weight_decay": 0.0, "optim.clip_grad": 0.0,
         "train.max_steps": total, "train.epochs": math.ceil(total / max(1, spec["steps_per_epoch"])),
-        "train.log_every": 1, "train.progress": "false", "train.precision": "fp32", "train.compile": "off",
-        "train.device": "cpu", "train.ckpt_every_epochs": 0, "train.seed": spec["seed"],
+        "train.log_every": 1, "train.progress": "false", "train.precision": spec["precision"],
+        "train.compile": spec["compile"], "train.device": spec["device"], "train.ckpt_every_epochs": 0,
+        "train.seed": spec["seed"],
         "eval.final": "false", "eval.online_probe": "false", "eval.every_epochs": 0,
     }
     if method == "simclr":
         c = LIGHTLY_SIMCLR
-        kv.update({"method.temperature": c["temperature"], "method.proj_hidden": c["proj_hidden"],
+        kv.update({"method.temperature": c["temperature"], "method.proj_hidden": proj_hidden(spec["arch"]),
                    "method.proj_dim": c["proj_dim"], "method.proj_layers": 2, "optim.name": "sgd",
                    "optim.lr": c["lr"], "optim.momentum": 0.0})
         from fastssl.cli.bench_loader import LIGHTLY_JITTER
@@ -405,7 +429,7 @@ def arm_bare_fastssl(spec: dict) -> dict:
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
-    v = Variant("bare-fastssl", None, fastssl_overrides(spec), spec["batch"], torch.device("cpu"))
+    v = Variant("bare-fastssl", None, fastssl_overrides(spec), spec["batch"], torch.device(spec["device"]))
 
     def step(i):
         v.step()
@@ -589,6 +613,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ",".join(ARMS))
     ap.add_argument("--backend", default="auto", help="fastssl's back-end: auto (ffcv when installed), ffcv or torch")
     ap.add_argument("--size", type=int, default=96, help="global view size, px")
+    ap.add_argument("--arch", default="resnet18", choices=sorted(FEATURE_DIM), help="both arms' backbone")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cuda: both arms train on the GPU (fastssl's torch back-end then decodes there)")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                    help="bf16: the trainer's bf16 autocast; the lightly arm's steps under torch.autocast(bf16)")
+    ap.add_argument("--compile", default="off", choices=["off", "on"], help="fastssl's train.compile")
     ap.add_argument("--local-size", type=int, default=0, help="DINO local view size (0: 96/224 of --size)")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=12, help="timed steps per end-to-end arm")
@@ -627,8 +657,6 @@ def main(argv: list[str] | None = None) -> int:
     from fastssl.cli.bench_loader import make_imagenet_like
 
     root = Path(a.data)
-    if not ((root / "train").is_dir() and (root / "train.beton").is_file()):
-        make_imagenet_like(str(root), a.n, workers=max(1, a.workers))
     backend = a.backend
     if backend == "auto":
         try:
@@ -637,10 +665,18 @@ def main(argv: list[str] | None = None) -> int:
             backend = "ffcv"
         except ImportError:
             backend = "torch"
+    if not ((root / "train").is_dir() and (backend != "ffcv" or (root / "train.beton").is_file())):
+        make_imagenet_like(str(root), a.n, workers=max(1, a.workers), beton=backend == "ffcv")
+    if a.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            ap.error("--device cuda: no CUDA device is visible")
     folder = str(root / "train")
     n_images = sum(1 for p in Path(folder).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     spec = {"folder": folder, "source": str(root / "train.beton") if backend == "ffcv" else folder,
             "backend": backend, "size": a.size, "local_size": a.local_size or local_size_for(a.size),
+            "arch": a.arch, "device": a.device, "precision": a.precision, "compile": a.compile,
             "batch": a.batch, "steps": a.steps, "warmup": a.warmup, "bare_steps": a.bare_steps,
             "bare_warmup": a.bare_warmup, "workers": a.workers, "threads": a.threads, "seed": a.seed,
             "steps_per_epoch": n_images // a.batch, "profile_images": a.profile_images}
@@ -649,6 +685,22 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     versions = _versions()  # at the start; "versions_end" too if the checkout moved during the run
     per_method: dict = {m: {"rounds": [], "stages": []} for m in methods}
+
+    def result(done: int) -> str:
+        """The JSON of the rounds done so far (written to --out; ``rounds_done`` < ``rounds``: cut short)."""
+        from fastssl.benchmarking import write_json
+
+        res = {"benchmark": "peer", "argv": argv, "cpu_count": os.cpu_count(), "versions": versions,
+               "settings": {**{k: v for k, v in spec.items() if k != "source"}, "data": str(root), "images": n_images,
+                            "rounds": max(1, a.rounds), "rounds_done": done, "arms": arms, "smoke": a.smoke},
+               "methods": {m: summarise(m, per_method[m]["rounds"], per_method[m]["stages"]) for m in methods
+                           if per_method[m]["rounds"]},
+               "seconds": round(time.perf_counter() - t_start, 1)}
+        if _versions() != versions:
+            res["versions_end"] = _versions()
+        res["table"] = _table(res)
+        return write_json(res, a.out)
+
     with tempfile.TemporaryDirectory(prefix="fastssl-peer-") as tmp:
         work = Path(tmp)
         for k in range(max(1, a.rounds)):
@@ -662,23 +714,15 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"[round {k + 1}] {m:>6} {arm:>12}: {got[arm]['images_per_second']:8.1f} img/s  "
                               f"loss {got[arm]['losses'][0]:.3f} -> {got[arm]['losses'][-1]:.3f}", flush=True)
                 per_method[m]["rounds"].append({arm: got[arm] for arm in arms})
-                if "fastssl" in arms:
+                if "fastssl" in arms and a.device == "cpu":  # the CPU data path's stages (a GPU decodes on the GPU)
                     per_method[m]["stages"].append(run_arm("stages-fastssl", s, work, f"{m}-stages-r{k}"))
-    res = {"benchmark": "peer", "argv": argv, "cpu_count": os.cpu_count(), "versions": versions,
-           "settings": {**{k: v for k, v in spec.items() if k != "source"}, "data": str(root), "images": n_images,
-                        "rounds": max(1, a.rounds), "arms": arms, "smoke": a.smoke},
-           "methods": {m: summarise(m, per_method[m]["rounds"], per_method[m]["stages"]) for m in methods},
-           "seconds": round(time.perf_counter() - t_start, 1)}
-    if _versions() != versions:
-        res["versions_end"] = _versions()
-    res["table"] = _table(res)
-    from fastssl.benchmarking import write_json
-
-    text = write_json(res, a.out)
+            if a.out and k + 1 < max(1, a.rounds):  # the rounds so far: a run cut short keeps them
+                result(k + 1)
+    text = result(max(1, a.rounds))
     if a.json:
         print(text)
     else:
-        print(res["table"])
+        print(json.loads(text)["table"])
     return 0
 
 

@@ -135,7 +135,9 @@ def run(config, overrides, compares, steps, warmup, rounds, batch, device) -> di
 SUITES = {
     # The GPU recipe's figures, in order of the goals they measure (a timeout cuts the last).
     "gpu": [
-        ("simclr_rn50_bf16_compiled", "configs/imagenet/simclr_rn50.yaml", ["train.res_start=0"], 256, []),
+        # per-view BatchNorm (the default) against the one joint call over both views
+        ("simclr_rn50_bf16_compiled", "configs/imagenet/simclr_rn50.yaml", ["train.res_start=0"], 256,
+         [["method.joint_bn=true"]]),
         ("dino_vits16_bf16", "configs/imagenet/dino_vits16.yaml", [], 128, [["model.attn=naive"]]),
         ("mae_vitb16_bf16", "configs/imagenet/mae_vitb16.yaml", [], 256, [["method.mask_ratio=0.0"]]),
     ],
@@ -148,7 +150,7 @@ SUITES = {
 }
 
 
-def run_suite(name: str, device: torch.device, quick: bool = False, emit=print) -> dict:
+def run_suite(name: str, device: torch.device, quick: bool = False, emit=print, cases: list[str] | None = None) -> dict:
     """Every case of ``SUITES[name]``; one JSON line per case via ``emit`` as it finishes (a timeout keeps
     what was measured). A failing case is reported with its error and does not hide the others."""
     import traceback
@@ -160,7 +162,13 @@ def run_suite(name: str, device: torch.device, quick: bool = False, emit=print) 
     else:  # warm-up 3: compile, cuDNN autotune and the allocator settle within the first steps
         steps, warmup, rounds = (8, 3, 2) if quick else (30, 5, 3)
     results = {}
+    known = [c[0] for c in SUITES[name]]
+    for c in cases or []:
+        if c not in known:
+            raise ValueError(f"--cases: no case {c!r} in suite {name!r} (have {', '.join(known)})")
     for case, cfg, ov, batch, compares in SUITES[name]:
+        if cases and case not in cases:
+            continue
         path = cfg if Path(cfg).is_file() else str(root / cfg)
         try:
             results[case] = run(path, ov, compares, steps, warmup, rounds, batch, device)
@@ -191,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--suite", choices=sorted(SUITES), help="run a named set of cases (gpu: the GPU recipe's "
                     "figures; smoke: the same on a CPU in seconds), one JSON line per case")
     ap.add_argument("--quick", action="store_true", help="--suite: fewer timed steps")
+    ap.add_argument("--cases", default="", help="--suite: comma-separated subset of its cases")
     ap.add_argument("--json", action="store_true", help="print JSON only")
     ap.add_argument("--out", help="also write the JSON here")
     args, rest = ap.parse_known_args(argv)
@@ -207,7 +216,12 @@ def main(argv: list[str] | None = None) -> int:
         print("fastssl-bench step: --device cuda but no CUDA device is visible", file=sys.stderr)
         return 2
     if args.suite:
-        res = run_suite(args.suite, torch.device("cpu") if args.suite == "smoke" else torch.device(dev), args.quick)
+        try:
+            res = run_suite(args.suite, torch.device("cpu") if args.suite == "smoke" else torch.device(dev), args.quick,
+                            cases=[c for c in args.cases.split(",") if c])
+        except ValueError as e:
+            print(f"fastssl-bench step: {e}", file=sys.stderr)
+            return 2
         return 1 if any("error" in r for r in res.values()) else 0
     if not args.config:
         print("fastssl-bench step: give --config C (or --suite gpu|smoke)", file=sys.stderr)
