@@ -9,12 +9,13 @@ One optimizer step: ``accum_steps`` micro-batches (views already normalised on t
 ``method(views, step)`` under autocast -> backward -> clip -> ``before_optimizer_step`` ->
 optimizer step at the step's lr/wd -> ``method.after_step(step)`` (EMA, centres, queues: once
 per optimizer step) -> online probe on detached features. No host sync: losses, log terms and
-probe hits accumulate on the device; :meth:`TrainCore.read_logs` reads them (one sync) when the
+probe hits accumulate on the device; :meth:`TrainCore.snapshot_logs` copies them out (no wait) when the
 trainer logs, and a non-finite loss is flagged on the device with the first bad step.
 """
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
@@ -30,6 +31,18 @@ def use_bf16(cfg: Config, device: torch.device) -> bool:
 
 def use_compile(cfg: Config, device: torch.device) -> bool:
     return cfg.train.compile == "on" or (cfg.train.compile == "auto" and device.type == "cuda")
+
+
+@dataclass
+class LogSnapshot:
+    """A log read in flight (:meth:`TrainCore.snapshot_logs`): host (K + 4,) fp64 =
+    [loss sum, K term sums, probe hits, probe count, first non-finite step], ready after ``event``."""
+
+    keys: list
+    n: int
+    host: torch.Tensor
+    event: object
+    probe: bool
 
 
 class TrainCore:
@@ -100,11 +113,15 @@ class TrainCore:
         self.probe_seen = 0      # host int: label counts are known without a sync
         self.n_micro = 0
 
-    def read_logs(self) -> dict:
-        """Means since the last read, over every rank (one collective and one host sync), then reset.
+    def snapshot_logs(self) -> "LogSnapshot":
+        """Start reading the means since the last read, without waiting for the device; then reset.
 
-        Each rank's loss is the mean over its own anchors; the mean over ranks is the loss of the
-        global batch, which is what one process with that batch logs.
+        The values (and the first non-finite step) are copied to pinned host memory behind the
+        step's work on the stream; :meth:`resolve_logs` reads them. The trainer resolves a
+        snapshot at the next log point, so the host stays one window ahead of the GPU instead of
+        waiting for it (cookbook-scale runs log every step in benchmarks: a sync per step would
+        serialise the next batch's decode behind the step). Several ranks: one all-reduce,
+        enqueued like the step's collectives.
         """
         n = max(self.n_micro, 1)
         keys = sorted(self.log_sums)
@@ -117,13 +134,39 @@ class TrainCore:
 
             dist.all_reduce(vec)
             vec[: 1 + len(keys)] /= world
-        vals = vec.tolist()
+        vec = torch.cat([vec.double(), self.first_bad.double().view(1)])  # (K + 4,); steps exact in fp64
+        event = None
+        if vec.is_cuda:
+            host = torch.empty(vec.shape, dtype=vec.dtype, pin_memory=True)
+            host.copy_(vec, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host = vec
+        snap = LogSnapshot(keys, n, host, event, self.probe is not None)
+        self.reset_logs()
+        return snap
+
+    @staticmethod
+    def resolve_logs(snap: "LogSnapshot") -> tuple[dict, int]:
+        """``(means, first non-finite step or -1)`` of a snapshot; waits for its copy (only)."""
+        if snap.event is not None:
+            snap.event.synchronize()
+        vals = snap.host.tolist()
+        keys, n = snap.keys, snap.n
         out = {"loss": vals[0] / n}
         out.update({k: v / n for k, v in zip(keys, vals[1:1 + len(keys)])})
-        if self.probe is not None and vals[-1]:
-            out["linear_top1_online"] = 100.0 * vals[-2] / vals[-1]
-        self.reset_logs()
-        return out
+        if snap.probe and vals[-2]:
+            out["linear_top1_online"] = 100.0 * vals[-3] / vals[-2]
+        return out, int(vals[-1])
+
+    def read_logs(self) -> dict:
+        """Means since the last read, over every rank (one collective and one host sync), then reset.
+
+        Each rank's loss is the mean over its own anchors; the mean over ranks is the loss of the
+        global batch, which is what one process with that batch logs.
+        """
+        return self.resolve_logs(self.snapshot_logs())[0]
 
     def first_bad_step(self) -> int:
         """The first step whose loss was not finite, or -1 (a host sync)."""

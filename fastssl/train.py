@@ -228,8 +228,8 @@ def _train(cfg, acc, device, bf16, threads, out, history, state, lock) -> dict:
         if knn_init is not None:
             log.write(kind="eval", step=0, epoch=0, wall=0.0, init=True, **{k: v for k, v in knn_init.items() if k != "protocol"})
 
-    def check_finite() -> None:
-        bad = core.first_bad_step()
+    def check_finite(bad: int | None = None) -> None:
+        bad = core.first_bad_step() if bad is None else bad
         if bad >= 0:
             msg = (f"non-finite loss at step {bad} (method {cfg.method.name}, lr {core.lr_sched[bad]:.3g}); "
                    f"stopping. The last good checkpoint is {ckpt_path if ckpt_path.exists() else 'none (no checkpoint yet)'}. "
@@ -237,7 +237,25 @@ def _train(cfg, acc, device, bf16, threads, out, history, state, lock) -> dict:
             log.write(kind="error", step=bad, message=msg)
             raise NonFiniteLoss(msg)
 
+    # A log point's record waits for its values until the next log point (or a save, an evaluation,
+    # the end): reading them at once would make the host wait for the GPU at every log point.
+    pending: list = []  # [(record without the values, LogSnapshot)]
+
+    def flush_log() -> None:
+        while pending:
+            rec, snap = pending.pop(0)
+            vals, bad = core.resolve_logs(snap)
+            check_finite(bad)
+            rec = {**rec, **vals}
+            log.write(**rec)
+            if bar is not None:
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.3g}",
+                                img_s=f"{rec['images_per_second']:.0f}", wait=f"{rec['data_wait']:.0%}", refresh=False)
+                bar.update(rec["step"] - bar.n)
+            totals_update(totals, rec)
+
     def save(epoch: int, batch_in_epoch: int, wall: float) -> None:
+        flush_log()
         check_finite()  # never overwrite the last good checkpoint with a diverged model
         rngs = _gather_rng(acc)  # every rank's own RNG state, in rank order
         states = core.state_dict()  # every rank: FSDP gathers the shards (to rank 0)
@@ -252,7 +270,7 @@ def _train(cfg, acc, device, bf16, threads, out, history, state, lock) -> dict:
 
     def stop_requested(at_log_point: bool) -> bool:
         # One process: the handler's flag, read every step (no sync). Several: ranks may get the
-        # signal at different steps, so they agree at log points (which sync anyway).
+        # signal at different steps, so they agree at log points (one small all-reduce and sync there).
         if world == 1:
             return preempt.requested
         if not at_log_point:
@@ -316,21 +334,19 @@ def _train(cfg, acc, device, bf16, threads, out, history, state, lock) -> dict:
 
             logged = step % cfg.train.log_every == 0 or step == d.run_steps or bi == d.steps_per_epoch
             if logged:
-                check_finite()  # the only host syncs of the loop, every log_every steps
+                # No wait here: this point's values are copied out behind the step and written at the
+                # next log point, after the previous point's (whose step the GPU has finished by then).
+                snap = core.snapshot_logs()
+                flush_log()
                 rec = {"kind": "train", "step": step, "epoch": epoch, "wall": wall0 + time.perf_counter() - t_run,
-                       **core.read_logs(), "lr": float(core.lr_sched[step - 1]),
+                       "lr": float(core.lr_sched[step - 1]),
                        "images_per_second": n_steps_logged * d.global_batch / max(busy_s, 1e-9),
                        "data_wait": wait_s / max(busy_s, 1e-9), "size": size,
                        "torch_threads": torch.get_num_threads()}
                 if cuda:
                     rec["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-                log.write(**rec)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.3g}",
-                                    img_s=f"{rec['images_per_second']:.0f}", wait=f"{rec['data_wait']:.0%}", refresh=False)
-                    bar.update(step - bar.n)
+                pending.append((rec, snap))
                 wait_s, busy_s, n_steps_logged = 0.0, 0.0, 0
-                totals_update(totals, rec)
             if cfg.train.ckpt_every_steps and step % cfg.train.ckpt_every_steps == 0:
                 save(epoch, bi, wall0 + time.perf_counter() - t_run)
             if stop_requested(logged):
@@ -348,6 +364,7 @@ def _train(cfg, acc, device, bf16, threads, out, history, state, lock) -> dict:
         ep_done = epoch + 1 if end_of_epoch else epoch
         if can_eval and cfg.eval.every_epochs and end_of_epoch and ep_done % cfg.eval.every_epochs == 0 \
                 and evaluates and not done:
+            flush_log()  # the window's train record before the evaluation's
             last_eval = evaluate(cfg.eval.val_subset)
             if last_eval is not None:
                 log.write(kind="eval", step=step, epoch=ep_done, wall=wall0 + time.perf_counter() - t_run,

@@ -44,6 +44,8 @@ LOADER_DATA=${TMPDIR:-/tmp}/fastssl-gpu-check-loader
 # (the device tool returns at most 8 files).
 run() {
   local name=$1 limit=$2; shift 2
+  # ONLY="gpu_bench_peer ..." runs just those steps (a short second call in a lease).
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then echo "== $name: not in ONLY"; return; fi
   local left=$(( BUDGET - ($(date +%s) - T0) ))
   [ "$left" -lt "$limit" ] && limit=$left
   if [ "$limit" -lt 10 ]; then echo "== $name: skipped (budget spent)"; status=1; return; fi
@@ -74,7 +76,7 @@ else
   [ "${LOSS:-0}" = 1 ] && run gpu_bench_loss 100 $PY -m fastssl.cli.bench loss --suite gpu --budget 70
   # SimCLR's step per view and joint (the trainer's yardstick for the loader); STEP_CASES=all for DINO and MAE too.
   CASES=${STEP_CASES:-simclr_rn50_bf16_compiled}; [ "$CASES" = all ] && CASES=
-  run gpu_bench_step 110 $PY -m fastssl.cli.bench step --suite gpu --quick --cases "$CASES"
+  run gpu_bench_step 180 $PY -m fastssl.cli.bench step --suite gpu --quick --cases "$CASES"
   # The loader goal is relative to the trainer: the step benchmark's JSON lines are its yardstick.
   # On CUDA the torch back-end decodes on the GPU (nvJPEG + roi_align): its loader and full rows;
   # first_batch_seconds separates the workers' start-up from the steady rate.
@@ -85,7 +87,7 @@ else
   # recipe; lightly's loop as documented, under bf16 autocast). Its photos: the loader's 1000, hard-linked
   # 8 times (8000 files, 31 steps per epoch at batch 256), so no epoch ends inside the timed steps.
   PEER_DATA=${TMPDIR:-/tmp}/fastssl-gpu-check-peer
-  $PY - "$LOADER_DATA" "$PEER_DATA" <<'PYEOF'
+  [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" gpu_bench_peer "* ]] && $PY - "$LOADER_DATA" "$PEER_DATA" <<'PYEOF'
 import os, sys
 from pathlib import Path
 from fastssl.cli.bench_loader import make_imagenet_like
@@ -101,7 +103,8 @@ print("peer photos:", sum(1 for _ in dst.rglob("*.jpg")))
 PYEOF
   run gpu_bench_peer 300 $PY -m fastssl.cli.bench peer --data "$PEER_DATA" --methods simclr --device cuda \
     --precision bf16 --arch resnet50 --compile on --size 224 --batch 256 --backend torch --workers 14 \
-    --steps 20 --warmup 5 --bare-steps 10 --bare-warmup 3 --rounds 2 --out "$OUT/gpu_bench_peer_full.json"
+    --steps 20 --warmup 5 --bare-steps 10 --bare-warmup 3 --rounds "${PEER_ROUNDS:-2}" \
+    --arms "${PEER_ARMS:-lightly,fastssl,bare-fastssl,bare-lightly}" --out "$OUT/gpu_bench_peer_full.json"
 fi
 echo "total $(( $(date +%s) - T0 ))s, status $status"
 exit $status

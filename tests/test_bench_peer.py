@@ -103,7 +103,7 @@ def test_peer_lightly_arm_bf16_autocasts_the_forward():
 
 
 @pytest.mark.cuda
-def test_bench_peer_smoke_on_cuda_bf16(demo_data, capsys):
+def test_bench_peer_smoke_on_cuda_bf16(tmp_path, capsys):
     """The GPU recipe of the peer benchmark (issue 12: 224 px, ResNet-50, bf16) in its smoke sizes."""
     pytest.importorskip("lightly")
     import torch
@@ -112,7 +112,8 @@ def test_bench_peer_smoke_on_cuda_bf16(demo_data, capsys):
         pytest.skip("no CUDA device")
     from fastssl.cli.bench import main
 
-    assert main(["peer", "--smoke", "--data", str(demo_data), "--methods", "simclr", "--device", "cuda",
+    # Its own photos (the bench writes them; no .beton, so no ffcv: the GPU machine has none).
+    assert main(["peer", "--smoke", "--data", str(tmp_path / "photos"), "--methods", "simclr", "--device", "cuda",
                  "--precision", "bf16", "--arch", "resnet50", "--backend", "torch", "--workers", "2",
                  "--arms", "lightly,fastssl", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
