@@ -52,10 +52,11 @@ def _cv2():
     return cv2
 
 
-def augment_image(x: np.ndarray, p: dict, ksize: int) -> np.ndarray:
+def augment_image(x: np.ndarray, p: dict, ksize: int, solarize: bool = True) -> np.ndarray:
     """Photometric ops on one uint8 (H, W, 3) RGB image with scalar params ``p``; returns a new uint8 image.
 
     ``p`` holds Python scalars with the keys of :func:`fastssl.pipelines.augment.sample_params`.
+    ``solarize=False`` leaves the last op (a LUT) to the caller, which folds it into its own.
     """
     cv2 = _cv2()
     if p["jitter"]:
@@ -80,9 +81,17 @@ def augment_image(x: np.ndarray, p: dict, ksize: int) -> np.ndarray:
         sigma = p["sigma"]
         k = min(ksize, 2 * math.ceil(4.0 * sigma) + 1)
         x = cv2.GaussianBlur(x, (k, k), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT_101)
-    if p["solarize"]:
+    if p["solarize"] and solarize:
         x = cv2.LUT(x, _SOLARIZE_LUT)
     return x
+
+
+def normalize_lut(mean, std) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 -> float32 ``(v / 255 - mean) / std`` per channel as two (1, 256, 3) float32 tables:
+    plain, and composed with solarise (``v >= 128 -> 255 - v``) for the images that solarise."""
+    v = np.arange(256, dtype=np.float64)
+    lut = np.stack([(v / 255.0 - m) / s for m, s in zip(mean, std)], -1).astype(np.float32)[None]  # (1, 256, 3)
+    return lut, np.ascontiguousarray(lut[:, _SOLARIZE_LUT])
 
 
 CHUNKS_PER_THREAD = 4  # load balance of the thread pool (see CpuPhotometric.__call__)
@@ -97,6 +106,7 @@ class CpuPhotometric:
         # normalising 64 views at 224 px took 88 ms more with them, 8 ms without). This is the
         # opencv-python module's setting; ffcv's libffcv links its own OpenCV and is unaffected.
         _cv2().setNumThreads(1)
+        self._luts: dict = {}
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="fastssl-cv2") if self.threads > 1 else None
 
     def __call__(self, crops: np.ndarray, params: dict[str, torch.Tensor], ksize: int,
@@ -116,18 +126,22 @@ class CpuPhotometric:
         # (measured 69 ms vs 14 ms to normalise 64 views at 224 px).
         out = torch.empty(crops.shape, dtype=torch.float32 if norm else torch.uint8).numpy()
         if norm:
+            # One table lookup per pixel (uint8 -> float32, channel by channel), with solarise folded
+            # in: 0.13 against 0.19 ms per 224 px view for multiply + subtract, the same values.
             cv2 = _cv2()
-            scale = tuple(1.0 / (255.0 * s) for s in std) + (0.0,)
-            shift = tuple(m / s for m, s in zip(mean, std)) + (0.0,)
+            key = (tuple(mean), tuple(std))
+            if key not in self._luts:
+                self._luts[key] = normalize_lut(mean, std)
+            lut, lut_sol = self._luts[key]
 
         def run(lo: int, hi: int) -> None:
             for i in range(lo, hi):
-                y = augment_image(np.ascontiguousarray(crops[i]), per[i], ksize)
                 if norm:
-                    cv2.multiply(y, scale, dst=out[i], dtype=cv2.CV_32F)
-                    cv2.subtract(out[i], shift, dst=out[i])
+                    sol = per[i]["solarize"]
+                    y = augment_image(np.ascontiguousarray(crops[i]), per[i], ksize, solarize=False)
+                    cv2.LUT(y, lut_sol if sol else lut, dst=out[i])
                 else:
-                    out[i] = y
+                    out[i] = augment_image(np.ascontiguousarray(crops[i]), per[i], ksize)
 
         if self._pool is None or b < 2:
             run(0, b)

@@ -103,3 +103,16 @@ def test_auto_picks_cv2_on_cpu_and_cv2_refuses_cuda():
     assert Augmenter(views, "cpu").impl == "cv2"
     with pytest.raises(ValueError, match="CPU only"):
         Augmenter(views, "cuda", impl="cv2")
+
+
+def test_normalising_lut_equals_affine_and_folds_solarise(photos):
+    """The float output (one LUT per image, solarise folded in) is ``(augment_image(x) / 255 - mean) / std``."""
+    params = every_op_params()
+    k = blur_kernel_size(64)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    ph = CpuPhotometric(threads=2)
+    got = ph(photos, params, k, mean, std)
+    u8 = ph(photos, params, k)
+    want = (u8.astype(np.float64) / 255.0 - np.array(mean)) / np.array(std)
+    assert got.dtype == np.float32 and np.abs(got - want).max() < 1e-5
+    assert bool(params["solarize"].any()) and not bool(params["solarize"].all())  # both tables are used
