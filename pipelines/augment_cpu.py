@@ -20,7 +20,8 @@ Per op, on one uint8 (H, W, 3) RGB image:
 * saturation s:  ``sat(s * x + (1 - s) * gray(x))``             (addWeighted)
 * hue h:         HSV (full 0-255 hue range), hue channel + round(256 h) mod 256 via a LUT
 * grayscale:     ``gray(x)`` in all channels (BT.601 weights, as torchvision)
-* blur sigma:    ``GaussianBlur`` (kernel ~10% of the side, cut at 4 sigma; reflect-101 borders as torch's reflect pad)
+* blur sigma:    separable Gaussian (``sepFilter2D`` with ``getGaussianKernel`` taps; kernel ~10% of the side,
+                 cut at 4 sigma; reflect-101 borders as torch's reflect pad)
 * solarise:      ``x >= 128 -> 255 - x`` via a LUT
 """
 from __future__ import annotations
@@ -52,6 +53,11 @@ def _cv2():
     return cv2
 
 
+def _gauss_taps(k: int, sigma: float) -> np.ndarray:
+    """(k, 1) float32 Gaussian taps summing to 1 (``cv2.getGaussianKernel``)."""
+    return _cv2().getGaussianKernel(k, sigma, _cv2().CV_32F)
+
+
 def augment_image(x: np.ndarray, p: dict, ksize: int, solarize: bool = True) -> np.ndarray:
     """Photometric ops on one uint8 (H, W, 3) RGB image with scalar params ``p``; returns a new uint8 image.
 
@@ -80,7 +86,11 @@ def augment_image(x: np.ndarray, p: dict, ksize: int, solarize: bool = True) -> 
         # OpenCV's cost grows with the kernel: SimCLR's 23 px at sigma 0.5 is 5 taps, ~9x faster.
         sigma = p["sigma"]
         k = min(ksize, 2 * math.ceil(4.0 * sigma) + 1)
-        x = cv2.GaussianBlur(x, (k, k), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT_101)
+        # The same Gaussian taps as GaussianBlur, applied in float by sepFilter2D: GaussianBlur's
+        # bit-exact fixed-point uint8 path is 2.2-2.6x slower for 9-17 taps (0.45 vs 0.21 ms,
+        # 1.00 vs 0.38 ms per 224 px view on cpu2); the results differ by at most one grey level.
+        g = _gauss_taps(k, sigma)
+        x = cv2.sepFilter2D(x, -1, g, g, borderType=cv2.BORDER_REFLECT_101)
     if p["solarize"] and solarize:
         x = cv2.LUT(x, _SOLARIZE_LUT)
     return x

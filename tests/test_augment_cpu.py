@@ -116,3 +116,15 @@ def test_normalising_lut_equals_affine_and_folds_solarise(photos):
     want = (u8.astype(np.float64) / 255.0 - np.array(mean)) / np.array(std)
     assert got.dtype == np.float32 and np.abs(got - want).max() < 1e-5
     assert bool(params["solarize"].any()) and not bool(params["solarize"].all())  # both tables are used
+
+
+def test_blur_is_opencv_gaussian_blur_within_one_grey_level(photos):
+    """The separable float filter (the fast path) against ``cv2.GaussianBlur`` (the bit-exact one), same taps."""
+    import math
+
+    for sigma in (0.1, 0.6, 1.3, 2.0):
+        k = 2 * math.ceil(4.0 * sigma) + 1
+        for img in photos:
+            ours = augment_image(img, {**OFF, "blur": True, "sigma": sigma}, 99)
+            ref = cv2.GaussianBlur(img, (k, k), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT_101)
+            assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 1, sigma
