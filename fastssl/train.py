@@ -373,6 +373,7 @@ def _train(cfg, acc, device, bf16, threads, out, history, state, lock) -> dict:
             save(ep_done, 0, wall0 + time.perf_counter() - t_run)
         if done:
             break  # leave `epoch` at the epoch the run stopped in (the final checkpoint records it)
+    flush_log()  # the last log point's record, before the bar closes
     wall = wall0 + time.perf_counter() - t_run
     if bar is not None:
         bar.close()
