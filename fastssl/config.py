@@ -109,6 +109,8 @@ class TrainConfig:
     device: str = "auto"            # auto | cpu | cuda
     precision: str = "auto"         # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     compile: str = "auto"           # auto (on CUDA) | on | off: torch.compile the backbone
+    compile_mode: str = "default"   # torch.compile mode: default | max-autotune-no-cudagraphs | max-autotune |
+                                    # reduce-overhead (longer compiles; a GPU session measures which pays)
     channels_last: bool = True      # NHWC weights (CUDA and CPU oneDNN)
     out_dir: str = "runs"
     name: str = ""                  # run directory name; empty: <method>-<backbone>-<data stem>
@@ -117,7 +119,7 @@ class TrainConfig:
     keep_checkpoints: int = 2       # step-numbered checkpoints kept (last.pt links the newest)
     ckpt_every_epochs: int = 1      # periodic checkpoints (also always at the end)
     ckpt_every_steps: int = 0       # >0: also every N optimizer steps
-    log_every: int = 10             # steps between metric lines (host sync only then)
+    log_every: int = 10             # steps between metric lines (values read one log point later: no host wait)
     progress: bool = True           # progress (fastssl.progress: a bar on a terminal, lines otherwise)
     res_start: int = 0              # progressive resolution: global-view size at epoch 0 (0 = off)
     res_end_epoch: float = 0.85     # ... reaches aug.global_size at this fraction of the epochs
@@ -132,6 +134,7 @@ class TrainConfig:
         _choice("train.device", self.device, ("auto", "cpu", "cuda"))
         _choice("train.precision", self.precision, ("auto", "bf16", "fp32"))
         _choice("train.compile", str(self.compile), ("auto", "on", "off"))
+        _choice("train.compile_mode", self.compile_mode, COMPILE_MODES)
         _choice("train.strategy", self.strategy, ("ddp", "fsdp"))
         _range("train.epochs", self.epochs, 1, None)
         _range("train.max_steps", self.max_steps, 0, None)
@@ -169,6 +172,9 @@ class Config:
 
 
 # ----------------------------------------------------------------------------- validation helpers
+
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
+
 
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:

@@ -79,7 +79,7 @@ class TrainCore:
 
             parts = [b for b in block_modules(method.backbone)] if self.sharded else [method.backbone]
             for part in parts or [method.backbone]:
-                compile_module(part, log=log)
+                compile_module(part, log=log, mode=None if cfg.train.compile_mode == "default" else cfg.train.compile_mode)
         if self.sharded:
             from fastssl.fsdp import shard_method
 

@@ -76,11 +76,14 @@ else
   [ "${LOSS:-0}" = 1 ] && run gpu_bench_loss 100 $PY -m fastssl.cli.bench loss --suite gpu --budget 70
   # SimCLR's step per view and joint (the trainer's yardstick for the loader); STEP_CASES=all for DINO and MAE too.
   CASES=${STEP_CASES:-simclr_rn50_bf16_compiled}; [ "$CASES" = all ] && CASES=
-  run gpu_bench_step 180 $PY -m fastssl.cli.bench step --suite gpu --quick --cases "$CASES"
+  # Next candidates for a faster step (issue 12's 3x needs one), each a compare variant, e.g.
+  #   fastssl-bench step --config configs/imagenet/simclr_rn50.yaml --device cuda --batch 256 train.res_start=0 \
+  #     --compare train.compile_mode=max-autotune-no-cudagraphs --steps 8 --warmup 3 --rounds 2
+  run gpu_bench_step 150 $PY -m fastssl.cli.bench step --suite gpu --quick --cases "$CASES"
   # The loader goal is relative to the trainer: the step benchmark's JSON lines are its yardstick.
   # On CUDA the torch back-end decodes on the GPU (nvJPEG + roi_align): its loader and full rows;
   # first_batch_seconds separates the workers' start-up from the steady rate.
-  run gpu_bench_loader 90 $PY -m fastssl.cli.bench loader --device cuda --make-imagenet-like "$LOADER_DATA" --measure \
+  run gpu_bench_loader 60 $PY -m fastssl.cli.bench loader --device cuda --make-imagenet-like "$LOADER_DATA" --measure \
     --n 1000 --backend torch,baseline --recipe simclr,dino --jitter recipe --batch-size 128 --workers 12 \
     --max-batches 7 --rounds 2 --step-json "$OUT/gpu_bench_step.json" --json
   # Issue 12's GPU goal: end to end against lightly at 224 px, ResNet-50, bf16 (fastssl compiled, as its

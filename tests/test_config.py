@@ -27,6 +27,7 @@ def test_yaml_and_overrides():
     ("optim.batch_size=1", "out of range"),
     ("train.resume=maybe", "expected true/false/auto"),
     ("optim.batch_size", "must look like key.sub=value"),
+    ("train.compile_mode=max-autotun", "did you mean 'max-autotune'"),
 ])
 def test_bad_keys_and_values_fail_naming_the_key(override, needle):
     with pytest.raises(ConfigError) as e:
@@ -109,3 +110,19 @@ def test_backbone_and_backend_errors_come_at_config_time(demo_data):
         load_config("configs/demo/simclr.yaml", [f"data.val={demo_data}/val.beton", "data.backend=torch",
                                                  f"data.train={demo_data}/train"])
     assert load_config("configs/demo/simclr.yaml", ["model.backbone=vit_tiny_patch16_224"]).model.backbone
+
+
+def test_compile_mode_reaches_torch_compile(monkeypatch):
+    """train.compile_mode is the mode the backbone is compiled with ("default": torch's own, None)."""
+    import fastssl.compile as fc
+
+    seen = []
+    real = fc.torch.compile
+    monkeypatch.setattr(fc.torch, "compile", lambda fn, **kw: seen.append(kw.get("mode")) or real(fn, backend="eager"))
+    from fastssl.cli.bench_step import Variant
+    import torch
+
+    for mode, want in (("default", None), ("max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs")):
+        ov = ["aug.global_size=16", "model.backbone=resnet_tiny", "train.compile=on", f"train.compile_mode={mode}"]
+        Variant(mode, "configs/demo/simclr.yaml", ov, 4, torch.device("cpu"))
+        assert seen[-1] == want
