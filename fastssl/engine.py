@@ -79,7 +79,7 @@ class TrainCore:
 
             parts = [b for b in block_modules(method.backbone)] if self.sharded else [method.backbone]
             for part in parts or [method.backbone]:
-                compile_module(part, log=log, mode=None if cfg.train.compile_mode == "default" else cfg.train.compile_mode)
+                compile_module(part, log=log, mode=cfg.train.compile_mode)
         if self.sharded:
             from fastssl.fsdp import shard_method
 
@@ -121,7 +121,8 @@ class TrainCore:
         snapshot at the next log point, so the host stays one window ahead of the GPU instead of
         waiting for it (cookbook-scale runs log every step in benchmarks: a sync per step would
         serialise the next batch's decode behind the step). Several ranks: one all-reduce,
-        enqueued like the step's collectives.
+        enqueued like the step's collectives; each rank's loss is the mean over its own anchors, and
+        the mean over ranks is the loss of the global batch, what one process with that batch logs.
         """
         n = max(self.n_micro, 1)
         keys = sorted(self.log_sums)
@@ -159,14 +160,6 @@ class TrainCore:
         if snap.probe and vals[-2]:
             out["linear_top1_online"] = 100.0 * vals[-3] / vals[-2]
         return out, int(vals[-1])
-
-    def read_logs(self) -> dict:
-        """Means since the last read, over every rank (one collective and one host sync), then reset.
-
-        Each rank's loss is the mean over its own anchors; the mean over ranks is the loss of the
-        global batch, which is what one process with that batch logs.
-        """
-        return self.resolve_logs(self.snapshot_logs())[0]
 
     def first_bad_step(self) -> int:
         """The first step whose loss was not finite, or -1 (a host sync)."""
