@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from fastssl.pipelines.recipes import AugConfig, ViewSpec, preset
+from fastssl.hostmem import HOST_ALLOCS
 from fastssl.registry import closest
 
 
@@ -112,6 +113,8 @@ class TrainConfig:
     compile_mode: str = "default"   # torch.compile mode: default | max-autotune-no-cudagraphs | max-autotune |
                                     # reduce-overhead (longer compiles; a GPU session measures which pays)
     channels_last: bool = True      # NHWC weights (CUDA and CPU oneDNN)
+    host_alloc: str = "auto"        # auto (retain on CPU) | retain | system: keep freed host memory for the next step
+                                    # instead of page-faulting it in again (fastssl/hostmem.py)
     out_dir: str = "runs"
     name: str = ""                  # run directory name; empty: <method>-<backbone>-<data stem>
     resume: str = "false"           # true: continue from the run dir's newest readable checkpoint; auto: the same
@@ -135,6 +138,7 @@ class TrainConfig:
         _choice("train.precision", self.precision, ("auto", "bf16", "fp32"))
         _choice("train.compile", str(self.compile), ("auto", "on", "off"))
         _choice("train.compile_mode", self.compile_mode, COMPILE_MODES)
+        _choice("train.host_alloc", self.host_alloc, HOST_ALLOCS)
         _choice("train.strategy", self.strategy, ("ddp", "fsdp"))
         _range("train.epochs", self.epochs, 1, None)
         _range("train.max_steps", self.max_steps, 0, None)

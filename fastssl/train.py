@@ -194,7 +194,7 @@ def _train(cfg, acc, device, bf16, threads, out, history, state, lock) -> dict:
         save_config(cfg, out / "config.yaml")
         (out / "env.json").write_text(json.dumps({**environment(device), "world_size": world,
                                                   "derived": asdict(d), "precision": "bf16" if bf16 else "fp32",
-                                                  "compiled": core.compiled}, indent=2))
+                                                  "compiled": core.compiled, "host_alloc": core.host_alloc}, indent=2))
         if not resume:
             # A new run in a used directory: an earlier run's metrics and checkpoints must not mix
             # with this one's (a fallback past an unreadable last.pt would pick the other run's).

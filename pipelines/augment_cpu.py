@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import math
 import os
+import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -99,6 +101,42 @@ def normalize_lut(mean, std) -> tuple[np.ndarray, np.ndarray]:
     return lut, np.ascontiguousarray(lut[:, _SOLARIZE_LUT])
 
 
+class BufferPool:
+    """Output batches reused once nothing outside the pool refers to them any more.
+
+    A fresh float32 batch of 64 views at 224 px is 38 MB: above glibc's mmap threshold, so each was
+    mapped, page-faulted in by the threads writing it (the kernel zeroing every page) and unmapped
+    when the caller dropped it. That was 0.5 of the stage's 1.4 ms per view on one thread (cpu2,
+    BENCHMARKS.md "Issue 12, session 8"). A buffer is handed out again only when the pool's own
+    reference is the last one (``sys.getrefcount``): every tensor or array made from it holds one,
+    so a caller that keeps a batch keeps it intact, and the pool allocates another instead.
+    """
+
+    def __init__(self, keep: int = 16):
+        self.keep = keep                  # at most this many buffers held (all shapes together)
+        self._bufs: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    def get(self, shape: tuple[int, ...], dtype: torch.dtype) -> np.ndarray:
+        """A writable array of ``shape``/``dtype`` that nothing else references (contents undefined)."""
+        ndt = torch.empty(0, dtype=dtype).numpy().dtype
+        with self._lock:
+            for i in range(len(self._bufs)):
+                b = self._bufs[i]
+                # References: the list, ``b``, getrefcount's argument. Any view, tensor (torch.from_numpy)
+                # or slice of it adds one.
+                if b.shape == shape and b.dtype == ndt and sys.getrefcount(b) == 3:
+                    return b
+                del b
+            # torch's allocator, not numpy's: a fresh 38 MB numpy buffer page-faults in both threads
+            # (measured 69 ms vs 14 ms to normalise 64 views at 224 px).
+            b = torch.empty(shape, dtype=dtype).numpy()
+            self._bufs.append(b)
+            if len(self._bufs) > self.keep:
+                self._bufs.pop(0)  # the oldest: still valid for whoever holds it, only not reused
+            return b
+
+
 CHUNKS_PER_THREAD = 4  # load balance of the thread pool (see CpuPhotometric.__call__)
 
 
@@ -112,6 +150,7 @@ class CpuPhotometric:
         # opencv-python module's setting; ffcv's libffcv links its own OpenCV and is unaffected.
         _cv2().setNumThreads(1)
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="fastssl-cv2") if self.threads > 1 else None
+        self.buffers = BufferPool()
 
     def __call__(self, crops: np.ndarray, params: dict[str, torch.Tensor], ksize: int,
                  mean: tuple[float, float, float] | None = None,
@@ -126,9 +165,7 @@ class CpuPhotometric:
         cols = {k: v.tolist() for k, v in params.items()}  # CPU tensors: no device sync
         per = [{k: cols[k][i] for k in cols} for i in range(b)]
         norm = mean is not None
-        # torch's allocator, not numpy's: a fresh 38 MB numpy buffer page-faults in both threads
-        # (measured 69 ms vs 14 ms to normalise 64 views at 224 px).
-        out = torch.empty(crops.shape, dtype=torch.float32 if norm else torch.uint8).numpy()
+        out = self.buffers.get(crops.shape, torch.float32 if norm else torch.uint8)
         if norm:
             # One table lookup per pixel (uint8 -> float32, channel by channel), with solarise folded
             # in: 0.13 against 0.19 ms per 224 px view for multiply + subtract, the same values.

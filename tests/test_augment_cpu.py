@@ -128,3 +128,20 @@ def test_blur_is_opencv_gaussian_blur_within_one_grey_level(photos):
             ours = augment_image(img, {**OFF, "blur": True, "sigma": sigma}, 99)
             ref = cv2.GaussianBlur(img, (k, k), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT_101)
             assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 1, sigma
+
+
+def test_output_buffers_are_reused_only_once_released(photos):
+    """A batch the caller still holds is never overwritten; a dropped one is written again (no fresh pages)."""
+    params = every_op_params()
+    k = blur_kernel_size(64)
+    ph = CpuPhotometric(threads=2)
+    held = torch.from_numpy(ph(photos, params, k, (0.5,) * 3, (0.25,) * 3)).permute(0, 3, 1, 2)  # as Augmenter keeps it
+    before = held.clone()
+    second = ph(photos, params, k, (0.5,) * 3, (0.25,) * 3)
+    assert second.ctypes.data != held.data_ptr() and torch.equal(held, before)
+    ptr = second.ctypes.data
+    del second
+    third = ph(photos, params, k, (0.5,) * 3, (0.25,) * 3)
+    assert third.ctypes.data == ptr and np.array_equal(third, before.permute(0, 2, 3, 1).numpy())
+    u8 = ph(photos, params, k)  # another dtype: its own buffer
+    assert u8.dtype == np.uint8 and u8.ctypes.data not in (ptr, held.data_ptr())

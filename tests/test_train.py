@@ -1,5 +1,6 @@
 """The trainer end to end on the CPU: loss goes down, resume is exact, NaN stops cleanly."""
 import json
+import platform
 
 import pytest
 
@@ -125,4 +126,5 @@ print(json.dumps({{"rc": rc, "seen": seen}}))
     assert res["rc"] == 0 and len(res["seen"]) == 3 and set(res["seen"]) == {want}, (res, want)
     env = json.loads((tmp_path / "t" / "env.json").read_text())
     assert env["torch_threads"] == want
+    assert env["host_alloc"] == ("retain" if platform.libc_ver()[0] == "glibc" else "system")  # train.host_alloc=auto, CPU
     assert {r["torch_threads"] for r in read_metrics(tmp_path / "t")} == {want}
