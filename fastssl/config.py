@@ -21,6 +21,7 @@ import yaml
 
 from fastssl.pipelines.recipes import AugConfig, ViewSpec, preset
 from fastssl.hostmem import HOST_ALLOCS
+from fastssl.models.cpu_conv import CPU_CONV_WGRADS
 from fastssl.registry import closest
 
 
@@ -115,6 +116,8 @@ class TrainConfig:
     channels_last: bool = True      # NHWC weights (CUDA and CPU oneDNN)
     host_alloc: str = "auto"        # auto (retain on CPU) | retain | system: keep freed host memory for the next step
                                     # instead of page-faulting it in again (fastssl/hostmem.py)
+    cpu_conv_wgrad: str = "auto"    # CPU conv weight gradients: auto (oneDNN's or one GEMM, the faster per shape,
+                                    # timed once) | onednn | gemm (fastssl/models/cpu_conv.py)
     out_dir: str = "runs"
     name: str = ""                  # run directory name; empty: <method>-<backbone>-<data stem>
     resume: str = "false"           # true: continue from the run dir's newest readable checkpoint; auto: the same
@@ -139,6 +142,7 @@ class TrainConfig:
         _choice("train.compile", str(self.compile), ("auto", "on", "off"))
         _choice("train.compile_mode", self.compile_mode, COMPILE_MODES)
         _choice("train.host_alloc", self.host_alloc, HOST_ALLOCS)
+        _choice("train.cpu_conv_wgrad", self.cpu_conv_wgrad, CPU_CONV_WGRADS)
         _choice("train.strategy", self.strategy, ("ddp", "fsdp"))
         _range("train.epochs", self.epochs, 1, None)
         _range("train.max_steps", self.max_steps, 0, None)

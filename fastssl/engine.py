@@ -76,6 +76,13 @@ class TrainCore:
             # Also on the CPU: oneDNN convolutions run NHWC about 1.5x faster (resnet_tiny at 32 px, 2 cores).
             method = method.to(memory_format=torch.channels_last)
         self.compiled = use_compile(cfg, self.device)
+        if self.device.type == "cpu" and not self.bf16 and not self.compiled:
+            # oneDNN's weight gradients run at half its forward's speed on AVX2 CPUs: the faster of it and one
+            # GEMM, per shape (fastssl/models/cpu_conv.py). Same parameters, state dict and results. Eager
+            # only: the per-shape timing would break a compiled graph (compile gains nothing on a CPU).
+            from fastssl.models.cpu_conv import use_gemm_wgrad
+
+            use_gemm_wgrad(method, cfg.train.cpu_conv_wgrad)
         if self.compiled:
             # In place: state-dict keys keep no `_orig_mod.`; a compile error falls back to eager. Under FSDP
             # each ViT block compiles its own forward (FSDP's gathers run between the graphs).
