@@ -48,15 +48,17 @@ def wgrad_gemm(g: torch.Tensor, x: torch.Tensor, k: tuple[int, int], stride: tup
     return (gm.t() @ cols).view(cout, kh, kw, cin).permute(0, 3, 1, 2)
 
 
-def _wgrad_onednn(g, x, w, stride, padding):
-    return torch.ops.aten.convolution_backward(g, x, w, None, list(stride), list(padding), [1, 1], False,
-                                               [0, 0], 1, [False, True, False])[1]
+def _onednn_backward(g, x, w, stride, padding, need_x: bool, need_w: bool):
+    """oneDNN's (input, weight) gradients of a plain convolution, each None where not asked for."""
+    gx, gw, _ = torch.ops.aten.convolution_backward(g, x, w, None, list(stride), list(padding), [1, 1], False,
+                                                    [0, 0], 1, [need_x, need_w, False])
+    return gx, gw
 
 
 def _pick(key, g, x, w, stride, padding) -> str:
     """Time both weight gradients on this shape (best of 2 each, after one warm call) and keep the faster."""
     best = {}
-    for name, fn in (("onednn", lambda: _wgrad_onednn(g, x, w, stride, padding)),
+    for name, fn in (("onednn", lambda: _onednn_backward(g, x, w, stride, padding, False, True)),
                      ("gemm", lambda: wgrad_gemm(g, x, w.shape[2:], stride, padding))):
         fn()
         ts = []
@@ -85,14 +87,10 @@ class _Conv2dGemmWgrad(torch.autograd.Function):
         how = mode if mode != "auto" else (_choice.get(key) or _pick(key, g, x, w, stride, padding))
         need_x = ctx.needs_input_grad[0]
         if how == "gemm":
-            gx = None
-            if need_x:
-                gx = torch.ops.aten.convolution_backward(g, x, w, None, list(stride), list(padding), [1, 1], False,
-                                                         [0, 0], 1, [True, False, False])[0]
+            gx = _onednn_backward(g, x, w, stride, padding, True, False)[0] if need_x else None
             gw = wgrad_gemm(g, x, w.shape[2:], stride, padding).contiguous(memory_format=torch.channels_last)
         else:
-            gx, gw, _ = torch.ops.aten.convolution_backward(g, x, w, None, list(stride), list(padding), [1, 1], False,
-                                                            [0, 0], 1, [need_x, True, False])
+            gx, gw = _onednn_backward(g, x, w, stride, padding, need_x, True)
         gb = g.sum((0, 2, 3)) if has_bias and ctx.needs_input_grad[2] else None
         return gx, gw, gb, None, None, None
 
