@@ -66,3 +66,23 @@ def test_bad_mode_fails_with_the_closest():
         load_config(None, ["train.cpu_conv_wgrad=gem"])
     with pytest.raises(ValueError, match="onednn"):
         use_gemm_wgrad(nn.Conv2d(2, 2, 1), "onedn")
+
+
+def test_the_gemm_must_win_by_the_margin():
+    # Near-ties keep oneDNN's, so noisy timings pick the same way in every run.
+    assert cpu_conv.choose({"onednn": 1.0, "gemm": 0.9}) == "onednn"
+    assert cpu_conv.choose({"onednn": 1.0, "gemm": 0.8}) == "gemm"
+    assert cpu_conv.choose({"onednn": 1.0, "gemm": 0.99}, margin=0.0) == "gemm"
+    assert cpu_conv.choose({"onednn": 1.0, "gemm": 1.2}, margin=0.0) == "onednn"
+
+
+def test_pick_times_both_and_caches_the_choice(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cpu_conv, "_onednn_backward", lambda *a: calls.append("onednn") or (None, None))
+    monkeypatch.setattr(cpu_conv, "wgrad_gemm", lambda *a: calls.append("gemm"))
+    key = ("test-shape",)
+    monkeypatch.delitem(cpu_conv._choice, key, raising=False)
+    got = cpu_conv._pick(key, None, None, torch.empty(1, 1, 1, 1), (1, 1), (0, 0), rounds=3)
+    assert cpu_conv._choice.pop(key) == got in ("gemm", "onednn")
+    # one warm call each, then interleaved: a burst of other work lands on both
+    assert calls == ["onednn", "gemm"] + ["onednn", "gemm"] * 3
