@@ -11,7 +11,7 @@ batch 128, 52 against 93 ms; 256 at 6 x 6, 67 against 92 ms. For the early layer
 are large (9x the input) and oneDNN wins (64 at 24 x 24: 178 against 94 ms).
 
 The choice is made per shape by timing both, the first time the shape is seen (as
-``cudnn.benchmark`` does), so a CPU whose oneDNN has a fast kernel (AVX-512, AMX) keeps it.
+``cudnn.benchmark`` does; the GEMM only when 15% faster, so runs choose alike), so a CPU whose oneDNN has a fast kernel (AVX-512, AMX) keeps it.
 The input gradient, forward and bias stay oneDNN's. Only plain 2-D convolutions (groups 1,
 dilation 1, fp32, channels_last input) take this path; anything else calls ``F.conv2d``.
 """
@@ -62,8 +62,8 @@ def _pick(key, g, x, w, stride, padding, rounds: int = 3, margin: float = 0.15) 
     timed in turn ``rounds`` times, so a burst of other work (the loader filling its queue during the
     first step) hits both; the best of each is compared. The GEMM must beat oneDNN by ``margin``:
     near-ties then go the same way in every run. Without it, best-of-2 blocks picked differently run to
-    run on cpu2 (ResNet-18, 96 px): 64 channels at 24 x 24 once went to the GEMM, 155 against 73 ms,
-    a 13% slower step for the whole run.
+    run on cpu2 (ResNet-18, 96 px): 64 channels at 24 x 24 once went to the GEMM, about twice as slow
+    there, a 13% slower step for the whole run (BENCHMARKS.md, issue 12, session 9).
     """
     fns = {"onednn": lambda: _onednn_backward(g, x, w, stride, padding, False, True),
            "gemm": lambda: wgrad_gemm(g, x, w.shape[2:], stride, padding)}
