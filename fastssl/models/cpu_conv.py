@@ -11,7 +11,8 @@ batch 128, 52 against 93 ms; 256 at 6 x 6, 67 against 92 ms. For the early layer
 are large (9x the input) and oneDNN wins (64 at 24 x 24: 178 against 94 ms).
 
 The choice is made per shape by timing both, the first time the shape is seen (as
-``cudnn.benchmark`` does; the GEMM only when 15% faster, so runs choose alike), so a CPU whose oneDNN has a fast kernel (AVX-512, AMX) keeps it.
+``cudnn.benchmark`` does), so a CPU whose oneDNN has a fast kernel (AVX-512, AMX) keeps it. The
+GEMM must be 15% faster (:func:`choose`), so that noisy timings make the same choice run to run.
 The input gradient, forward and bias stay oneDNN's. Only plain 2-D convolutions (groups 1,
 dilation 1, fp32, channels_last input) take this path; anything else calls ``F.conv2d``.
 """
