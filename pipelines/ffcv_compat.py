@@ -34,7 +34,8 @@ def import_ffcv():
     """``import ffcv`` without changing torch's thread count; returns the module (ImportError names the install)."""
     n = torch.get_num_threads()
     try:
-        import ffcv
+        with _plain_mode_table():
+            import ffcv
         from ffcv.pipeline import compiler as ffcv_compiler
     except ImportError as e:
         raise ImportError(FFCV_INSTALL) from e
@@ -54,6 +55,39 @@ def import_ffcv():
                       f"may have moved", stacklevel=2)
     _keep_torch_threads(ffcv_compiler)
     return ffcv
+
+
+class _ModeTable(dict):
+    """A plain dict standing in for ``numba.typed.Dict`` while ffcv is imported (:func:`_plain_mode_table`)."""
+
+
+def _plain_mode_table():
+    """Import ffcv with ``numba.typed.Dict`` as a plain dict.
+
+    ffcv 1.0.x builds one typed dict at import, ``ffcv.fields.rgb_image.IMAGE_MODES = {"jpg": 0,
+    "raw": 1}``, and reads it only from Python (its decoders capture the two ints). Building it
+    compiles numba's typed-dict code, which numba does not cache: 7.0 s of CPU in every process
+    that imported ffcv (cpu2; BENCHMARKS.md, "Issue 12, session 10"). A plain dict gives the same
+    lookups at no cost.
+    """
+    import contextlib
+
+    @contextlib.contextmanager
+    def swapped():
+        import numba.typed as typed
+
+        had = "Dict" in vars(typed)  # numba resolves Dict lazily (module __getattr__)
+        saved = vars(typed).get("Dict")
+        typed.Dict = _ModeTable
+        try:
+            yield
+        finally:
+            if had:
+                typed.Dict = saved
+            else:
+                del typed.Dict
+
+    return swapped()
 
 
 def writer_progress(factory):
