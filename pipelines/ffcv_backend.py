@@ -9,7 +9,8 @@ decoder :func:`multiview_decoder`; the loader splits the row into per-view
 Per-epoch values (seed, epoch, view sizes for progressive resolution) live in a
 small int64 array owned by the loader; numba freezes captured arrays as
 constants, so the compiled decoder reads it through its address (a 3-line
-``inttoptr`` intrinsic), and the decoder is compiled once.
+``inttoptr`` intrinsic), and the decoder is compiled once. Its per-batch loop is
+``pipelines/ffcv_decode.py``, compiled once per machine (numba's disk cache).
 """
 from __future__ import annotations
 
@@ -18,36 +19,16 @@ import os
 import numpy as np
 
 from fastssl.pipelines import DataError
-from fastssl.pipelines.crops import center_crop, random_resized_crop, sample_key, view_params
+from fastssl.pipelines.crops import view_params
 from fastssl.pipelines.ffcv_compat import decoder_base, import_ffcv, make_loader, next_batch, open_beton, start_epoch, \
     stop_epoch
 from fastssl.pipelines.loader import LoaderBase
-from fastssl.pipelines.resize import area_resize
 
 # State array layout (int64): [seed, epoch, row_bytes, V, S_0 .. S_{V-1}]
 ST_SEED, ST_EPOCH, ST_ROW, ST_NVIEWS, ST_SIZES = range(5)
 MAX_VIEWS = 64
 
 
-def _intrinsics():
-    from numba import types
-    from numba.core import cgutils
-    from numba.extending import intrinsic
-
-    @intrinsic
-    def voidptr_from_address(typingctx, addr):
-        """An int64 address -> void* (numba has no public cast)."""
-        sig = types.voidptr(addr)
-
-        def codegen(context, builder, signature, args):
-            return builder.inttoptr(args[0], cgutils.voidptr_t)
-
-        return sig, codegen
-
-    return voidptr_from_address
-
-
-_VOIDPTR = None
 
 
 def multiview_decoder(params: np.ndarray, state: np.ndarray, counts: np.ndarray, train: bool,
@@ -60,18 +41,12 @@ def multiview_decoder(params: np.ndarray, state: np.ndarray, counts: np.ndarray,
     a crop needing more falls back to OpenCV). ``use_area``: shrink crops with our area resize
     (``pipelines/resize.py``); False: OpenCV's INTER_AREA for every crop, as upstream ffcv.
     """
-    global _VOIDPTR
     from dataclasses import replace
 
     import numba
     from ffcv.fields.rgb_image import IMAGE_MODES
-    from ffcv.libffcv import imdecode, resize_crop
     from ffcv.pipeline.allocation_query import AllocationQuery
-    from ffcv.pipeline.compiler import Compiler
-
-    if _VOIDPTR is None:
-        _VOIDPTR = _intrinsics()
-    voidptr = _VOIDPTR
+    from fastssl.pipelines.ffcv_decode import voidptr_from_address as voidptr
 
     class MultiViewCropDecoder(decoder_base()):
         def declare_state_and_memory(self, previous_state):
@@ -87,20 +62,19 @@ def multiview_decoder(params: np.ndarray, state: np.ndarray, counts: np.ndarray,
                      AllocationQuery((half,), u8), AllocationQuery((3 * largest * largest,), u8)))
 
         def generate_code(self):
+            from fastssl.pipelines import ffcv_decode
+
+            ffcv_decode.load_symbols()
             jpg = IMAGE_MODES["jpg"]
             mem_read = self.memory_read
-            my_range = Compiler.get_iterator()
-            imdecode_c = Compiler.compile(imdecode)
-            resize_crop_c = Compiler.compile(resize_crop)
-            rrc, cc, key_of = random_resized_crop, center_crop, sample_key
-            area = area_resize
-            with_area = bool(use_area)
+            kernel = ffcv_decode.decode_batch  # compiled once per machine (numba's disk cache)
             prm = params.copy()
             st_addr, st_len = int(state.ctypes.data), int(state.shape[0])
             cnt_addr, cnt_len = int(counts.ctypes.data), int(counts.shape[0])
             scr_addr, scr_len, per = int(scratch.ctypes.data), int(scratch.shape[0]), int(per_thread)
-            is_train = bool(train)
+            is_train, with_area = bool(train), bool(use_area)
 
+            # What ffcv compiles for each loader: read the samples' bytes with its reader, then one call.
             def decode(batch_indices, my_storage, metadata, storage_state):
                 destination, temp_storage, half_storage, flip_storage = my_storage
                 st = numba.carray(voidptr(st_addr), (st_len,), np.int64)
@@ -109,68 +83,17 @@ def multiview_decoder(params: np.ndarray, state: np.ndarray, counts: np.ndarray,
                 n = len(batch_indices)
                 if destination.shape[1] != st[ST_ROW]:  # a stale epoch's buffers (sizes changed): never overrun
                     return destination[:n]
-                seed, epoch, nviews = st[ST_SEED], st[ST_EPOCH], st[ST_NVIEWS]
-                for dst_ix in my_range(n):
-                    source_ix = batch_indices[dst_ix]
-                    field = metadata[source_ix]
-                    image_data = mem_read(field["data_ptr"], storage_state)
-                    height = np.uint32(field["height"])
-                    width = np.uint32(field["width"])
-                    if field["mode"] == jpg:
-                        temp_buffer = temp_storage[dst_ix]
-                        imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1, False, False)
-                        temp_buffer = temp_buffer.reshape(-1)[: 3 * np.int64(height) * np.int64(width)]
-                        img = temp_buffer.reshape(np.int64(height), np.int64(width), 3)
-                    else:
-                        img = image_data.reshape(np.int64(height), np.int64(width), 3)
-                    cnt[np.int64(source_ix) % cnt_len] += 1
-                    row = destination[dst_ix]
-                    flip_buf = flip_storage[dst_ix]
-                    # The image at half resolution, made on first need (OpenCV's integer-factor area
-                    # path, about a tenth of a general INTER_AREA resize): a crop at least twice its
-                    # output size is resized from it, so its resize reads a quarter of the pixels.
-                    # Typical for DINO's local crops (BENCHMARKS.md, "multi-crop cost").
-                    hh, hw = np.int64(height) // 2, np.int64(width) // 2
-                    half = half_storage[dst_ix][: hh * hw * 3].reshape(hh, hw, 3)
-                    have_half = False
-                    off = 0
-                    for v in range(nviews):
-                        s = st[ST_SIZES + v]
-                        out = row[off: off + s * s * 3].reshape(s, s, 3)
-                        if is_train:
-                            top, left, ch, cw, flip = rrc(height, width, prm[v], key_of(seed, epoch, source_ix, v))
-                        else:
-                            top, left, ch, cw = cc(height, width)
-                            flip = False
-                        if min(ch, cw) >= 2 * s and hh >= 1 and hw >= 1:
-                            if not have_half:
-                                resize_crop_c(img, 0, 2 * hh, 0, 2 * hw, half)
-                                have_half = True
-                            src, t, l = half, top // 2, left // 2
-                            h, w = min(hh, (top + ch) // 2) - t, min(hw, (left + cw) // 2) - l
-                        else:
-                            src, t, l, h, w = img, top, left, ch, cw
-                        tid = numba.get_thread_id()
-                        if with_area and h >= s and w >= s and w * 3 <= per and (tid + 1) * per <= scr_len:
-                            # Shrinking: our area resize (INTER_AREA maths, faster), in this thread's
-                            # scratch, flipping as it writes. numba does not bounds-check, hence the
-                            # explicit slice bounds above.
-                            area(src, t, l, h, w, out, scr[tid * per:(tid + 1) * per], flip)
-                        elif not flip:         # enlarging on an axis: OpenCV (bilinear there)
-                            resize_crop_c(src, t, t + h, l, l + w, out)
-                        else:  # resize aside, then mirror columns while copying into the row
-                            dst = flip_buf[: s * s * 3].reshape(s, s, 3)
-                            resize_crop_c(src, t, t + h, l, l + w, dst)
-                            for y in range(s):
-                                for x in range(s):
-                                    xs = s - 1 - x
-                                    out[y, x, 0] = dst[y, xs, 0]
-                                    out[y, x, 1] = dst[y, xs, 1]
-                                    out[y, x, 2] = dst[y, xs, 2]
-                        off += s * s * 3
+                addrs = np.empty(n, np.int64)
+                nbytes = np.empty(n, np.int64)
+                for i in range(n):
+                    data = mem_read(metadata[batch_indices[i]]["data_ptr"], storage_state)
+                    addrs[i] = data.ctypes.data
+                    nbytes[i] = data.size
+                kernel(batch_indices, destination, temp_storage, half_storage, flip_storage, metadata, addrs, nbytes,
+                       st, cnt, scr, per, prm, is_train, with_area, jpg, ST_SIZES)
                 return destination[:n]
 
-            decode.is_parallel = True
+            decode.is_parallel = False  # the kernel runs its own parallel loop on ffcv's numba threads
             return decode
 
     return MultiViewCropDecoder()

@@ -134,6 +134,55 @@ def test_ffcv_labels_match_indices(demo_data):
         assert torch.equal(b.labels, b.indices % 10)                       # SyntheticImages: label = i % classes
 
 
+@pytest.mark.skipif(not _has("ffcv"), reason="ffcv missing")
+def test_ffcv_memory_managers_give_the_same_views(demo_data):
+    """The decode kernel takes each sample's bytes from ffcv's reader: process cache and OS cache alike."""
+    got = []
+    for in_memory in (True, False):
+        L = _loader(demo_data, "ffcv", "dino", photometric=False, in_memory=in_memory, workers=2, seed=3)
+        got.append([[v.clone() for v in b.views] for b in L])
+    assert len(got[0]) == len(got[1]) > 1
+    for a, b in zip(*got):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.skipif(not _has("ffcv"), reason="ffcv missing")
+def test_ffcv_decode_kernel_is_cached_on_disk(demo_data):
+    """numba must be able to cache the kernel (no ctypes pointers in it), or every loader compiles it again."""
+    import warnings
+
+    from numba.core.errors import NumbaWarning
+
+    from fastssl.pipelines import ffcv_decode
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", NumbaWarning)
+        next(iter(_loader(demo_data, "ffcv", "simclr", photometric=False)))
+    assert not [w for w in caught if "cache" in str(w.message).lower()], [str(w.message) for w in caught]
+    assert ffcv_decode.decode_batch.signatures                            # it ran (in this process or an earlier one)
+    cache_dir = ffcv_decode.decode_batch._cache._cache_path
+    import os
+
+    assert any(f.startswith("ffcv_decode.decode_batch") and f.endswith(".nbi") for f in os.listdir(cache_dir))
+
+
+@pytest.mark.skipif(not _has("ffcv"), reason="ffcv missing")
+def test_ffcv_import_builds_no_numba_typed_dict():
+    """ffcv's IMAGE_MODES is a plain dict (its typed dict cost 7 s of compilation per process); numba's
+    own ``Dict`` is back in place afterwards. A fresh interpreter: other tests may have built typed dicts."""
+    import subprocess
+    import sys
+
+    code = ("from fastssl.pipelines.ffcv_compat import import_ffcv; import_ffcv()\n"
+            "from ffcv.fields.rgb_image import IMAGE_MODES\n"
+            "import numba.typed, numba.typed.typeddict as td\n"
+            "assert dict(IMAGE_MODES) == {'jpg': 0, 'raw': 1}, IMAGE_MODES\n"
+            "assert numba.typed.Dict is td.Dict\n"
+            "assert not td._make_dict.signatures, 'a typed dict was compiled'\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 def test_torch_decodes_each_image_once(demo_data, monkeypatch):
     from PIL import Image
 
