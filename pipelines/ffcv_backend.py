@@ -67,7 +67,11 @@ def multiview_decoder(params: np.ndarray, state: np.ndarray, counts: np.ndarray,
             ffcv_decode.load_symbols()
             jpg = IMAGE_MODES["jpg"]
             mem_read = self.memory_read
-            kernel = ffcv_decode.decode_batch  # compiled once per machine (numba's disk cache)
+            from ffcv.pipeline.compiler import Compiler
+
+            # Compiled once per machine (numba's disk cache). Several workers: the samples in parallel on
+            # ffcv's numba threads; one: serially, as ffcv compiles its own operations then.
+            kernel = ffcv_decode.decode_batch if Compiler.num_threads > 1 else ffcv_decode.decode_batch_serial
             prm = params.copy()
             st_addr, st_len = int(state.ctypes.data), int(state.shape[0])
             cnt_addr, cnt_len = int(counts.ctypes.data), int(counts.shape[0])
@@ -93,7 +97,7 @@ def multiview_decoder(params: np.ndarray, state: np.ndarray, counts: np.ndarray,
                        st, cnt, scr, per, prm, is_train, with_area, jpg, ST_SIZES)
                 return destination[:n]
 
-            decode.is_parallel = False  # the kernel runs its own parallel loop on ffcv's numba threads
+            decode.is_parallel = False  # the kernel has its own parallel loop
             return decode
 
     return MultiViewCropDecoder()

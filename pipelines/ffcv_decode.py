@@ -64,74 +64,95 @@ def _resize_crop(src, t0, t1, l0, l1, dst):
             dst.shape[1])
 
 
-@njit(parallel=True, nogil=True, cache=True, fastmath=True, error_model="numpy")
-def decode_batch(batch_indices, destination, temp_storage, half_storage, flip_storage, metadata, addrs, nbytes,
-                 st, cnt, scr, per, prm, is_train, with_area, jpg, st_sizes):
-    """Decode each sample of the batch once and write its V views into its ``destination`` row.
+_FLAGS = dict(nogil=True, cache=True, fastmath=True, error_model="numpy")  # as ffcv compiles its operations
+
+
+@njit(**_FLAGS)
+def decode_sample(dst_ix, batch_indices, destination, temp_storage, half_storage, flip_storage, metadata, addrs, nbytes,
+                  st, cnt, scr, per, prm, is_train, with_area, jpg, st_sizes):
+    """Decode sample ``dst_ix`` of the batch once and write its V views into its ``destination`` row.
 
     ``addrs``/``nbytes``: int64 (n,) address and length of each sample's stored bytes (read by the
-    caller with ffcv's reader for the loader's memory manager); ``st``: the loader's int64 state (seed at 0, epoch at 1, views at 3, sizes from ``st_sizes``);
-    ``cnt``: per-sample decode counter; ``scr``: float32 area-resize scratch, ``per`` elements per
-    numba thread; ``prm``: (V, 5) view parameters; ``jpg``: ffcv's code of the JPEG mode.
+    caller with ffcv's reader for the loader's memory manager); ``st``: the loader's int64 state
+    (seed at 0, epoch at 1, views at 3, sizes from ``st_sizes``); ``cnt``: per-sample decode
+    counter; ``scr``: float32 area-resize scratch, ``per`` elements per numba thread; ``prm``: (V, 5)
+    view parameters; ``jpg``: ffcv's code of the JPEG mode.
     """
     seed, epoch, nviews = st[0], st[1], st[3]
     cnt_len = cnt.shape[0]
     scr_len = scr.shape[0]
-    n = len(batch_indices)
-    for dst_ix in prange(n):
-        source_ix = batch_indices[dst_ix]
-        field = metadata[source_ix]
-        height = np.uint32(field["height"])
-        width = np.uint32(field["width"])
-        if field["mode"] == jpg:
-            temp_buffer = temp_storage[dst_ix]
-            _imdecode(addrs[dst_ix], nbytes[dst_ix], height, width, temp_buffer.ctypes.data, height, width,
-                      0, 0, 1, 1, 0, 0)
-            temp_buffer = temp_buffer.reshape(-1)[: 3 * np.int64(height) * np.int64(width)]
-            img = temp_buffer.reshape(np.int64(height), np.int64(width), 3)
+    source_ix = batch_indices[dst_ix]
+    field = metadata[source_ix]
+    height = np.uint32(field["height"])
+    width = np.uint32(field["width"])
+    if field["mode"] == jpg:
+        temp_buffer = temp_storage[dst_ix]
+        _imdecode(addrs[dst_ix], nbytes[dst_ix], height, width, temp_buffer.ctypes.data, height, width,
+                  0, 0, 1, 1, 0, 0)
+        temp_buffer = temp_buffer.reshape(-1)[: 3 * np.int64(height) * np.int64(width)]
+        img = temp_buffer.reshape(np.int64(height), np.int64(width), 3)
+    else:
+        img = numba.carray(voidptr_from_address(addrs[dst_ix]), (np.int64(height), np.int64(width), 3), np.uint8)
+    cnt[np.int64(source_ix) % cnt_len] += 1
+    row = destination[dst_ix]
+    flip_buf = flip_storage[dst_ix]
+    # The image at half resolution, made on first need (OpenCV's integer-factor area path,
+    # about a tenth of a general INTER_AREA resize): a crop at least twice its output size is
+    # resized from it, so its resize reads a quarter of the pixels. Typical for DINO's local
+    # crops (BENCHMARKS.md, "multi-crop cost").
+    hh, hw = np.int64(height) // 2, np.int64(width) // 2
+    half = half_storage[dst_ix][: hh * hw * 3].reshape(hh, hw, 3)
+    have_half = False
+    off = 0
+    for v in range(nviews):
+        s = st[st_sizes + v]
+        out = row[off: off + s * s * 3].reshape(s, s, 3)
+        if is_train:
+            top, left, ch, cw, flip = random_resized_crop(height, width, prm[v], sample_key(seed, epoch, source_ix, v))
         else:
-            img = numba.carray(voidptr_from_address(addrs[dst_ix]), (np.int64(height), np.int64(width), 3), np.uint8)
-        cnt[np.int64(source_ix) % cnt_len] += 1
-        row = destination[dst_ix]
-        flip_buf = flip_storage[dst_ix]
-        # The image at half resolution, made on first need (OpenCV's integer-factor area path,
-        # about a tenth of a general INTER_AREA resize): a crop at least twice its output size is
-        # resized from it, so its resize reads a quarter of the pixels. Typical for DINO's local
-        # crops (BENCHMARKS.md, "multi-crop cost").
-        hh, hw = np.int64(height) // 2, np.int64(width) // 2
-        half = half_storage[dst_ix][: hh * hw * 3].reshape(hh, hw, 3)
-        have_half = False
-        off = 0
-        for v in range(nviews):
-            s = st[st_sizes + v]
-            out = row[off: off + s * s * 3].reshape(s, s, 3)
-            if is_train:
-                top, left, ch, cw, flip = random_resized_crop(height, width, prm[v], sample_key(seed, epoch, source_ix, v))
-            else:
-                top, left, ch, cw = center_crop(height, width)
-                flip = False
-            if min(ch, cw) >= 2 * s and hh >= 1 and hw >= 1:
-                if not have_half:
-                    _resize_crop(img, 0, 2 * hh, 0, 2 * hw, half)
-                    have_half = True
-                src, t, l = half, top // 2, left // 2
-                h, w = min(hh, (top + ch) // 2) - t, min(hw, (left + cw) // 2) - l
-            else:
-                src, t, l, h, w = img, top, left, ch, cw
-            tid = numba.get_thread_id()
-            if with_area and h >= s and w >= s and w * 3 <= per and (tid + 1) * per <= scr_len:
-                # Shrinking: our area resize (INTER_AREA maths, faster), in this thread's scratch,
-                # flipping as it writes. numba does not bounds-check, hence the explicit bounds above.
-                area_resize(src, t, l, h, w, out, scr[tid * per:(tid + 1) * per], flip)
-            elif not flip:         # enlarging on an axis: OpenCV (bilinear there)
-                _resize_crop(src, t, t + h, l, l + w, out)
-            else:  # resize aside, then mirror columns while copying into the row
-                dst = flip_buf[: s * s * 3].reshape(s, s, 3)
-                _resize_crop(src, t, t + h, l, l + w, dst)
-                for y in range(s):
-                    for x in range(s):
-                        xs = s - 1 - x
-                        out[y, x, 0] = dst[y, xs, 0]
-                        out[y, x, 1] = dst[y, xs, 1]
-                        out[y, x, 2] = dst[y, xs, 2]
-            off += s * s * 3
+            top, left, ch, cw = center_crop(height, width)
+            flip = False
+        if min(ch, cw) >= 2 * s and hh >= 1 and hw >= 1:
+            if not have_half:
+                _resize_crop(img, 0, 2 * hh, 0, 2 * hw, half)
+                have_half = True
+            src, t, l = half, top // 2, left // 2
+            h, w = min(hh, (top + ch) // 2) - t, min(hw, (left + cw) // 2) - l
+        else:
+            src, t, l, h, w = img, top, left, ch, cw
+        tid = numba.get_thread_id()
+        if with_area and h >= s and w >= s and w * 3 <= per and (tid + 1) * per <= scr_len:
+            # Shrinking: our area resize (INTER_AREA maths, faster), in this thread's scratch,
+            # flipping as it writes. numba does not bounds-check, hence the explicit bounds above.
+            area_resize(src, t, l, h, w, out, scr[tid * per:(tid + 1) * per], flip)
+        elif not flip:         # enlarging on an axis: OpenCV (bilinear there)
+            _resize_crop(src, t, t + h, l, l + w, out)
+        else:  # resize aside, then mirror columns while copying into the row
+            dst = flip_buf[: s * s * 3].reshape(s, s, 3)
+            _resize_crop(src, t, t + h, l, l + w, dst)
+            for y in range(s):
+                for x in range(s):
+                    xs = s - 1 - x
+                    out[y, x, 0] = dst[y, xs, 0]
+                    out[y, x, 1] = dst[y, xs, 1]
+                    out[y, x, 2] = dst[y, xs, 2]
+        off += s * s * 3
+
+
+@njit(parallel=True, **_FLAGS)
+def decode_batch(batch_indices, destination, temp_storage, half_storage, flip_storage, metadata, addrs, nbytes,
+                 st, cnt, scr, per, prm, is_train, with_area, jpg, st_sizes):
+    """:func:`decode_sample` for every sample of the batch, on the calling thread's numba threads."""
+    for i in prange(len(batch_indices)):
+        decode_sample(i, batch_indices, destination, temp_storage, half_storage, flip_storage, metadata, addrs, nbytes,
+                      st, cnt, scr, per, prm, is_train, with_area, jpg, st_sizes)
+
+
+@njit(**_FLAGS)
+def decode_batch_serial(batch_indices, destination, temp_storage, half_storage, flip_storage, metadata, addrs, nbytes,
+                        st, cnt, scr, per, prm, is_train, with_area, jpg, st_sizes):
+    """:func:`decode_batch` on the calling thread alone (one worker): no numba thread pool is started,
+    as ffcv compiles a one-worker loader (a started pool makes a later ``fork`` warn)."""
+    for i in range(len(batch_indices)):
+        decode_sample(i, batch_indices, destination, temp_storage, half_storage, flip_storage, metadata, addrs, nbytes,
+                      st, cnt, scr, per, prm, is_train, with_area, jpg, st_sizes)
