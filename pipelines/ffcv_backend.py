@@ -75,8 +75,10 @@ def multiview_decoder(params: np.ndarray, state: np.ndarray, counts: np.ndarray,
             prm = params.copy()
             st_addr, st_len = int(state.ctypes.data), int(state.shape[0])
             cnt_addr, cnt_len = int(counts.ctypes.data), int(counts.shape[0])
-            scr_addr, scr_len, per = int(scratch.ctypes.data), int(scratch.shape[0]), int(per_thread)
-            is_train, with_area = bool(train), bool(use_area)
+            scr_addr, scr_len = int(scratch.ctypes.data), int(scratch.shape[0])
+            # ffcv_decode.decode_sample's options, an array (frozen in this closure): as scalars they would
+            # reach the cached kernel as literals, one compilation per value (each image width, train or not).
+            opts = np.array([int(per_thread), int(bool(train)), int(bool(use_area)), int(jpg), ST_SIZES], np.int64)
 
             # What ffcv compiles for each loader: read the samples' bytes with its reader, then one call.
             def decode(batch_indices, my_storage, metadata, storage_state):
@@ -94,7 +96,7 @@ def multiview_decoder(params: np.ndarray, state: np.ndarray, counts: np.ndarray,
                     addrs[i] = data.ctypes.data
                     nbytes[i] = data.size
                 kernel(batch_indices, destination, temp_storage, half_storage, flip_storage, metadata, addrs, nbytes,
-                       st, cnt, scr, per, prm, is_train, with_area, jpg, ST_SIZES)
+                       st, cnt, scr, prm, opts)
                 return destination[:n]
 
             decode.is_parallel = False  # the kernel has its own parallel loop

@@ -69,15 +69,18 @@ _FLAGS = dict(nogil=True, cache=True, fastmath=True, error_model="numpy")  # as 
 
 @njit(**_FLAGS)
 def decode_sample(dst_ix, batch_indices, destination, temp_storage, half_storage, flip_storage, metadata, addrs, nbytes,
-                  st, cnt, scr, per, prm, is_train, with_area, jpg, st_sizes):
+                  st, cnt, scr, prm, opts):
     """Decode sample ``dst_ix`` of the batch once and write its V views into its ``destination`` row.
 
     ``addrs``/``nbytes``: int64 (n,) address and length of each sample's stored bytes (read by the
     caller with ffcv's reader for the loader's memory manager); ``st``: the loader's int64 state
     (seed at 0, epoch at 1, views at 3, sizes from ``st_sizes``); ``cnt``: per-sample decode
-    counter; ``scr``: float32 area-resize scratch, ``per`` elements per numba thread; ``prm``: (V, 5)
-    view parameters; ``jpg``: ffcv's code of the JPEG mode.
+    counter; ``scr``: float32 area-resize scratch; ``prm``: (V, 5) view parameters; ``opts``: int64
+    [scratch elements per numba thread, train, area resize, ffcv's code of the JPEG mode, offset of the
+    sizes in ``st``]. (Options in an array, not as scalars: numba would compile one kernel per value of
+    a scalar its caller holds as a constant.)
     """
+    per, is_train, with_area, jpg, st_sizes = opts[0], opts[1] != 0, opts[2] != 0, opts[3], opts[4]
     seed, epoch, nviews = st[0], st[1], st[3]
     cnt_len = cnt.shape[0]
     scr_len = scr.shape[0]
@@ -141,18 +144,18 @@ def decode_sample(dst_ix, batch_indices, destination, temp_storage, half_storage
 
 @njit(parallel=True, **_FLAGS)
 def decode_batch(batch_indices, destination, temp_storage, half_storage, flip_storage, metadata, addrs, nbytes,
-                 st, cnt, scr, per, prm, is_train, with_area, jpg, st_sizes):
+                 st, cnt, scr, prm, opts):
     """:func:`decode_sample` for every sample of the batch, on the calling thread's numba threads."""
     for i in prange(len(batch_indices)):
         decode_sample(i, batch_indices, destination, temp_storage, half_storage, flip_storage, metadata, addrs, nbytes,
-                      st, cnt, scr, per, prm, is_train, with_area, jpg, st_sizes)
+                      st, cnt, scr, prm, opts)
 
 
 @njit(**_FLAGS)
 def decode_batch_serial(batch_indices, destination, temp_storage, half_storage, flip_storage, metadata, addrs, nbytes,
-                        st, cnt, scr, per, prm, is_train, with_area, jpg, st_sizes):
+                        st, cnt, scr, prm, opts):
     """:func:`decode_batch` on the calling thread alone (one worker): no numba thread pool is started,
     as ffcv compiles a one-worker loader (a started pool makes a later ``fork`` warn)."""
     for i in range(len(batch_indices)):
         decode_sample(i, batch_indices, destination, temp_storage, half_storage, flip_storage, metadata, addrs, nbytes,
-                      st, cnt, scr, per, prm, is_train, with_area, jpg, st_sizes)
+                      st, cnt, scr, prm, opts)
