@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import subprocess
 import sys
 import tempfile
@@ -67,11 +66,9 @@ def main(argv=None) -> int:
            "median_images_per_second": {k: round(v, 1) for k, v in med.items()},
            "now_over_then": round(med["now"] / med["then"], 3),
            "rounds_images_per_second": {k: [round(x, 1) for x in v] for k, v in res.items()}}
-    text = json.dumps(out, indent=2)
-    print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
+    from fastssl.benchmarking import write_json
+
+    print(write_json(out, a.out, indent=2))
     return 0
 
 

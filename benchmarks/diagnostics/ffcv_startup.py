@@ -11,7 +11,6 @@ disk cache; later runs load it.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
@@ -61,11 +60,9 @@ def main(argv=None) -> int:
                        "build_loader": round(t2 - t1, 2), "first_batch": round(t3 - t2, 2),
                        "second_batch": round(t4 - t3, 3)},
            "numba_compiles_over_0.3s": compiles}
-    text = json.dumps(out, indent=2)
-    print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
+    from fastssl.benchmarking import write_json
+
+    print(write_json(out, a.out, indent=2))
     return 0
 
 

@@ -18,7 +18,6 @@ the same weight-gradient choices and the same moment.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -114,11 +113,9 @@ def main(argv=None) -> int:
         "live_data_wait_fraction": round(sum(w for _, w in res["live"]) / sum(t for t, _ in res["live"]), 4),
         "machine_idle_fraction": {s: round(v[0] / max(v[1], 1), 4) for s, v in idle.items()},
     }
-    text = json.dumps(out, indent=2)
-    print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
+    from fastssl.benchmarking import write_json
+
+    print(write_json(out, a.out, indent=2))
     return 0
 
 
