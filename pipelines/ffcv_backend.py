@@ -20,15 +20,13 @@ import numpy as np
 
 from fastssl.pipelines import DataError
 from fastssl.pipelines.crops import view_params
+# The state array's layout (int64: seed, epoch, row bytes, V, sizes), defined beside the kernel that reads it.
+from fastssl.pipelines.ffcv_decode import ST_EPOCH, ST_NVIEWS, ST_ROW, ST_SEED, ST_SIZES
 from fastssl.pipelines.ffcv_compat import decoder_base, import_ffcv, make_loader, next_batch, open_beton, start_epoch, \
     stop_epoch
 from fastssl.pipelines.loader import LoaderBase
 
-# State array layout (int64): [seed, epoch, row_bytes, V, S_0 .. S_{V-1}]
-ST_SEED, ST_EPOCH, ST_ROW, ST_NVIEWS, ST_SIZES = range(5)
 MAX_VIEWS = 64
-
-
 
 
 def multiview_decoder(params: np.ndarray, state: np.ndarray, counts: np.ndarray, train: bool,
@@ -62,13 +60,13 @@ def multiview_decoder(params: np.ndarray, state: np.ndarray, counts: np.ndarray,
                      AllocationQuery((half,), u8), AllocationQuery((3 * largest * largest,), u8)))
 
         def generate_code(self):
+            from ffcv.pipeline.compiler import Compiler
+
             from fastssl.pipelines import ffcv_decode
 
             ffcv_decode.load_symbols()
             jpg = IMAGE_MODES["jpg"]
             mem_read = self.memory_read
-            from ffcv.pipeline.compiler import Compiler
-
             # Compiled once per machine (numba's disk cache). Several workers: the samples in parallel on
             # ffcv's numba threads; one: serially, as ffcv compiles its own operations then.
             kernel = ffcv_decode.decode_batch if Compiler.num_threads > 1 else ffcv_decode.decode_batch_serial

@@ -27,6 +27,9 @@ from fastssl.pipelines.resize import area_resize
 
 # ffcv 1.0.2's C entry points (libffcv.cpp; their ctypes argtypes in ffcv/libffcv.py). Pointers
 # are passed as 64-bit integers, C bools as bytes (always 0 here: no crop or flip at decode).
+# The loader's int64 state array: [seed, epoch, row bytes, V, S_0 .. S_{V-1}] (pipelines/ffcv_backend.py writes it).
+ST_SEED, ST_EPOCH, ST_ROW, ST_NVIEWS, ST_SIZES = range(5)
+
 _imdecode = types.ExternalFunction("imdecode", types.int32(
     types.intp, types.uint64, types.uint32, types.uint32, types.intp, types.uint32, types.uint32,
     types.uint32, types.uint32, types.uint32, types.uint32, types.uint8, types.uint8))
@@ -74,14 +77,13 @@ def decode_sample(dst_ix, batch_indices, destination, temp_storage, half_storage
 
     ``addrs``/``nbytes``: int64 (n,) address and length of each sample's stored bytes (read by the
     caller with ffcv's reader for the loader's memory manager); ``st``: the loader's int64 state
-    (seed at 0, epoch at 1, views at 3, sizes from ``st_sizes``); ``cnt``: per-sample decode
-    counter; ``scr``: float32 area-resize scratch; ``prm``: (V, 5) view parameters; ``opts``: int64
-    [scratch elements per numba thread, train, area resize, ffcv's code of the JPEG mode, offset of the
-    sizes in ``st``]. (Options in an array, not as scalars: numba would compile one kernel per value of
-    a scalar its caller holds as a constant.)
+    (``ST_*`` above); ``cnt``: per-sample decode counter; ``scr``: float32 area-resize scratch;
+    ``prm``: (V, 5) view parameters; ``opts``: int64 [scratch elements per numba thread, train, area
+    resize, ffcv's code of the JPEG mode, ``ST_SIZES``]. Options travel in an array, not as scalars:
+    numba would compile one kernel per value of a scalar that its caller holds as a constant.
     """
     per, is_train, with_area, jpg, st_sizes = opts[0], opts[1] != 0, opts[2] != 0, opts[3], opts[4]
-    seed, epoch, nviews = st[0], st[1], st[3]
+    seed, epoch, nviews = st[ST_SEED], st[ST_EPOCH], st[ST_NVIEWS]
     cnt_len = cnt.shape[0]
     scr_len = scr.shape[0]
     source_ix = batch_indices[dst_ix]

@@ -1,6 +1,7 @@
 """What a fresh process pays before its first ffcv batch: import, loader build, first batch (compiles).
 
-    python benchmarks/diagnostics/ffcv_startup.py [OUT.json] [--beton data/demo/train.beton] [--config configs/demo/simclr.yaml]
+    python benchmarks/diagnostics/ffcv_startup.py [OUT.json] [--beton data/demo/train.beton]
+        [--config configs/demo/simclr.yaml]
 
 Run it in a fresh process each time (that is the point). Besides the three wall times it lists the
 numba compilations over 0.3 s (numba's ``numba:compile`` events, inclusive of what they compile
