@@ -25,11 +25,11 @@ from numba.extending import intrinsic
 from fastssl.pipelines.crops import center_crop, random_resized_crop, sample_key
 from fastssl.pipelines.resize import area_resize
 
-# ffcv 1.0.2's C entry points (libffcv.cpp; their ctypes argtypes in ffcv/libffcv.py). Pointers
-# are passed as 64-bit integers, C bools as bytes (always 0 here: no crop or flip at decode).
 # The loader's int64 state array: [seed, epoch, row bytes, V, S_0 .. S_{V-1}] (pipelines/ffcv_backend.py writes it).
 ST_SEED, ST_EPOCH, ST_ROW, ST_NVIEWS, ST_SIZES = range(5)
 
+# ffcv 1.0.2's C entry points (libffcv.cpp; their ctypes argtypes in ffcv/libffcv.py). Pointers
+# are passed as 64-bit integers, C bools as bytes (always 0 here: no crop or flip at decode).
 _imdecode = types.ExternalFunction("imdecode", types.int32(
     types.intp, types.uint64, types.uint32, types.uint32, types.intp, types.uint32, types.uint32,
     types.uint32, types.uint32, types.uint32, types.uint32, types.uint8, types.uint8))
