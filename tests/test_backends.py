@@ -149,6 +149,7 @@ def test_ffcv_memory_managers_give_the_same_views(demo_data):
 @pytest.mark.skipif(not _has("ffcv"), reason="ffcv missing")
 def test_ffcv_decode_kernel_is_cached_on_disk(demo_data):
     """numba must be able to cache the kernel (no ctypes pointers in it), or every loader compiles it again."""
+    import os
     import warnings
 
     from numba.core.errors import NumbaWarning
@@ -163,14 +164,12 @@ def test_ffcv_decode_kernel_is_cached_on_disk(demo_data):
     # One compiled kernel for train and eval loaders alike: options that reached it as literals made one each.
     assert len(ffcv_decode.decode_batch_serial.signatures) == 1, ffcv_decode.decode_batch_serial.signatures
     cache_dir = ffcv_decode.decode_batch._cache._cache_path
-    import os
-
     assert any(f.startswith("ffcv_decode.decode_batch_serial") and f.endswith(".nbi") for f in os.listdir(cache_dir))
 
 
 @pytest.mark.skipif(not _has("ffcv"), reason="ffcv missing")
 def test_ffcv_import_builds_no_numba_typed_dict():
-    """ffcv's IMAGE_MODES is a plain dict (its typed dict cost 7 s of compilation per process); numba's
+    """ffcv's IMAGE_MODES is a plain dict (its typed dict cost 4-5 s of compilation per process); numba's
     own ``Dict`` is back in place afterwards. A fresh interpreter: other tests may have built typed dicts."""
     import subprocess
     import sys
