@@ -76,7 +76,7 @@ def multiview_decoder(params: np.ndarray, state: np.ndarray, counts: np.ndarray,
             scr_addr, scr_len = int(scratch.ctypes.data), int(scratch.shape[0])
             # ffcv_decode.decode_sample's options, an array (frozen in this closure): as scalars they would
             # reach the cached kernel as literals, one compilation per value (each image width, train or not).
-            opts = np.array([int(per_thread), int(bool(train)), int(bool(use_area)), int(jpg), ST_SIZES], np.int64)
+            opts = np.array([int(per_thread), int(bool(train)), int(bool(use_area)), int(jpg)], np.int64)
 
             # What ffcv compiles for each loader: read the samples' bytes with its reader, then one call.
             def decode(batch_indices, my_storage, metadata, storage_state):

@@ -20,6 +20,7 @@ thread count, which ffcv's decoders use, is still set).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -57,37 +58,27 @@ def import_ffcv():
     return ffcv
 
 
-class _ModeTable(dict):
-    """A plain dict standing in for ``numba.typed.Dict`` while ffcv is imported (:func:`_plain_mode_table`)."""
-
-
+@contextlib.contextmanager
 def _plain_mode_table():
     """Import ffcv with ``numba.typed.Dict`` as a plain dict.
 
     ffcv 1.0.x builds one typed dict at import, ``ffcv.fields.rgb_image.IMAGE_MODES = {"jpg": 0,
     "raw": 1}``, and reads it only from Python (its decoders capture the two ints). Building it
-    compiles numba's typed-dict code, which numba does not cache: 7.0 s of CPU in every process
-    that imported ffcv (cpu2; BENCHMARKS.md, "Issue 12, session 10"). A plain dict gives the same
-    lookups at no cost.
+    compiles numba's typed-dict code, which numba does not cache: 4.4-5.3 s in every process that
+    imported ffcv (cpu2; BENCHMARKS.md, "Issue 12, session 10"). A plain dict gives the same lookups.
     """
-    import contextlib
+    import numba.typed as typed
 
-    @contextlib.contextmanager
-    def swapped():
-        import numba.typed as typed
-
-        had = "Dict" in vars(typed)  # numba resolves Dict lazily (module __getattr__)
-        saved = vars(typed).get("Dict")
-        typed.Dict = _ModeTable
-        try:
-            yield
-        finally:
-            if had:
-                typed.Dict = saved
-            else:
-                del typed.Dict
-
-    return swapped()
+    had = "Dict" in vars(typed)  # numba resolves Dict lazily (module __getattr__)
+    saved = vars(typed).get("Dict")
+    typed.Dict = dict
+    try:
+        yield
+    finally:
+        if had:
+            typed.Dict = saved
+        else:
+            del typed.Dict
 
 
 def writer_progress(factory):
@@ -96,8 +87,6 @@ def writer_progress(factory):
     ffcv 1.0's writer calls the module-level name ``ffcv.writer.tqdm(total=N)`` for its bar (no label,
     on stderr, even when the caller is quiet); the name is swapped for the duration of the block.
     """
-    import contextlib
-
     import ffcv.writer
 
     @contextlib.contextmanager

@@ -79,10 +79,10 @@ def decode_sample(dst_ix, batch_indices, destination, temp_storage, half_storage
     caller with ffcv's reader for the loader's memory manager); ``st``: the loader's int64 state
     (``ST_*`` above); ``cnt``: per-sample decode counter; ``scr``: float32 area-resize scratch;
     ``prm``: (V, 5) view parameters; ``opts``: int64 [scratch elements per numba thread, train, area
-    resize, ffcv's code of the JPEG mode, ``ST_SIZES``]. Options travel in an array, not as scalars:
+    resize, ffcv's code of the JPEG mode]. Options travel in an array, not as scalars:
     numba would compile one kernel per value of a scalar that its caller holds as a constant.
     """
-    per, is_train, with_area, jpg, st_sizes = opts[0], opts[1] != 0, opts[2] != 0, opts[3], opts[4]
+    per, is_train, with_area, jpg = opts[0], opts[1] != 0, opts[2] != 0, opts[3]
     seed, epoch, nviews = st[ST_SEED], st[ST_EPOCH], st[ST_NVIEWS]
     cnt_len = cnt.shape[0]
     scr_len = scr.shape[0]
@@ -110,7 +110,7 @@ def decode_sample(dst_ix, batch_indices, destination, temp_storage, half_storage
     have_half = False
     off = 0
     for v in range(nviews):
-        s = st[st_sizes + v]
+        s = st[ST_SIZES + v]
         out = row[off: off + s * s * 3].reshape(s, s, 3)
         if is_train:
             top, left, ch, cw, flip = random_resized_crop(height, width, prm[v], sample_key(seed, epoch, source_ix, v))
