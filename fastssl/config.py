@@ -116,8 +116,9 @@ class TrainConfig:
     channels_last: bool = True      # NHWC weights (CUDA and CPU oneDNN)
     host_alloc: str = "auto"        # auto (retain on CPU) | retain | system: keep freed host memory for the next step
                                     # instead of page-faulting it in again (fastssl/hostmem.py)
-    cpu_conv_wgrad: str = "auto"    # CPU conv weight gradients: auto (one GEMM where timed 15% faster than
-                                    # oneDNN's, per shape, once) | onednn | gemm (fastssl/models/cpu_conv.py)
+    cpu_conv_wgrad: str = "auto"    # CPU conv weight gradients: auto (a GEMM or a forward conv where timed 15%
+                                    # faster than oneDNN's, per shape, once per machine) | onednn | gemm | conv |
+                                    # conv_nchw (fastssl/models/cpu_conv.py)
     out_dir: str = "runs"
     name: str = ""                  # run directory name; empty: <method>-<backbone>-<data stem>
     resume: str = "false"           # true: continue from the run dir's newest readable checkpoint; auto: the same

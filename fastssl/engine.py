@@ -77,12 +77,12 @@ class TrainCore:
             method = method.to(memory_format=torch.channels_last)
         self.compiled = use_compile(cfg, self.device)
         if self.device.type == "cpu" and not self.bf16 and not self.compiled:
-            # oneDNN's weight gradients run at half its forward's speed on AVX2 CPUs: the faster of it and one
-            # GEMM, per shape (fastssl/models/cpu_conv.py). Same parameters, state dict and results. Eager
+            # oneDNN's weight gradients run at half its forward's speed on AVX2 CPUs: the fastest of it, one GEMM
+            # and one forward conv, per shape (fastssl/models/cpu_conv.py). Same parameters, state dict and results. Eager
             # only: the per-shape timing would break a compiled graph (compile gains nothing on a CPU).
-            from fastssl.models.cpu_conv import use_gemm_wgrad
+            from fastssl.models.cpu_conv import use_fast_wgrad
 
-            use_gemm_wgrad(method, cfg.train.cpu_conv_wgrad)
+            use_fast_wgrad(method, cfg.train.cpu_conv_wgrad)
         if self.compiled:
             # In place: state-dict keys keep no `_orig_mod.`; a compile error falls back to eager. Under FSDP
             # each ViT block compiles its own forward (FSDP's gathers run between the graphs).

@@ -2,6 +2,13 @@
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on CPU tensors through the interpreter
+if "FASTSSL_CACHE_DIR" not in os.environ:  # the CPU weight-gradient choices (fastssl/models/cpu_conv.py): not the user's
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["FASTSSL_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastssl-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["FASTSSL_CACHE_DIR"], True)
 
 import pytest
 

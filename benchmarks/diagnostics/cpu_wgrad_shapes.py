@@ -1,4 +1,5 @@
-# Diagnostic (issue 12, session 9): oneDNN's weight gradient against the GEMM (fastssl/models/cpu_conv.py) on each
+# Diagnostic (issue 12, sessions 9 and 11): oneDNN's weight gradient against each rewrite (fastssl/models/cpu_conv.py:
+# the GEMM, the forward conv in channels_last and NCHW memory) on each
 # conv shape of a ResNet-18 SimCLR step at 96 px, batch 128, 2 threads: 7 interleaved repeats after a warm call.
 # Usage: python benchmarks/diagnostics/cpu_wgrad_shapes.py [OUT.json]
 import json, statistics, sys, time
@@ -6,7 +7,7 @@ import json, statistics, sys, time
 import torch
 import torch.nn.functional as F
 
-from fastssl.models.cpu_conv import _onednn_backward, choose, wgrad_gemm
+from fastssl.models.cpu_conv import ALTERNATIVES, _onednn_backward, _wgrad, choose
 
 torch.set_num_threads(2)
 B, CL = 128, torch.channels_last
@@ -18,8 +19,8 @@ for cin, cout, hw, k, s, p in SHAPES:
     x = torch.randn(B, cin, hw, hw).contiguous(memory_format=CL)
     w = torch.randn(cout, cin, k, k)
     g = torch.randn(F.conv2d(x, w, None, s, p).shape).contiguous(memory_format=CL)
-    fns = {"onednn": lambda: _onednn_backward(g, x, w, (s, s), (p, p), False, True),
-           "gemm": lambda: wgrad_gemm(g, x, (k, k), (s, s), (p, p))}
+    fns = {"onednn": lambda: _onednn_backward(g, x, w, (s, s), (p, p), False, True)}
+    fns.update({how: (lambda how=how: _wgrad(how, g, x, w, (s, s), (p, p))) for how in ALTERNATIVES})
     for f in fns.values():
         f()
     t = {n: [] for n in fns}

@@ -1,33 +1,46 @@
-"""CPU convolutions whose weight gradient is one GEMM where that beats oneDNN's (``train.cpu_conv_wgrad``).
+"""CPU convolutions whose weight gradient takes the fastest of oneDNN's and two rewrites (``train.cpu_conv_wgrad``).
 
 On AVX2 CPUs oneDNN computes a convolution's weight gradient with its older direct kernel
 (``jit:avx2 backward_weights``), at about half the speed of its forward (``brg_conv_fwd``): in a
 ResNet-18 SimCLR step at 96 px on cpu2, 1.94 s of weight gradients against 1.36 s of forwards
-(the same FLOPs). The weight gradient is a matrix product, ``dW = g^T @ cols`` with
-``g`` (N*Ho*Wo, Cout) and ``cols`` (N*Ho*Wo, kh*kw*Cin) the patches of the input. In channels_last
-memory both are views or one cheap copy, and MKL's GEMM runs near peak, so for the deep layers
-(few pixels, many channels: the patches are small) the GEMM is faster: 512 channels at 3 x 3,
-batch 128, 52 against 93 ms; 256 at 6 x 6, 67 against 92 ms. For the early layers the patches
-are large (9x the input) and oneDNN wins (64 at 24 x 24: 178 against 94 ms).
+(the same FLOPs). Two rewrites of the same sum run on faster kernels for some shapes:
 
-The choice is made per shape by timing both, the first time the shape is seen (as
-``cudnn.benchmark`` does), so a CPU whose oneDNN has a fast kernel (AVX-512, AMX) keeps it. The
-GEMM must be 15% faster (:func:`choose`), so that noisy timings make the same choice run to run.
-The input gradient, forward and bias stay oneDNN's. Only plain 2-D convolutions (groups 1,
-dilation 1, fp32, channels_last input) take this path; anything else calls ``F.conv2d``.
+- ``gemm``: one matrix product, ``dW = g^T @ cols`` with ``g`` (N*Ho*Wo, Cout) and ``cols``
+  (N*Ho*Wo, kh*kw*Cin) the patches of the input (a view, copied once, in channels_last memory).
+  MKL's GEMM runs near peak, but the patches are kh*kw times the input: it wins where pixels are
+  few, e.g. the strided and 1 x 1 convolutions of ResNet's layers 3-4 (256 -> 512 at 6 x 6, stride
+  2: 19 against 32 ms), and loses on the early layers (64 at 24 x 24: 177 against 81 ms).
+- ``conv`` / ``conv_nchw``: one *forward* convolution with the batch as its channels
+  (:func:`wgrad_conv`), on oneDNN's fast forward kernel: 512 channels at 3 x 3, 27 against 38 ms
+  (GEMM) and 59 ms (oneDNN); 256 at 6 x 6, 37 against 44 ms (oneDNN).
+
+(batch 128, 2 threads, cpu2; ``benchmarks/diagnostics/cpu_wgrad_shapes.py``.) The choice is made per
+shape by timing all of them the first time the shape is seen (as ``cudnn.benchmark`` does), so a
+CPU whose oneDNN has a fast kernel (AVX-512, AMX) keeps it. A rewrite must be 15% faster than
+oneDNN (:func:`choose`). The choices are kept on disk per machine (CPU model, torch version,
+threads; :func:`cache_path`), so every later run of that machine takes the same ones without
+timing: run-to-run choices made from noisy timings had moved whole steps by 5-13% (BENCHMARKS.md,
+issue 12, sessions 9 and 11). The input gradient, forward and bias stay oneDNN's. Only plain 2-D
+convolutions (groups 1, dilation 1, fp32, channels_last input) take this path; anything else calls
+``F.conv2d``.
 """
 from __future__ import annotations
 
+import json
+import os
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-CPU_CONV_WGRADS = ("auto", "onednn", "gemm")
+ALTERNATIVES = ("gemm", "conv", "conv_nchw")  # the weight gradients timed against oneDNN's
+CPU_CONV_WGRADS = ("auto", "onednn") + ALTERNATIVES
 
-# (x shape, w shape, stride, padding) -> "gemm" | "onednn", decided once per process.
+# (x shape, w shape, stride, padding) -> "onednn" or one of ALTERNATIVES; read from / written to cache_path().
 _choice: dict[tuple, str] = {}
+_disk: dict | None = None  # cache_path()'s entries, read once per process
 
 
 def wgrad_gemm(g: torch.Tensor, x: torch.Tensor, k: tuple[int, int], stride: tuple[int, int],
@@ -49,6 +62,24 @@ def wgrad_gemm(g: torch.Tensor, x: torch.Tensor, k: tuple[int, int], stride: tup
     return (gm.t() @ cols).view(cout, kh, kw, cin).permute(0, 3, 1, 2)
 
 
+def wgrad_conv(g: torch.Tensor, x: torch.Tensor, k: tuple[int, int], stride: tuple[int, int],
+               padding: tuple[int, int], nchw: bool = False) -> torch.Tensor:
+    """Weight gradient (Cout, Cin, kh, kw) as ONE forward convolution, the batch as its channels.
+
+    ``dW[o, i, a, b] = sum_{n,y,x} g[n, o, y, x] * xpad[n, i, s*y + a, s*x + b]``: a convolution of
+    ``x^T`` (Cin images of N channels) with ``g^T`` (Cout filters of N channels, Ho x Wo, dilated
+    by the stride), output (Cin, Cout, >= kh, >= kw). oneDNN runs it on its forward kernel
+    (``brg_conv_fwd`` on AVX2), about twice as fast as its own weight-gradient kernel for the deep
+    layers (few pixels, many channels). ``nchw``: the transposed operands in contiguous rather than
+    channels_last memory (oneDNN then picks another kernel; faster for some shapes).
+    """
+    fmt = torch.contiguous_format if nchw else torch.channels_last
+    xt = x.transpose(0, 1).contiguous(memory_format=fmt)  # (Cin, N, H, W): one transposing copy
+    gt = g.transpose(0, 1).contiguous(memory_format=fmt)  # (Cout, N, Ho, Wo)
+    out = F.conv2d(xt, gt, padding=padding, dilation=stride)  # (Cin, Cout, kh + r, kw + r), r < stride
+    return out[:, :, :k[0], :k[1]].transpose(0, 1)
+
+
 def _onednn_backward(g, x, w, stride, padding, need_x: bool, need_w: bool):
     """oneDNN's (input, weight) gradients of a plain convolution, each None where not asked for."""
     gx, gw, _ = torch.ops.aten.convolution_backward(g, x, w, None, list(stride), list(padding), [1, 1], False,
@@ -56,18 +87,81 @@ def _onednn_backward(g, x, w, stride, padding, need_x: bool, need_w: bool):
     return gx, gw
 
 
-def _pick(key, g, x, w, stride, padding, rounds: int = 3, margin: float = 0.15) -> str:
-    """Time both weight gradients on this shape and keep the GEMM only where it is clearly faster.
+def cache_path() -> Path:
+    """The on-disk choices: ``$FASTSSL_CACHE_DIR`` or ``$XDG_CACHE_HOME/fastssl`` (default ``~/.cache/fastssl``).
 
-    After one warm call each (oneDNN's JIT, the first touch of the GEMM's patch matrix), the two are
-    timed in turn ``rounds`` times, so a burst of other work (the loader filling its queue during the
-    first step) hits both; the best of each is compared. The GEMM must beat oneDNN by ``margin``:
-    near-ties then go the same way in every run. Without it, best-of-2 blocks picked differently run to
-    run on cpu2 (ResNet-18, 96 px): 64 channels at 24 x 24 once went to the GEMM, about twice as slow
-    there, a 13% slower step for the whole run (BENCHMARKS.md, issue 12, session 9).
+    Delete the file to time every shape again (after a change of machine load or of libraries
+    that the key does not name).
     """
-    fns = {"onednn": lambda: _onednn_backward(g, x, w, stride, padding, False, True),
-           "gemm": lambda: wgrad_gemm(g, x, w.shape[2:], stride, padding)}
+    root = os.environ.get("FASTSSL_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "fastssl")
+    return Path(root) / "cpu_conv_wgrad.json"
+
+
+def _machine() -> str:
+    """What the timings depend on beyond the shape: the CPU model, torch (its oneDNN and MKL) and the threads."""
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    import platform
+
+    return f"{model or platform.processor() or platform.machine()}|torch {torch.__version__}|{torch.get_num_threads()} threads"
+
+
+def _disk_key(key) -> str:
+    return f"{_machine()}|{json.dumps(key)}"
+
+
+def _read_disk() -> dict:
+    global _disk
+    if _disk is None:
+        try:
+            _disk = json.loads(cache_path().read_text())
+            if not isinstance(_disk, dict):
+                _disk = {}
+        except (OSError, ValueError):  # none yet, unreadable or corrupt: time again
+            _disk = {}
+    return _disk
+
+
+def _write_disk(key: str, entry: dict) -> None:
+    """Add one entry (re-reading the file first: other processes may have added theirs); atomic replace."""
+    path = cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            on_disk = json.loads(path.read_text())
+        except (OSError, ValueError):
+            on_disk = {}
+        on_disk = on_disk if isinstance(on_disk, dict) else {}
+        on_disk[key] = entry
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(on_disk, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:  # a read-only home: the choice still holds for this process
+        pass
+
+
+def _pick(key, g, x, w, stride, padding, rounds: int = 5, margin: float = 0.15) -> str:
+    """The weight gradient for this shape: from the disk cache, else timed (all candidates) and cached.
+
+    After one warm call each (oneDNN's JIT, the first touch of the patch matrix), the candidates are
+    timed in turn ``rounds`` times, so a burst of other work (the loader filling its queue during the
+    first step) hits all of them; the best of each is compared (:func:`choose`). Without the margin,
+    best-of-2 blocks picked differently run to run on cpu2 (ResNet-18, 96 px): 64 channels at
+    24 x 24 once went to the GEMM, about twice as slow there, a 13% slower step for the whole run
+    (BENCHMARKS.md, issue 12, session 9).
+    """
+    dkey = _disk_key(key)
+    hit = _read_disk().get(dkey)
+    if isinstance(hit, dict) and hit.get("choice") in ("onednn",) + ALTERNATIVES:
+        _choice[key] = hit["choice"]
+        return _choice[key]
+    fns = {"onednn": lambda: _onednn_backward(g, x, w, stride, padding, False, True)}
+    fns.update({how: (lambda how=how: _wgrad(how, g, x, w, stride, padding)) for how in ALTERNATIVES})
     for fn in fns.values():
         fn()
     best = dict.fromkeys(fns, float("inf"))
@@ -77,15 +171,26 @@ def _pick(key, g, x, w, stride, padding, rounds: int = 3, margin: float = 0.15) 
             fn()
             best[name] = min(best[name], time.perf_counter() - t)
     _choice[key] = choose(best, margin)
+    entry = {"choice": _choice[key], "ms": {k: round(1000 * v, 2) for k, v in best.items()}}
+    _read_disk()[dkey] = entry
+    _write_disk(dkey, entry)
     return _choice[key]
 
 
 def choose(seconds: dict, margin: float = 0.15) -> str:
-    """``gemm`` when its time is below ``(1 - margin)`` of oneDNN's, else ``onednn`` (ties keep oneDNN's)."""
-    return "gemm" if seconds["gemm"] < (1.0 - margin) * seconds["onednn"] else "onednn"
+    """The fastest alternative when its time is below ``(1 - margin)`` of oneDNN's, else ``onednn`` (ties keep oneDNN's)."""
+    best = min((how for how in seconds if how != "onednn"), key=seconds.__getitem__)
+    return best if seconds[best] < (1.0 - margin) * seconds["onednn"] else "onednn"
 
 
-class _Conv2dGemmWgrad(torch.autograd.Function):
+def _wgrad(how: str, g, x, w, stride, padding) -> torch.Tensor:
+    """The weight gradient by alternative ``how`` (one of :data:`ALTERNATIVES`)."""
+    if how == "gemm":
+        return wgrad_gemm(g, x, w.shape[2:], stride, padding)
+    return wgrad_conv(g, x, w.shape[2:], stride, padding, nchw=how == "conv_nchw")
+
+
+class _Conv2dFastWgrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, b, stride, padding, mode):
         ctx.save_for_backward(x, w)
@@ -100,17 +205,17 @@ class _Conv2dGemmWgrad(torch.autograd.Function):
         key = (tuple(x.shape), tuple(w.shape), stride, padding)
         how = mode if mode != "auto" else (_choice.get(key) or _pick(key, g, x, w, stride, padding))
         need_x = ctx.needs_input_grad[0]
-        if how == "gemm":
+        if how != "onednn":
             gx = _onednn_backward(g, x, w, stride, padding, True, False)[0] if need_x else None
-            gw = wgrad_gemm(g, x, w.shape[2:], stride, padding).contiguous(memory_format=torch.channels_last)
+            gw = _wgrad(how, g, x, w, stride, padding).contiguous(memory_format=torch.channels_last)
         else:
             gx, gw = _onednn_backward(g, x, w, stride, padding, need_x, True)
         gb = g.sum((0, 2, 3)) if has_bias and ctx.needs_input_grad[2] else None
         return gx, gw, gb, None, None, None
 
 
-class GemmWgradConv2d(nn.Conv2d):
-    """``nn.Conv2d`` whose CPU backward takes the faster weight gradient per shape (same parameters and state dict)."""
+class FastWgradConv2d(nn.Conv2d):
+    """``nn.Conv2d`` whose CPU backward takes the fastest weight gradient per shape (same parameters and state dict)."""
 
     wgrad_mode = "auto"
 
@@ -121,13 +226,14 @@ class GemmWgradConv2d(nn.Conv2d):
                  and torch.is_grad_enabled() and self.weight.requires_grad)
         if not plain:
             return super().forward(x)
-        return _Conv2dGemmWgrad.apply(x, self.weight, self.bias, self.stride, self.padding, self.wgrad_mode)
+        return _Conv2dFastWgrad.apply(x, self.weight, self.bias, self.stride, self.padding, self.wgrad_mode)
 
 
-def use_gemm_wgrad(model: nn.Module, mode: str = "auto") -> int:
-    """Switch every plain ``nn.Conv2d`` of ``model`` to :class:`GemmWgradConv2d` in place; returns how many.
+def use_fast_wgrad(model: nn.Module, mode: str = "auto") -> int:
+    """Switch every plain ``nn.Conv2d`` of ``model`` to :class:`FastWgradConv2d` in place; returns how many.
 
-    ``mode``: ``auto`` (time both per shape), ``gemm`` (always the GEMM) or ``onednn`` (nothing changes).
+    ``mode``: ``auto`` (the fastest per shape, timed once per machine), ``onednn`` (nothing changes), or
+    one of :data:`ALTERNATIVES` for every convolution (``gemm``, ``conv``, ``conv_nchw``).
     """
     if mode not in CPU_CONV_WGRADS:
         from fastssl.registry import closest
@@ -138,7 +244,7 @@ def use_gemm_wgrad(model: nn.Module, mode: str = "auto") -> int:
     n = 0
     for m in model.modules():
         if type(m) is nn.Conv2d and m.groups == 1 and m.dilation == (1, 1) and m.padding_mode == "zeros":
-            m.__class__ = GemmWgradConv2d
+            m.__class__ = FastWgradConv2d
             m.wgrad_mode = mode
             n += 1
     return n
