@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,14 +36,17 @@ DALI_INSTALL = "the dali back-end needs NVIDIA DALI: pip install 'fastssl[dali]'
 
 def _valid_items(items, workers: int):
     """``(entries, bad)``: ``(listing index, path, label)`` of the files that decode, and ``{path: reason}`` of
-    those that do not; the verdict per listing is cached in ~/.cache/fastssl/dali-valid-<sha1>.json."""
+    those that do not; the verdict per listing is cached in
+    ``fastssl.cache.cache_dir()/dali-valid-<sha1>.json`` (default ``~/.cache/fastssl``)."""
     from fastssl.pipelines.prepare import validate
 
     h = hashlib.sha1()
     for p, label in items:
         st = os.stat(p)
         h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastssl" / f"dali-valid-{h.hexdigest()}.json"
+    from fastssl.cache import cache_dir
+
+    cache = cache_dir() / f"dali-valid-{h.hexdigest()}.json"
     try:
         bad = json.loads(cache.read_text())
         if isinstance(bad, list):  # the earlier format: paths only

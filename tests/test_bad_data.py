@@ -277,7 +277,7 @@ def test_folder_of_only_unreadable_files_is_a_data_error(tmp_path):
 
 @pytest.mark.skipif(not _has("nvidia.dali"), reason="DALI missing")
 def test_dali_leaves_unreadable_files_out_and_names_them(bad_folder, capfd, monkeypatch, tmp_path):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("FASTSSL_CACHE_DIR", str(tmp_path / "cache"))
     root, bad = bad_folder
     L = _load(root, backend="dali", bs=16, photometric=False)
     assert L.num_samples == 200 - len(bad) and {p for p, _ in L.skipped} == set(bad)

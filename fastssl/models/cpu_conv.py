@@ -88,14 +88,14 @@ def _onednn_backward(g, x, w, stride, padding, need_x: bool, need_w: bool):
 
 
 def cache_path() -> Path:
-    """The on-disk choices: ``$FASTSSL_CACHE_DIR`` or ``$XDG_CACHE_HOME/fastssl`` (default ``~/.cache/fastssl``).
+    """The on-disk choices, in :func:`fastssl.cache.cache_dir` (default ``~/.cache/fastssl``).
 
     Delete the file to time every shape again (after a change of machine load or of libraries
     that the key does not name).
     """
-    root = os.environ.get("FASTSSL_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "fastssl")
-    return Path(root) / "cpu_conv_wgrad.json"
+    from fastssl.cache import cache_dir
+
+    return cache_dir() / "cpu_conv_wgrad.json"
 
 
 def _machine() -> str:
