@@ -1,5 +1,6 @@
 """``fastssl-bench loader``: the JSON contract, rounds and the recipe cost ratio (no timings asserted)."""
 import json
+import os
 
 
 def test_bench_loader_json_rounds_and_recipe_ratio(demo_data, capsys):
@@ -7,7 +8,7 @@ def test_bench_loader_json_rounds_and_recipe_ratio(demo_data, capsys):
 
     rc = main(["loader", "--backend", "ffcv,baseline", "--data", str(demo_data), "--recipe", "simclr,dino",
                "--stage", "loader", "--batch-size", "8", "--workers", "1", "--max-batches", "2", "--size", "32",
-               "--rounds", "2", "--json"])
+               "--rounds", "2", "--json", "--same-process"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     rows = {(r["backend"], r["recipe"], r["stage"]): r for r in out["results"]}
@@ -30,13 +31,27 @@ def test_bench_loader_json_rounds_and_recipe_ratio(demo_data, capsys):
     # The JSON fields of a CPU run (what earlier figures were read from), none added by --device.
     base = {"backend", "recipe", "stage", "views", "size", "batch_size", "workers", "images", "seconds",
             "images_per_second", "ms_per_batch", "cpu_percent", "jitter", "rounds", "images_per_second_rounds",
-            "x_baseline", "first_batch_seconds", "images_per_second_after_first_batch"}
+            "x_baseline", "first_batch_seconds", "images_per_second_after_first_batch", "pid"}
     for r in rows.values():  # the epoch's start-up timed apart: the first batch, and the rate after it
         assert 0 < r["first_batch_seconds"] <= r["seconds"] + 0.01
         assert r["images_per_second_after_first_batch"] is None or r["images_per_second_after_first_batch"] > 0
     assert set(rows[("ffcv", "simclr", "loader")]) == set(rows[("baseline", "simclr", "full")]) == base
     assert set(d) == base | {"time_per_image_vs_simclr", "time_per_image_vs_simclr_rounds"}
-    assert set(out) == {"benchmark", "cpu_count", "argv", "results"}
+    assert set(out) == {"benchmark", "cpu_count", "argv", "fresh_process", "results"}
+    assert out["fresh_process"] is False and {r["pid"] for r in rows.values()} == {os.getpid()}
+
+
+def test_bench_loader_measures_each_configuration_in_a_fresh_process(demo_data, capsys):
+    """The default: no arm inherits another's thread pools (lightly's DataLoader forks after ffcv's numba pool)."""
+    from fastssl.cli.bench import main
+
+    rc = main(["loader", "--backend", "torch", "--data", str(demo_data), "--recipe", "simclr", "--stage", "loader",
+               "--batch-size", "8", "--workers", "0", "--max-batches", "1", "--size", "16", "--rounds", "2", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    (row,) = out["results"]
+    assert out["fresh_process"] is True and row["images"] == 8 and row["rounds"] == 2
+    assert row["pid"] != os.getpid()
 
 
 def test_bench_loader_device_cuda_without_cuda_is_a_one_line_error(tmp_path, capsys):
@@ -130,7 +145,7 @@ def test_ffcv_area_resize_is_a_loader_argument(demo_data, monkeypatch, capsys):
     from fastssl.cli.bench import main
 
     assert main(["loader", "--backend", "ffcv,ffcv-opencv,torch", "--data", str(demo_data), "--stage", "loader",
-                 "--batch-size", "8", "--size", "16", "--json"]) == 0
+                 "--batch-size", "8", "--size", "16", "--json", "--same-process"]) == 0  # the patch lives here
     assert seen == [("ffcv", True, True), ("ffcv", False, True), ("torch", True, False)]
     capsys.readouterr()
 
@@ -152,7 +167,8 @@ def test_bench_loader_lightly_peer_arm_and_its_jitter(demo_data, capsys):
     assert peer_jitter("mae", preset("mae"))[0].jitter_p == 0.0 and "mae" not in LIGHTLY_JITTER
 
     rc = main(["loader", "--backend", "lightly,torch", "--data", str(demo_data), "--recipe", "simclr,dino",
-               "--stage", "full", "--batch-size", "8", "--workers", "1", "--max-batches", "2", "--size", "32", "--json"])
+               "--stage", "full", "--batch-size", "8", "--workers", "1", "--max-batches", "2", "--size", "32", "--json",
+               "--same-process"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     rows = {(r["backend"], r["recipe"]): r for r in out["results"]}

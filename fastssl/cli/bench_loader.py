@@ -309,7 +309,21 @@ def measure(backend: str, stage: str, data: str, recipe: str, batch_size: int, w
             "images_per_second": round(images / wall, 1), "ms_per_batch": round(1000 * wall / max(1, batches), 2),
             "cpu_percent": round(100 * cpu / wall, 1), "jitter": jitter,
             "first_batch_seconds": round(first / max(1, epochs), 3),
-            "images_per_second_after_first_batch": None if steady is None else round(steady, 1)}
+            "images_per_second_after_first_batch": None if steady is None else round(steady, 1), "pid": os.getpid()}
+
+
+def measure_fresh(*args, **kwargs) -> dict:
+    """:func:`measure` in a fresh interpreter (``spawn``), as the issue's peer comparison runs each arm.
+
+    In one process, an earlier ffcv arm leaves numba's TBB pool running, and lightly's DataLoader then
+    forks its workers from that process (TBB warns "Unable to join threads to shut down before
+    fork()"); the arms also shared allocator and thread-pool state. Start-up is not timed.
+    """
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as ex:
+        return ex.submit(measure, *args, **kwargs).result()
 
 
 def _merge_rounds(rounds: list[list[dict]]) -> list[dict]:
@@ -396,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batches", type=int, default=10**9, help="cap batches per timed pass")
     ap.add_argument("--rounds", type=int, default=1,
                     help="measure the whole grid this many times, interleaved, and report medians (noisy machines)")
+    ap.add_argument("--same-process", action="store_true",
+                    help="measure every configuration in this process (default: each in a fresh one, so no arm "
+                         "inherits another's thread pools: lightly's DataLoader forks its workers)")
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--device", default="cpu",
                     help="cpu (default) or cuda: images/s of ready views on the GPU (the torch back-end decodes there)")
@@ -435,8 +452,9 @@ def main(argv: list[str] | None = None) -> int:
         # Whole grid per round, so slow drifts of a shared machine hit every configuration alike.
         rows = []
         for recipe, be, stage in grid:
-            r = measure(be, stage, a.data, recipe, a.batch_size, a.workers, a.size, a.epochs, a.max_batches,
-                        a.device, jitter=a.jitter)
+            r = (measure if a.same_process else measure_fresh)(be, stage, a.data, recipe, a.batch_size, a.workers,
+                                                               a.size, a.epochs, a.max_batches, a.device,
+                                                               jitter=a.jitter)
             rows.append(r)
             if a.json:  # a run cut short keeps what it measured
                 print(json.dumps({"row": r, "round": k + 1}), file=sys.stderr, flush=True)
@@ -453,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
                 r[f"x_{ref}"] = round(r["images_per_second"] / base[r["recipe"]], 2)
     _recipe_cost_ratios(results, rounds, a.recipe.split(",")[0])
     out = {"benchmark": "loader", "cpu_count": os.cpu_count(), "argv": sys.argv[1:] if argv is None else argv,
-           "results": results}
+           "fresh_process": not a.same_process, "results": results}
     if len(results) == 1:
         out.update(results[0])
     import torch
