@@ -31,7 +31,7 @@ def test_bench_loader_json_rounds_and_recipe_ratio(demo_data, capsys):
     # The JSON fields of a CPU run (what earlier figures were read from), none added by --device.
     base = {"backend", "recipe", "stage", "views", "size", "batch_size", "workers", "images", "seconds",
             "images_per_second", "ms_per_batch", "cpu_percent", "jitter", "rounds", "images_per_second_rounds",
-            "x_baseline", "first_batch_seconds", "images_per_second_after_first_batch", "pid"}
+            "x_baseline", "first_batch_seconds", "images_per_second_after_first_batch", "pid", "host_alloc"}
     for r in rows.values():  # the epoch's start-up timed apart: the first batch, and the rate after it
         assert 0 < r["first_batch_seconds"] <= r["seconds"] + 0.01
         assert r["images_per_second_after_first_batch"] is None or r["images_per_second_after_first_batch"] > 0
@@ -39,6 +39,7 @@ def test_bench_loader_json_rounds_and_recipe_ratio(demo_data, capsys):
     assert set(d) == base | {"time_per_image_vs_simclr", "time_per_image_vs_simclr_rounds"}
     assert set(out) == {"benchmark", "cpu_count", "argv", "fresh_process", "results"}
     assert out["fresh_process"] is False and {r["pid"] for r in rows.values()} == {os.getpid()}
+    assert {r["host_alloc"] for r in rows.values()} <= {"system", "retain"}  # retain only if set earlier in pytest
 
 
 def test_bench_loader_measures_each_configuration_in_a_fresh_process(demo_data, capsys):
@@ -52,6 +53,19 @@ def test_bench_loader_measures_each_configuration_in_a_fresh_process(demo_data, 
     (row,) = out["results"]
     assert out["fresh_process"] is True and row["images"] == 8 and row["rounds"] == 2
     assert row["pid"] != os.getpid()
+    import platform
+
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert row["host_alloc"] == ("retain" if glibc else "system")  # as in a fastssl-train process
+
+
+def test_the_peers_keep_glibcs_allocator_in_their_own_process(demo_data, capsys):
+    from fastssl.cli.bench import main
+
+    rc = main(["loader", "--backend", "baseline", "--data", str(demo_data), "--recipe", "simclr", "--batch-size", "8",
+               "--workers", "0", "--max-batches", "1", "--size", "16", "--json"])
+    assert rc == 0
+    assert json.loads(capsys.readouterr().out)["results"][0]["host_alloc"] == "system"
 
 
 def test_bench_loader_device_cuda_without_cuda_is_a_one_line_error(tmp_path, capsys):

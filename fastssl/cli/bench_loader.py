@@ -218,9 +218,23 @@ def _source(data: str, backend: str) -> str:
 
 
 def measure(backend: str, stage: str, data: str, recipe: str, batch_size: int, workers: int, size: int,
-            epochs: int, max_batches: int, device: str = "cpu", seed: int = 0, jitter: str = "lightly") -> dict:
-    """One (back-end, stage) measurement: warm-up pass, then ``epochs`` timed passes of up to ``max_batches``."""
+            epochs: int, max_batches: int, device: str = "cpu", seed: int = 0, jitter: str = "lightly",
+            host_alloc: str = "system") -> dict:
+    """One (back-end, stage) measurement: warm-up pass, then ``epochs`` timed passes of up to ``max_batches``.
+
+    ``host_alloc``: the allocator setting of fastssl's own arms (``train.host_alloc``; ``auto`` as
+    ``fastssl-train`` runs them). The peers (lightly, baseline) always run on glibc's defaults, as
+    their users run them. It is process-wide: only a fresh process per arm keeps it to that arm.
+    """
     import torch
+
+    ours = backend not in ("lightly", "baseline")
+    from fastssl.hostmem import apply_host_alloc
+
+    # In a fastssl-train process the photometric stage's per-image buffers come back from the heap;
+    # on glibc's defaults they were unmapped and page-faulted in again each batch (SimCLR 224 px: 50-60k
+    # faults and 0.25 s of system time per 8 batches; BENCHMARKS.md, issue 12, session 11).
+    in_effect = apply_host_alloc(host_alloc if ours else "system", torch.device(device))
 
     from fastssl.pipelines.recipes import AugConfig
 
@@ -309,7 +323,8 @@ def measure(backend: str, stage: str, data: str, recipe: str, batch_size: int, w
             "images_per_second": round(images / wall, 1), "ms_per_batch": round(1000 * wall / max(1, batches), 2),
             "cpu_percent": round(100 * cpu / wall, 1), "jitter": jitter,
             "first_batch_seconds": round(first / max(1, epochs), 3),
-            "images_per_second_after_first_batch": None if steady is None else round(steady, 1), "pid": os.getpid()}
+            "images_per_second_after_first_batch": None if steady is None else round(steady, 1), "pid": os.getpid(),
+            "host_alloc": in_effect}
 
 
 def measure_fresh(*args, **kwargs) -> dict:
@@ -322,8 +337,19 @@ def measure_fresh(*args, **kwargs) -> dict:
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as ex:
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=_default_start_method) as ex:
         return ex.submit(measure, *args, **kwargs).result()
+
+
+def _default_start_method() -> None:
+    """In the spawned child: its own workers start as in a user's process (fork on Linux).
+
+    A spawned child inherits ``spawn`` as its default start method, so lightly's DataLoader would
+    spawn its workers and ran at half its speed (35.9 against 78.7 images/s, SimCLR, cpu2).
+    """
+    import multiprocessing as mp
+
+    mp.set_start_method(None, force=True)
 
 
 def _merge_rounds(rounds: list[list[dict]]) -> list[dict]:
@@ -452,9 +478,12 @@ def main(argv: list[str] | None = None) -> int:
         # Whole grid per round, so slow drifts of a shared machine hit every configuration alike.
         rows = []
         for recipe, be, stage in grid:
+            # Fresh processes: fastssl's arms with fastssl-train's allocator setting; in one process it would
+            # carry over to the peers' arms, so there every arm keeps glibc's defaults.
             r = (measure if a.same_process else measure_fresh)(be, stage, a.data, recipe, a.batch_size, a.workers,
                                                                a.size, a.epochs, a.max_batches, a.device,
-                                                               jitter=a.jitter)
+                                                               jitter=a.jitter,
+                                                               host_alloc="system" if a.same_process else "auto")
             rows.append(r)
             if a.json:  # a run cut short keeps what it measured
                 print(json.dumps({"row": r, "round": k + 1}), file=sys.stderr, flush=True)
