@@ -78,8 +78,9 @@ class TrainCore:
         self.compiled = use_compile(cfg, self.device)
         if self.device.type == "cpu" and not self.bf16 and not self.compiled:
             # oneDNN's weight gradients run at half its forward's speed on AVX2 CPUs: the fastest of it, one GEMM
-            # and one forward conv, per shape (fastssl/models/cpu_conv.py). Same parameters, state dict and results. Eager
-            # only: the per-shape timing would break a compiled graph (compile gains nothing on a CPU).
+            # and one forward conv, per shape, timed once per machine (fastssl/models/cpu_conv.py). Same parameters,
+            # state dict and results. Eager only: the per-shape timing would break a compiled graph (compile gains
+            # nothing on a CPU).
             from fastssl.models.cpu_conv import use_fast_wgrad
 
             use_fast_wgrad(method, cfg.train.cpu_conv_wgrad)

@@ -228,9 +228,9 @@ def measure(backend: str, stage: str, data: str, recipe: str, batch_size: int, w
     """
     import torch
 
-    ours = backend not in ("lightly", "baseline")
     from fastssl.hostmem import apply_host_alloc
 
+    ours = backend not in ("lightly", "baseline")
     # In a fastssl-train process the photometric stage's per-image buffers come back from the heap;
     # on glibc's defaults they were unmapped and page-faulted in again each batch (SimCLR 224 px: 50-60k
     # faults and 0.25 s of system time per 8 batches; BENCHMARKS.md, issue 12, session 11).

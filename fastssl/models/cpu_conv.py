@@ -9,12 +9,13 @@ ResNet-18 SimCLR step at 96 px on cpu2, 1.94 s of weight gradients against 1.36 
   (N*Ho*Wo, kh*kw*Cin) the patches of the input (a view, copied once, in channels_last memory).
   MKL's GEMM runs near peak, but the patches are kh*kw times the input: it wins where pixels are
   few, e.g. the strided and 1 x 1 convolutions of ResNet's layers 3-4 (256 -> 512 at 6 x 6, stride
-  2: 19 against 32 ms), and loses on the early layers (64 at 24 x 24: 177 against 81 ms).
+  2: 21.5 against 42.9 ms), and loses on the early layers (64 at 24 x 24: 80.8 against 60.8 ms).
 - ``conv`` / ``conv_nchw``: one *forward* convolution with the batch as its channels
-  (:func:`wgrad_conv`), on oneDNN's fast forward kernel: 512 channels at 3 x 3, 27 against 38 ms
-  (GEMM) and 59 ms (oneDNN); 256 at 6 x 6, 37 against 44 ms (oneDNN).
+  (:func:`wgrad_conv`), on oneDNN's fast forward kernel: 512 channels at 3 x 3, 28.9 against 40.0 ms
+  (GEMM) and 70.7 ms (oneDNN); 256 at 6 x 6, 43.2 against 47.3 (GEMM) and 59.1 ms (oneDNN).
 
-(batch 128, 2 threads, cpu2; ``benchmarks/diagnostics/cpu_wgrad_shapes.py``.) The choice is made per
+(batch 128, 2 threads, cpu2; ``benchmarks/results/cpu_wgrad_step_ab_s11.json``, where the ResNet-18
+step ran 1.045x faster with all four than with oneDNN's and the GEMM.) The choice is made per
 shape by timing all of them the first time the shape is seen (as ``cudnn.benchmark`` does), so a
 CPU whose oneDNN has a fast kernel (AVX-512, AMX) keeps it. A rewrite must be 15% faster than
 oneDNN (:func:`choose`). The choices are kept on disk per machine (CPU model, torch version,
@@ -108,7 +109,8 @@ def _machine() -> str:
         pass
     import platform
 
-    return f"{model or platform.processor() or platform.machine()}|torch {torch.__version__}|{torch.get_num_threads()} threads"
+    cpu = model or platform.processor() or platform.machine()
+    return f"{cpu}|torch {torch.__version__}|{torch.get_num_threads()} threads"
 
 
 def _disk_key(key) -> str:
@@ -178,7 +180,10 @@ def _pick(key, g, x, w, stride, padding, rounds: int = 5, margin: float = 0.15) 
 
 
 def choose(seconds: dict, margin: float = 0.15) -> str:
-    """The fastest alternative when its time is below ``(1 - margin)`` of oneDNN's, else ``onednn`` (ties keep oneDNN's)."""
+    """The fastest alternative when its time is below ``(1 - margin)`` of oneDNN's, else ``onednn``.
+
+    Ties keep oneDNN's, so noisy timings of near-equal kernels pick the same way.
+    """
     best = min((how for how in seconds if how != "onednn"), key=seconds.__getitem__)
     return best if seconds[best] < (1.0 - margin) * seconds["onednn"] else "onednn"
 
