@@ -38,6 +38,7 @@ def test_each_rewrite_is_the_convolutions_weight_gradient(how, cin, cout, hw, k,
 def test_swapped_model_trains_identically(mode, tmp_path, monkeypatch):
     monkeypatch.setenv("FASTSSL_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(cpu_conv, "_disk", None)
+    monkeypatch.setattr(cpu_conv, "_choice", {})  # as in a fresh process: nothing chosen yet
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
                         nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 16, 1, 1, 0, bias=False),
