@@ -121,3 +121,19 @@ def test_bench_peer_smoke_on_cuda_bf16(tmp_path, capsys):
     assert arms["lightly"]["params"]["backbone"] == arms["fastssl"]["params"]["backbone"] == 23_508_032
     assert "train.device=cuda" in arms["fastssl"]["command"] and "train.precision=bf16" in arms["fastssl"]["command"]
     assert all(math.isfinite(a["last_loss"]) for a in arms.values())
+
+
+def test_table_shows_no_model_cpu_without_a_bare_arm():
+    """fastssl's model CPU per image is its bare arm's; run without one, the table says '-', not 0.0."""
+    from fastssl.cli.bench_peer import _table
+
+    def arm(ips, cpu):
+        return {"images_per_second": ips, "images_per_second_rounds": [ips], "first_loss": 6.2, "last_loss": 6.5,
+                "cpu_ms_per_image": cpu}
+
+    res = {"methods": {"dino": {"ratios": {}, "arms": {
+        "lightly": arm(6.3, {"decode": 1.45, "crop": 7.37, "photometric": 11.7, "model": 282.8}),
+        "fastssl": arm(11.4, {"decode+crop": 2.05, "photometric": 1.99})}}}}
+    rows = {line.split("|")[2].strip(): line for line in _table(res).splitlines()[2:]}
+    assert rows["fastssl"].rstrip(" |").endswith("2.05 (decode+crop) / 1.99 / -")
+    assert rows["lightly"].rstrip(" |").endswith("/ 282.8") and "| 1.81 |" in rows["fastssl"]

@@ -589,12 +589,13 @@ def _table(res: dict) -> str:
         bare = ips.get(r["ratios"].get("bare"))
         for arm, a in r["arms"].items():
             c = a.get("cpu_ms_per_image", {})
+            model = f"{c['model']:.1f}" if "model" in c else "-"  # fastssl's model CPU comes from its bare arm
             if "decode+crop" in c:
-                st = f"{c['decode+crop']:.2f} (decode+crop) / {c.get('photometric', 0):.2f} / {c.get('model', 0):.1f}"
+                st = f"{c['decode+crop']:.2f} (decode+crop) / {c.get('photometric', 0):.2f} / {model}"
             elif "decode" in c:
-                st = f"{c['decode']:.2f} / {c['crop']:.2f} / {c['photometric']:.2f} / {c.get('model', 0):.1f}"
+                st = f"{c['decode']:.2f} / {c['crop']:.2f} / {c['photometric']:.2f} / {model}"
             else:
-                st = f"- / - / - / {c.get('model', 0):.1f}"
+                st = f"- / - / - / {model}"
             xl = f"{ips[arm] / ips['lightly']:.2f}" if "lightly" in ips else "-"
             xb = f"{ips[arm] / bare:.2f}" if bare else "-"
             lines.append(f"| {m} | {arm} | {ips[arm]:.1f} ({', '.join(f'{x:.1f}' for x in a['images_per_second_rounds'])}) "
