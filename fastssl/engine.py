@@ -277,7 +277,7 @@ def make_accelerator(cfg: Config, device: torch.device):
     from accelerate.utils import ProjectConfiguration
 
     from fastssl.config import trackers
-    from fastssl.train import run_dir_for
+    from fastssl.rundir import run_dir_for
 
     # A second run in one process (tests, notebooks, sweeps) may change precision: accelerate keeps
     # its first choice unless its state is reset (the distributed part, PartialState, is kept).

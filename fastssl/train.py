@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from dataclasses import asdict
@@ -27,6 +25,7 @@ from fastssl.faults import (PREEMPTED_EXIT_CODE, CheckpointHistory, Preempted, P
                             config_differences)
 from fastssl.config import Config, ConfigError, Derived, all_keys, derive, load_config, save_config, to_dict
 from fastssl.metrics_log import MetricsLog
+from fastssl.rundir import cpu_threads, environment, pick_device, run_dir_for  # noqa: F401 (public here too)
 from fastssl.schedules import progressive_size
 
 
@@ -37,71 +36,17 @@ class NonFiniteLoss(RuntimeError):
 # ----------------------------------------------------------------------------- set-up helpers
 
 
-def pick_device(cfg: Config) -> torch.device:
-    want = cfg.train.device
-    if want == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(want)
 
 
-def run_dir_for(cfg: Config) -> Path:
-    name = cfg.train.name or f"{cfg.method.name}-{cfg.model.backbone}-{Path(cfg.data.train).stem or 'data'}"
-    return Path(cfg.train.out_dir) / name
 
 
-def environment(device: torch.device) -> dict:
-    import importlib.metadata as md
-
-    env = {"python": platform.python_version(), "platform": platform.platform(), "device": str(device),
-           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
-    for pkg in ("torch", "torchvision", "timm", "accelerate", "numpy", "numba", "triton", "ffcv", "nvidia-dali-cuda120", "fastssl"):
-        try:
-            env[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-        env["cuda"] = torch.version.cuda
-    return env
 
 
-@torch.no_grad()
-def evaluate_knn(method, train_loader, val_loader, cfg: Config, device, num_classes: int, max_val: int = 0) -> dict:
-    """kNN top-1 (section 3.7.1) and RankMe (section 3.7.2) of backbone features; protocol included."""
-    from fastssl.evaluation import extract_features, knn_top1, rankme
-
-    from fastssl.compile import eager
-
-    was_training = method.training
-    method.eval()
-    embed = method.embed
-    with eager(method.backbone):  # no new graphs for eval batch sizes / no_grad
-        shown = cfg.train.progress  # progress of the extraction (fastssl.progress: rank 0, not quiet)
-        tr_x, tr_y = extract_features(embed, train_loader, device, progress="eval: train features" if shown else None)
-        va_x, va_y = extract_features(embed, val_loader, device, max_samples=max_val or None,
-                                      progress="eval: val features" if shown else None)
-    top1 = knn_top1(tr_x, tr_y, va_x, va_y, num_classes=num_classes, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature)
-    rm = rankme(va_x)
-    method.train(was_training)
-    protocol = {"k": cfg.eval.knn_k, "temperature": cfg.eval.knn_temperature, "similarity": "cosine, weighted votes",
-                "features": f"backbone pooled ({cfg.model.backbone})", "image_size": cfg.aug.global_size,
-                "train_split": f"{cfg.data.train} ({len(tr_y)} images, centre crop)",
-                "eval_split": f"{cfg.data.val} ({len(va_y)} images, centre crop)"}
-    return {"knn_top1": float(top1), "rankme": float(rm), "protocol": protocol}
 
 
 # ----------------------------------------------------------------------------- the run
 
 
-def cpu_threads(world: int) -> int:
-    """Torch intra-op threads of one CPU process: the cores shared among the processes.
-
-    Measured on 2 idle cores: 2 torch threads beside 2 decoder threads ran the demo about 1.6x
-    faster than 1 thread, so the decoders are not given cores of their own.
-    """
-    return max(1, (os.cpu_count() or 1) // world)
 
 
 def train(cfg: Config, trust_checkpoint: bool = False) -> dict:
@@ -220,6 +165,8 @@ def _train(cfg, acc, device, bf16, threads, out, history, state, lock) -> dict:
 
     def evaluate(max_val: int = 0) -> dict | None:
         method = core.eval_method()
+        from fastssl.evaluation.online import evaluate_knn
+
         return None if method is None else evaluate_knn(method, *eval_loaders(), cfg, device, num_classes, max_val)
 
     can_eval = bool((cfg.eval.final or cfg.eval.every_epochs) and cfg.data.val and num_classes)

@@ -96,7 +96,7 @@ def arm_lightly(spec: dict) -> dict:
     from torch import nn
 
     from fastssl.models import create_backbone
-    from fastssl.train import cpu_threads
+    from fastssl.rundir import cpu_threads
 
     cfg = load_config_for(spec, spec["seed"])
     if cfg.method.name != "simclr":

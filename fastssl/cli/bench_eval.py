@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     from fastssl import checkpoint
     from fastssl.evaluation import extract_features
     from fastssl.evaluation.offline import cached_features, eval_loaders, feature_meta, fit_linear_probe
-    from fastssl.train import environment
+    from fastssl.rundir import environment
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ck = checkpoint.resolve(args.path)
