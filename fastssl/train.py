@@ -23,30 +23,15 @@ import torch
 from fastssl import checkpoint as ckpt_io
 from fastssl.faults import (PREEMPTED_EXIT_CODE, CheckpointHistory, Preempted, Preemption, RunLock, RunLocked,
                             config_differences)
-from fastssl.config import Config, ConfigError, Derived, all_keys, derive, load_config, save_config, to_dict
+from fastssl.config import Config, ConfigError, all_keys, derive, load_config, save_config, to_dict
+from fastssl.loop import (Checkpointer, Evaluator, LogWindow, MicroBatches, NonFiniteLoss, RunState,  # noqa: F401
+                          StopSignal)
 from fastssl.metrics_log import MetricsLog
 from fastssl.rundir import cpu_threads, environment, pick_device, run_dir_for  # noqa: F401 (public here too)
 from fastssl.schedules import progressive_size
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
-# ----------------------------------------------------------------------------- set-up helpers
-
-
-
-
-
-
-
-
-
-
 # ----------------------------------------------------------------------------- the run
-
-
 
 
 def train(cfg: Config, trust_checkpoint: bool = False) -> dict:
@@ -97,297 +82,174 @@ def train(cfg: Config, trust_checkpoint: bool = False) -> dict:
 
 def _train(cfg, acc, device, bf16, threads, out, history, state, lock) -> dict:
     from fastssl.engine import TrainCore, train_step
-    from fastssl.pipelines.loader import build_loader
+    from fastssl.progress import first_step, progress
 
-    cuda = device.type == "cuda"
     rank, world = acc.process_index, acc.num_processes
-    ckpt_path = history.last
-    resume = state is not None
-
-    # ---- data: each process a disjoint shard; micro-batch = global batch / (world * accum)
+    make_loader = LoaderFactory(cfg, device, bf16, threads)
     views = cfg.aug.resolved_views()
-    # Views in the step's precision: bf16 halves the bytes the loader writes; fp32 runs need fp32 input.
-    view_dtype = torch.bfloat16 if bf16 else torch.float32
-
-    def loader_for(split, batch, train, seed, r, w, sv):
-        loader = build_loader(cfg.data, sv, split, batch, device, seed=seed, rank=r, world_size=w,
-                              backend=cfg.data.backend, workers=cfg.data.workers, train=train,
-                              drop_last=train, dtype=view_dtype)
-        # A loader library may change the process's thread count (ffcv's import sets 1): the steps
-        # run with the count chosen above, which env.json and every metrics line record.
-        torch.set_num_threads(threads)
-        return loader
-
-    probe_loader = loader_for("train", 2, True, cfg.train.seed, rank, world, views)
-    d: Derived = derive(cfg, probe_loader.num_samples, world)
-    del probe_loader
-    loader = loader_for("train", d.micro_batch, True, cfg.train.seed, rank, world, views)
-    num_classes = loader.num_classes
-
-    # ---- model, optimizer, schedules, probe: the training core that the benchmarks time too
-    core = TrainCore(cfg, d, acc, num_classes)
-
-    # ---- run directory and state
-    step, epoch0, batch0, wall0, knn_init = 0, 0, 0, 0.0, None
-    if resume:
+    # The derived sizes (micro-batch, steps) need the dataset's size: a 2-sample loader reads it.
+    derived = derive(cfg, make_loader("train", 2, True, cfg.train.seed, rank, world, views).num_samples, world)
+    loader = make_loader("train", derived.micro_batch, True, cfg.train.seed, rank, world, views)
+    core = TrainCore(cfg, derived, acc, loader.num_classes)
+    run = RunState.from_checkpoint(state)
+    if state is not None:
         core.load_state_dict(state)
-        step, epoch0, batch0 = state["step"], state["epoch"], state["batch_in_epoch"]
-        wall0, knn_init = state.get("wall_seconds", 0.0), state.get("knn_init")
         ckpt_io.set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)])  # each rank its own
-    if acc.is_main_process:
-        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-        (out / "env.json").write_text(json.dumps({**environment(device), "world_size": world,
-                                                  "derived": asdict(d), "precision": "bf16" if bf16 else "fp32",
-                                                  "compiled": core.compiled, "host_alloc": core.host_alloc}, indent=2))
-        if not resume:
-            # A new run in a used directory: an earlier run's metrics and checkpoints must not mix
-            # with this one's (a fallback past an unreadable last.pt would pick the other run's).
-            (out / "metrics.jsonl").unlink(missing_ok=True)
-            history.clear()
-    log = MetricsLog(out / "metrics.jsonl", acc.is_main_process, cfg=cfg, acc=acc)
-
-    eval_cache: list = []
-
-    def eval_loaders():
-        # Built once per run and rewound per evaluation: a new ffcv loader JIT-compiles its decoder
-        # at its first batch (about 5 s of CPU on 2 cores, against 0.25 s for a pass over the demo's
-        # 2,000 images), so fresh loaders per evaluation had made each kNN evaluation 10x dearer.
-        # set_epoch(0) stops any pass left running and restarts the fixed (unshuffled) order.
-        if not eval_cache:
-            eval_cache.extend(loader_for(split, 256, False, 0, 0, 1, views[:1]) for split in ("train", "val"))
-        for ld in eval_cache:
-            ld.set_epoch(0)
-        return tuple(eval_cache)
-
-    # Rank 0 evaluates; under FSDP every rank takes part (the weights are gathered), and gets None.
-    evaluates = acc.is_main_process or core.sharded
-
-    def evaluate(max_val: int = 0) -> dict | None:
-        method = core.eval_method()
-        from fastssl.evaluation.online import evaluate_knn
-
-        return None if method is None else evaluate_knn(method, *eval_loaders(), cfg, device, num_classes, max_val)
-
-    can_eval = bool((cfg.eval.final or cfg.eval.every_epochs) and cfg.data.val and num_classes)
-    if can_eval and knn_init is None and evaluates and cfg.eval.final:
-        knn_init = evaluate()
-        if knn_init is not None:
-            log.write(kind="eval", step=0, epoch=0, wall=0.0, init=True, **{k: v for k, v in knn_init.items() if k != "protocol"})
-
-    def check_finite(bad: int | None = None) -> None:
-        bad = core.first_bad_step() if bad is None else bad
-        if bad >= 0:
-            msg = (f"non-finite loss at step {bad} (method {cfg.method.name}, lr {core.lr_sched[bad]:.3g}); "
-                   f"stopping. The last good checkpoint is {ckpt_path if ckpt_path.exists() else 'none (no checkpoint yet)'}. "
-                   f"Try a lower optim.lr, optim.clip_grad=3.0 or train.precision=fp32.")
-            log.write(kind="error", step=bad, message=msg)
-            raise NonFiniteLoss(msg)
-
-    # A log point's record waits for its values until the next log point (or a save, an evaluation,
-    # the end): reading them at once would make the host wait for the GPU at every log point.
-    pending: list = []  # [(record without the values, LogSnapshot)]
-
-    def flush_log() -> None:
-        while pending:
-            rec, snap = pending.pop(0)
-            vals, bad = core.resolve_logs(snap)
-            check_finite(bad)
-            rec = {**rec, **vals}
-            log.write(**rec)
-            if bar is not None:
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.3g}",
-                                img_s=f"{rec['images_per_second']:.0f}", wait=f"{rec['data_wait']:.0%}", refresh=False)
-                bar.update(rec["step"] - bar.n)
-            totals_update(totals, rec)
-
-    def save(epoch: int, batch_in_epoch: int, wall: float) -> None:
-        flush_log()
-        check_finite()  # never overwrite the last good checkpoint with a diverged model
-        rngs = _gather_rng(acc)  # every rank's own RNG state, in rank order
-        states = core.state_dict()  # every rank: FSDP gathers the shards (to rank 0)
-        if acc.is_main_process:
-            history.save({
-                **states,
-                "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "total_steps": d.total_steps,
-                "wall_seconds": wall, "knn_init": knn_init, "rng": rngs, "config": to_dict(cfg)}, step)
-        acc.wait_for_everyone()
-
-    preempt = Preemption().install()
-
-    def stop_requested(at_log_point: bool) -> bool:
-        # One process: the handler's flag, read every step (no sync). Several: ranks may get the
-        # signal at different steps, so they agree at log points (one small all-reduce and sync there).
-        if world == 1:
-            return preempt.requested
-        if not at_log_point:
-            return False
-        import torch.distributed as dist
-
-        flag = torch.tensor([int(preempt.requested)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    start_run_dir(cfg, acc, out, history, derived, core, bf16, device, fresh=state is None)
+    metrics = MetricsLog(out / "metrics.jsonl", acc.is_main_process, cfg=cfg, acc=acc)
+    # A bar on a terminal; otherwise a line per log_every steps (train.progress=false: none). Rank 0 only.
+    bar = progress(derived.run_steps, "train", "step", enabled=cfg.train.progress and acc.is_main_process,
+                   initial=run.step, every=cfg.train.log_every)
+    window = LogWindow(core, metrics, bar, derived.global_batch, cfg, device.type == "cuda")
+    saver = Checkpointer(history, core, acc, window, derived.total_steps, to_dict(cfg))
+    evaluator = Evaluator(cfg, core, make_loader, device, loader.num_classes, out, acc.is_main_process)
+    if evaluator.enabled and evaluator.participates and cfg.eval.final and run.knn_init is None:
+        run.knn_init = evaluator.run()
+        if run.knn_init is not None:
+            metrics.write(kind="eval", step=0, epoch=0, wall=0.0, init=True, **eval_values(run.knn_init))
+    stop = StopSignal(Preemption().install(), world, device)
 
     # ---- the loop: fetch, step, log now and then; no host sync in between
     core.model.train()
-    wait_s, busy_s, n_steps_logged = 0.0, 0.0, 0
-    totals: dict = {}
-    bi = batch0
-    t_run = time.perf_counter()
-    from fastssl.progress import first_step, progress
-
-    # A bar on a terminal; otherwise a line per log_every steps (train.progress=false: none). Rank 0 only.
-    bar = progress(d.run_steps, "train", "step", enabled=cfg.train.progress and acc.is_main_process, initial=step,
-                   every=cfg.train.log_every)
     compiling = core.compiled  # the first step compiles (lazily): announced and timed (host time, no sync)
-    micro = cfg.optim.accum_steps
-    done = step >= d.run_steps
-    epoch = epoch0
-    size = cfg.aug.global_size
-    for epoch in range(epoch0, cfg.train.epochs):
-        if done:  # resumed a finished run
+    epoch0, batch0 = run.epoch, run.batch_in_epoch
+    bi, size = batch0, cfg.aug.global_size
+    for run.epoch in range(epoch0, cfg.train.epochs):
+        if run.step >= derived.run_steps:  # resumed a finished run
             break
-        size = progressive_size(epoch, cfg.train.epochs, cfg.train.res_start, cfg.aug.global_size,
+        size = progressive_size(run.epoch, cfg.train.epochs, cfg.train.res_start, cfg.aug.global_size,
                                 cfg.train.res_end_epoch, cfg.train.res_step)
-        loader.set_epoch(epoch, global_size=size if cfg.train.res_start else None)
-        it = iter(loader)
-        skip = batch0 * micro if epoch == epoch0 else 0
-        for _ in range(skip):  # resume mid-epoch: the same batches in the same order, already seen
-            next(it)
-        bi = batch0 if epoch == epoch0 else 0
-        while bi < d.steps_per_epoch and step < d.run_steps:
+        loader.set_epoch(run.epoch, global_size=size if cfg.train.res_start else None)
+        batches = MicroBatches(iter(loader), cfg.optim.accum_steps)
+        bi = batch0 if run.epoch == epoch0 else 0
+        batches.skip(bi * cfg.optim.accum_steps)
+        while bi < derived.steps_per_epoch and run.step < derived.run_steps:
             t0 = time.perf_counter()
-
-            def fetch():
-                nonlocal wait_s
-                for _ in range(micro):
-                    tw = time.perf_counter()
-                    try:
-                        b = next(it)
-                    except StopIteration:
-                        return
-                    wait_s += time.perf_counter() - tw
-                    yield b
-
             with first_step(cfg.model.backbone, bar, enabled=compiling and cfg.train.progress):
-                consumed = train_step(core, fetch(), step)
+                consumed = train_step(core, batches.take(), run.step)
             compiling = False
             if consumed == 0:
                 break
-            step += 1
+            run.step += 1
             bi += 1
-            busy_s += time.perf_counter() - t0
-            n_steps_logged += 1
-
-            logged = step % cfg.train.log_every == 0 or step == d.run_steps or bi == d.steps_per_epoch
+            window.add_step(time.perf_counter() - t0, batches.read_wait())
+            logged = run.step % cfg.train.log_every == 0 or run.step == derived.run_steps \
+                or bi == derived.steps_per_epoch
             if logged:
-                # No wait here: this point's values are copied out behind the step and written at the
-                # next log point, after the previous point's (whose step the GPU has finished by then).
-                snap = core.snapshot_logs()
-                flush_log()
-                rec = {"kind": "train", "step": step, "epoch": epoch, "wall": wall0 + time.perf_counter() - t_run,
-                       "lr": float(core.lr_sched[step - 1]),
-                       "images_per_second": n_steps_logged * d.global_batch / max(busy_s, 1e-9),
-                       "data_wait": wait_s / max(busy_s, 1e-9), "size": size,
-                       "torch_threads": torch.get_num_threads()}
-                if cuda:
-                    rec["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-                pending.append((rec, snap))
-                wait_s, busy_s, n_steps_logged = 0.0, 0.0, 0
-            if cfg.train.ckpt_every_steps and step % cfg.train.ckpt_every_steps == 0:
-                save(epoch, bi, wall0 + time.perf_counter() - t_run)
-            if stop_requested(logged):
-                end = bi >= d.steps_per_epoch
-                save(epoch + 1 if end else epoch, 0 if end else bi, wall0 + time.perf_counter() - t_run)
-                log.write(kind="preempted", step=step, signal=preempt.signal_name or "peer rank",
-                          checkpoint=str(ckpt_path))
-                log.close()
-                preempt.uninstall()
-                preempt.requeue(rank)
-                raise Preempted(f"stopped at step {step} on {preempt.signal_name or 'a signal to another rank'}; "
-                                f"checkpoint {ckpt_path}; resume with train.resume=auto (or --resume)")
-        done = step >= d.run_steps
-        end_of_epoch = bi >= d.steps_per_epoch
-        ep_done = epoch + 1 if end_of_epoch else epoch
-        if can_eval and cfg.eval.every_epochs and end_of_epoch and ep_done % cfg.eval.every_epochs == 0 \
-                and evaluates and not done:
-            flush_log()  # the window's train record before the evaluation's
-            last_eval = evaluate(cfg.eval.val_subset)
-            if last_eval is not None:
-                log.write(kind="eval", step=step, epoch=ep_done, wall=wall0 + time.perf_counter() - t_run,
-                          **{k: v for k, v in last_eval.items() if k != "protocol"})
-        if end_of_epoch and cfg.train.ckpt_every_epochs and ep_done % cfg.train.ckpt_every_epochs == 0:
-            save(ep_done, 0, wall0 + time.perf_counter() - t_run)
-        if done:
-            break  # leave `epoch` at the epoch the run stopped in (the final checkpoint records it)
-    flush_log()  # the last log point's record, before the bar closes
-    wall = wall0 + time.perf_counter() - t_run
+                window.log_point(run, float(core.lr_sched[run.step - 1]), size)
+            if cfg.train.ckpt_every_steps and run.step % cfg.train.ckpt_every_steps == 0:
+                saver.save(run, run.epoch, bi)
+            if stop.requested(logged):
+                saver.save_at(run, run.epoch, bi, derived.steps_per_epoch)
+                raise preempted(stop.preemption, metrics, run, saver.last, rank)
+        finished = run.step >= derived.run_steps
+        end_of_epoch = bi >= derived.steps_per_epoch
+        epochs_done = run.epoch + 1 if end_of_epoch else run.epoch
+        if evaluator.due(epochs_done, end_of_epoch, finished):
+            window.flush()  # the window's train record before the evaluation's
+            result = evaluator.run(cfg.eval.val_subset)
+            if result is not None:
+                metrics.write(kind="eval", step=run.step, epoch=epochs_done, wall=run.wall(), **eval_values(result))
+        if end_of_epoch and cfg.train.ckpt_every_epochs and epochs_done % cfg.train.ckpt_every_epochs == 0:
+            saver.save(run, epochs_done, 0)
+        if finished:
+            break  # leave run.epoch at the epoch the run stopped in (the final checkpoint records it)
+    window.flush()  # the last log point's record, before the bar closes
+    wall = run.wall()
     if bar is not None:
         bar.close()
-    end_of_epoch = bi >= d.steps_per_epoch
-    save(epoch + 1 if end_of_epoch else epoch, 0 if end_of_epoch else bi, wall)
-
+    saver.save_at(run, run.epoch, bi, derived.steps_per_epoch)
+    final = (evaluator.run(step=run.step) if evaluator.enabled and evaluator.participates and cfg.eval.final
+             else None) or {}
     summary: dict = {}
-    final = (evaluate() if can_eval and cfg.eval.final and evaluates else None) or {}
     if acc.is_main_process:
         if final:
-            log.write(kind="eval", step=step, epoch=epoch + 1, wall=wall, **{k: v for k, v in final.items() if k != "protocol"})
-        summary = make_summary(cfg, d, totals, final, knn_init, wall, step, bf16, device)
-        summary["torch_threads"] = threads
+            metrics.write(kind="eval", step=run.step, epoch=run.epoch + 1, wall=wall, **eval_values(final))
+        summary = make_summary(cfg, derived, window, final, run.knn_init, wall, run.step, bf16, device)
+        summary.update(torch_threads=threads, eval_seconds=evaluator.seconds,
+                       eval_fraction=evaluator.seconds / max(wall, 1e-9))
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    log.close()
-    preempt.uninstall()
+    metrics.close()
+    stop.preemption.uninstall()
     acc.end_training()
     return summary
 
 
-def _gather_rng(acc) -> list:
-    """Every process's RNG state, in rank order (on every rank)."""
-    mine = ckpt_io.rng_state()
-    if acc.num_processes == 1:
-        return [mine]
-    import torch.distributed as dist
+class LoaderFactory:
+    """Builds the run's loaders: every one in the step's precision and with the run's thread count."""
 
-    states: list = [None] * acc.num_processes
-    dist.all_gather_object(states, mine)
-    return states
+    def __init__(self, cfg, device, bf16: bool, threads: int):
+        self.cfg, self.device, self.threads = cfg, device, threads
+        # bf16 halves the bytes the loader writes; fp32 runs need fp32 input.
+        self.dtype = torch.bfloat16 if bf16 else torch.float32
+
+    def __call__(self, split, batch, train, seed, rank, world, views):
+        from fastssl.pipelines.loader import build_loader
+
+        loader = build_loader(self.cfg.data, views, split, batch, self.device, seed=seed, rank=rank,
+                              world_size=world, backend=self.cfg.data.backend, workers=self.cfg.data.workers,
+                              train=train, drop_last=train, dtype=self.dtype)
+        # A loader library may change the process's thread count (ffcv's import sets 1): the steps
+        # run with the count chosen for the run, which env.json and every metrics line record.
+        torch.set_num_threads(self.threads)
+        return loader
 
 
-def totals_update(t: dict, rec: dict) -> None:
-    """Running means over the logged windows, for the summary."""
-    for k in ("images_per_second", "data_wait", "loss", "linear_top1_online"):
-        if k in rec:
-            t.setdefault(k, []).append(rec[k])
+def start_run_dir(cfg, acc, out: Path, history, derived, core, bf16: bool, device, fresh: bool) -> None:
+    """The run directory's config and environment record; a new run clears an earlier run's metrics and
+    checkpoints (a fallback past an unreadable last.pt would otherwise pick the other run's)."""
+    if not acc.is_main_process:
+        return
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    (out / "env.json").write_text(json.dumps({**environment(device), "world_size": acc.num_processes,
+                                              "derived": asdict(derived), "precision": "bf16" if bf16 else "fp32",
+                                              "compiled": core.compiled, "host_alloc": core.host_alloc}, indent=2))
+    if fresh:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+        history.clear()
 
 
-def make_summary(cfg, d, t, final, knn_init, wall, step, bf16, device) -> dict:
-    def mean(k):
-        v = t.get(k, [])
-        # Skip the first window: it holds warm-up/compilation.
-        v = v[1:] if len(v) > 2 else v
-        return float(np.mean(v)) if v else None
+def eval_values(result: dict) -> dict:
+    """An evaluation's numbers for ``metrics.jsonl`` (its protocol goes to the summary once)."""
+    return {k: v for k, v in result.items() if k != "protocol"}
 
-    last = t.get("linear_top1_online", [])
+
+def preempted(preemption, metrics, run: RunState, checkpoint: Path, rank: int) -> Preempted:
+    """After the pre-emption checkpoint: log it, requeue if the scheduler asks, and the exception to raise."""
+    metrics.write(kind="preempted", step=run.step, signal=preemption.signal_name or "peer rank",
+                  checkpoint=str(checkpoint))
+    metrics.close()
+    preemption.uninstall()
+    preemption.requeue(rank)
+    return Preempted(f"stopped at step {run.step} on {preemption.signal_name or 'a signal to another rank'}; "
+                     f"checkpoint {checkpoint}; resume with train.resume=auto (or --resume)")
+
+
+def make_summary(cfg, derived, window: LogWindow, final, knn_init, wall, step, bf16, device) -> dict:
+    last = window.totals.get("linear_top1_online", [])
     knn_protocol = (final or knn_init or {}).get("protocol")
+    losses = window.totals.get("loss", [None])
     return {
         "method": cfg.method.name, "backbone": cfg.model.backbone, "backend": cfg.data.backend,
-        "data": cfg.data.train, "epochs": cfg.train.epochs, "steps": step, "global_batch": d.global_batch,
+        "data": cfg.data.train, "epochs": cfg.train.epochs, "steps": step, "global_batch": derived.global_batch,
         "precision": "bf16" if bf16 else "fp32", "device": str(device),
         "knn_top1": final.get("knn_top1") if final else None,
         "knn_top1_init": knn_init.get("knn_top1") if knn_init else None,
         "linear_top1_online": float(np.mean(last[-3:])) if last else None,
         "rankme": final.get("rankme") if final else None,
         "rankme_init": knn_init.get("rankme") if knn_init else None,
-        "images_per_second": mean("images_per_second"),
+        "images_per_second": window.mean("images_per_second"),
         "wall_seconds": wall,
-        "data_wait_fraction": mean("data_wait"),
-        "final_loss": t.get("loss", [None])[-1],
+        "data_wait_fraction": window.mean("data_wait"),
+        "final_loss": losses[-1],
         "protocol": {
             "knn": knn_protocol,
             "linear_top1_online": "linear head on detached backbone features of view 0 (augmented), "
                                   "trained alongside; accuracy on the last 3 logged training windows",
             "rankme": "RankMe (section 3.7.2) of backbone features of the eval split",
             "images_per_second": "training images (global batch) per second of step time, after the first log window",
+            "eval_seconds": "host wall time of every kNN/RankMe evaluation of this run segment (init, periodic, final)",
         },
     }
 

@@ -48,7 +48,7 @@ def test_short_cpu_run_loss_decreases_and_run_dir_describes_itself(demo_data, tm
     # The trainer's final kNN equals an independent evaluation of the saved checkpoint on fresh loaders.
     from fastssl.checkpoint import load_for_eval
     from fastssl.pipelines.loader import build_loader
-    from fastssl.train import evaluate_knn
+    from fastssl.evaluation.online import evaluate_knn
 
     cfg, method, _ = load_for_eval(run)
     fresh = [build_loader(cfg.data, cfg.aug.resolved_views()[:1], split, 64, "cpu", train=False, drop_last=False,
@@ -100,7 +100,7 @@ def test_steps_run_with_the_threads_the_trainer_chose(demo_data, tmp_path):
     import subprocess
     import sys
 
-    from fastssl.train import cpu_threads
+    from fastssl.rundir import cpu_threads
 
     code = f"""
 import json, sys, torch

@@ -1,0 +1,262 @@
+"""The small objects the training loop is made of, one job each (dinov2's ``do_train`` manner).
+
+- :class:`RunState`: where the run is (step, epoch, batch in epoch, wall time), saved in checkpoints.
+- :class:`LogWindow`: step timing, asynchronous log snapshots, the progress bar and the summary's running means.
+- :class:`Checkpointer`: saving the run (after the log is flushed and the loss checked finite) and resuming it.
+- :class:`Evaluator`: kNN/RankMe on the eval split, on its schedule, with loaders built once per run.
+- :class:`StopSignal`: a pre-emption request (SIGTERM/SIGUSR1), agreed on by every rank.
+- :class:`MicroBatches`: the next ``accum_steps`` batches of an epoch, with the host time spent waiting for them.
+
+None of them syncs the host with the device per step: the trainer reads device values only at log
+points, one window behind (:class:`LogWindow`).
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN/inf; the message names the first bad step, the lr and what to try."""
+
+
+@dataclass
+class RunState:
+    """Where the run is. ``wall0`` is the wall time of earlier (resumed) segments; ``t0`` this segment's start."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    wall0: float = 0.0
+    knn_init: dict | None = None
+    t0: float = field(default_factory=time.perf_counter)
+
+    def wall(self) -> float:
+        return self.wall0 + time.perf_counter() - self.t0
+
+    def to_checkpoint(self, epoch: int, batch_in_epoch: int) -> dict:
+        return {"step": self.step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+                "wall_seconds": self.wall(), "knn_init": self.knn_init}
+
+    @classmethod
+    def from_checkpoint(cls, state: dict | None) -> "RunState":
+        if state is None:
+            return cls()
+        return cls(step=state["step"], epoch=state["epoch"], batch_in_epoch=state["batch_in_epoch"],
+                   wall0=state.get("wall_seconds", 0.0), knn_init=state.get("knn_init"))
+
+
+class MicroBatches:
+    """The next ``n`` batches of the epoch's iterator; ``wait_s`` accumulates the host time inside ``next()``."""
+
+    def __init__(self, iterator, n: int):
+        self.iterator, self.n = iterator, n
+        self.wait_s = 0.0
+
+    def take(self):
+        for _ in range(self.n):
+            t = time.perf_counter()
+            try:
+                batch = next(self.iterator)
+            except StopIteration:
+                return
+            self.wait_s += time.perf_counter() - t
+            yield batch
+
+    def skip(self, n_batches: int) -> None:
+        """Resume mid-epoch: the same batches in the same order, already trained on."""
+        for _ in range(n_batches):
+            next(self.iterator)
+
+    def read_wait(self) -> float:
+        w, self.wait_s = self.wait_s, 0.0
+        return w
+
+
+class LogWindow:
+    """One log window: steps timed on the host, a device snapshot at each log point, written one point later.
+
+    Reading a log point's values at once would make the host wait for the GPU at every log point;
+    instead the record waits in ``pending`` until the next log point (or a save, an evaluation,
+    the end), when the GPU has long finished that step.
+    """
+
+    SUMMARY_KEYS = ("images_per_second", "data_wait", "loss", "linear_top1_online")
+
+    def __init__(self, core, metrics, bar, global_batch: int, cfg, cuda: bool):
+        self.core, self.metrics, self.bar = core, metrics, bar
+        self.global_batch, self.cfg, self.cuda = global_batch, cfg, cuda
+        self.busy_s, self.wait_s, self.steps = 0.0, 0.0, 0
+        self.pending: list = []  # [(record without the values, LogSnapshot)]
+        self.totals: dict[str, list] = {}
+        self.last_good_checkpoint: Path | None = None
+
+    def add_step(self, busy_s: float, wait_s: float) -> None:
+        self.busy_s += busy_s
+        self.wait_s += wait_s
+        self.steps += 1
+
+    def log_point(self, state: RunState, lr: float, size: int) -> None:
+        """Snapshot the device values now (no wait); write the previous point's record."""
+        snap = self.core.snapshot_logs()
+        self.flush()
+        busy = max(self.busy_s, 1e-9)
+        rec = {"kind": "train", "step": state.step, "epoch": state.epoch, "wall": state.wall(), "lr": lr,
+               "images_per_second": self.steps * self.global_batch / busy, "data_wait": self.wait_s / busy,
+               "size": size, "torch_threads": torch.get_num_threads()}
+        if self.cuda:
+            rec["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        self.pending.append((rec, snap))
+        self.busy_s, self.wait_s, self.steps = 0.0, 0.0, 0
+
+    def flush(self) -> None:
+        """Write every pending record (waits only for their copies); a non-finite loss raises."""
+        while self.pending:
+            rec, snap = self.pending.pop(0)
+            vals, bad = self.core.resolve_logs(snap)
+            self.check_finite(bad)
+            rec = {**rec, **vals}
+            self.metrics.write(**rec)
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.3g}",
+                                     img_s=f"{rec['images_per_second']:.0f}", wait=f"{rec['data_wait']:.0%}",
+                                     refresh=False)
+                self.bar.update(rec["step"] - self.bar.n)
+            for k in self.SUMMARY_KEYS:
+                if k in rec:
+                    self.totals.setdefault(k, []).append(rec[k])
+
+    def check_finite(self, bad: int | None = None) -> None:
+        bad = self.core.first_bad_step() if bad is None else bad
+        if bad < 0:
+            return
+        last = self.last_good_checkpoint
+        msg = (f"non-finite loss at step {bad} (method {self.cfg.method.name}, lr {self.core.lr_sched[bad]:.3g}); "
+               f"stopping. The last good checkpoint is {last if last is not None and last.exists() else 'none (no checkpoint yet)'}. "
+               f"Try a lower optim.lr, optim.clip_grad=3.0 or train.precision=fp32.")
+        self.metrics.write(kind="error", step=bad, message=msg)
+        raise NonFiniteLoss(msg)
+
+    def mean(self, key: str) -> float | None:
+        """Mean over the logged windows, without the first (it holds warm-up and compilation)."""
+        v = self.totals.get(key, [])
+        v = v[1:] if len(v) > 2 else v
+        return float(np.mean(v)) if v else None
+
+
+class Checkpointer:
+    """Saves the run through :class:`fastssl.faults.CheckpointHistory` (atomic, the last ``keep``)."""
+
+    def __init__(self, history, core, acc, window: LogWindow, total_steps: int, config: dict):
+        self.history, self.core, self.acc, self.window = history, core, acc, window
+        self.total_steps, self.config = total_steps, config
+        window.last_good_checkpoint = history.last
+
+    @property
+    def last(self) -> Path:
+        return self.history.last
+
+    def save(self, state: RunState, epoch: int, batch_in_epoch: int) -> None:
+        """Every rank calls it (RNG states are gathered; FSDP gathers the shards); rank 0 writes."""
+        self.window.flush()
+        self.window.check_finite()  # never overwrite the last good checkpoint with a diverged model
+        rngs = gather_rng(self.acc)
+        states = self.core.state_dict()
+        if self.acc.is_main_process:
+            self.history.save({**states, **state.to_checkpoint(epoch, batch_in_epoch),
+                               "total_steps": self.total_steps, "rng": rngs, "config": self.config}, state.step)
+        self.acc.wait_for_everyone()
+
+    def save_at(self, state: RunState, epoch: int, bi: int, steps_per_epoch: int) -> None:
+        """Save at batch ``bi`` of ``epoch``; a finished epoch is saved as the start of the next one."""
+        end = bi >= steps_per_epoch
+        self.save(state, epoch + 1 if end else epoch, 0 if end else bi)
+
+
+def gather_rng(acc) -> list:
+    """Every process's RNG state, in rank order (on every rank)."""
+    from fastssl import checkpoint as ckpt_io
+
+    mine = ckpt_io.rng_state()
+    if acc.num_processes == 1:
+        return [mine]
+    import torch.distributed as dist
+
+    states: list = [None] * acc.num_processes
+    dist.all_gather_object(states, mine)
+    return states
+
+
+class Evaluator:
+    """kNN top-1 and RankMe of the backbone (cookbook section 3.7) on ``eval.every_epochs`` and at the end.
+
+    The two eval loaders are built once per run and rewound per evaluation: a new ffcv loader
+    JIT-compiles its decoder at its first batch (seconds of CPU), so fresh loaders per evaluation
+    made each kNN evaluation many times dearer. Rank 0 evaluates; under FSDP every rank takes part
+    (the weights are gathered) and the others get None.
+    """
+
+    def __init__(self, cfg, core, make_loader, device, num_classes: int | None, run_dir: Path, is_main: bool):
+        self.cfg, self.core, self.make_loader, self.device = cfg, core, make_loader, device
+        self.num_classes, self.run_dir = num_classes, run_dir
+        self.enabled = bool((cfg.eval.final or cfg.eval.every_epochs) and cfg.data.val and num_classes)
+        self.participates = is_main or core.sharded
+        self._loaders: list = []
+        self.seconds = 0.0  # all evaluations of this segment, host wall time
+
+    def due(self, epochs_done: int, end_of_epoch: bool, finished: bool) -> bool:
+        every = self.cfg.eval.every_epochs
+        return (self.enabled and self.participates and bool(every) and end_of_epoch and not finished
+                and epochs_done % every == 0)
+
+    def loaders(self):
+        if not self._loaders:
+            views = self.cfg.aug.resolved_views()[:1]
+            self._loaders = [self.make_loader(split, 256, False, 0, 0, 1, views) for split in ("train", "val")]
+        for loader in self._loaders:
+            loader.set_epoch(0)  # stops any pass left running; the fixed (unshuffled) order
+        return self._loaders
+
+    def run(self, max_val: int = 0, step: int | None = None) -> dict | None:
+        """One evaluation; ``step`` given (the final one) also caches the features for ``fastssl-eval``."""
+        from fastssl.evaluation.online import evaluate_knn
+
+        method = self.core.eval_method()
+        if method is None:
+            return None
+        t = time.perf_counter()
+        kwargs = {}
+        if step is not None and "cache_dir" in inspect.signature(evaluate_knn).parameters:
+            kwargs = {"cache_dir": self.run_dir, "step": step}
+        out = evaluate_knn(method, *self.loaders(), self.cfg, self.device, self.num_classes, max_val, **kwargs)
+        spent = time.perf_counter() - t
+        self.seconds += spent
+        out.setdefault("eval_seconds", spent)
+        return out
+
+
+class StopSignal:
+    """A pre-emption request. One process: the handler's flag, read every step (no sync). Several: ranks
+    may get the signal at different steps, so they agree at log points (one small all-reduce there)."""
+
+    def __init__(self, preemption, world: int, device):
+        self.preemption, self.world, self.device = preemption, world, device
+
+    def requested(self, at_log_point: bool) -> bool:
+        if self.world == 1:
+            return self.preemption.requested
+        if not at_log_point:
+            return False
+        import torch.distributed as dist
+
+        flag = torch.tensor([int(self.preemption.requested)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
