@@ -99,6 +99,8 @@ class DALILoader(LoaderBase):
         self.labels = np.array([label for _, _, label in self.entries], np.int64)
         self.index = np.array([i for i, _, _ in self.entries], np.int64)  # listing index of each valid entry
         self.gpu = self.device.type == "cuda"
+        if self.gpu and self.device.index is None:  # DALI needs the index; "cuda" means the current device
+            self.device = torch.device("cuda", torch.cuda.current_device())
 
     def _pipeline(self, files: list[str], ids: list[int]):
         from nvidia.dali import fn, pipeline_def, types
@@ -108,7 +110,7 @@ class DALILoader(LoaderBase):
         specs, sizes, train = self.specs, self.sizes, self.train
 
         @pipeline_def(batch_size=self.batch_size, num_threads=max(1, self.workers),
-                      device_id=(self.device.index or 0) if self.gpu else None, seed=dali_seed,
+                      device_id=self.device.index if self.gpu else None, seed=dali_seed,
                       prefetch_queue_depth=2, exec_dynamic=True)
         def pipe():
             jpegs, ids_ = fn.readers.file(files=files, labels=ids, random_shuffle=False, name="reader",
@@ -146,22 +148,69 @@ class DALILoader(LoaderBase):
             for b in range(nb):
                 outs = p.run()
                 take = min(self.batch_size, len(order) - seen)
+                # The reader's ids are a CPU output (the pipeline's samples carry their dataset index): no sync.
                 ids = np.array(outs[0].as_cpu().as_tensor()).reshape(-1)[:take].astype(np.int64)
                 seen += take
                 crops = [_to_torch(o, self.device)[:take] for o in outs[1:]]           # V x (B, S, S, 3) uint8
-                labels = torch.from_numpy(self.labels[ids]).to(self.device) if labelled else None
-                yield crops, labels, torch.from_numpy(self.index[ids]).to(self.device)
+                rows = np.stack([self.index[ids], self.labels[ids]] if labelled else [self.index[ids]])
+                on_dev = _rows_to_device(rows, self.device)                            # (1 or 2, B) int64
+                yield crops, (on_dev[1] if labelled else None), on_dev[0]
         finally:
             del p
 
 
-def _to_torch(tl, device) -> torch.Tensor:
-    """A DALI TensorList of equal-shape samples -> one torch tensor on ``device`` (CPU: one copy; GPU: one D2D copy)."""
-    t = tl.as_tensor()
-    if hasattr(t, "device") and "gpu" in type(t).__name__.lower():
-        from nvidia.dali.plugin.pytorch import feed_ndarray
+# DLPack device types (dlpack.h ``DLDeviceType``), as ``__dlpack_device__`` reports them.
+_DL_CPU, _DL_CUDA, _DL_CUDA_HOST = 1, 2, 3
 
-        out = torch.empty(t.shape(), dtype=torch.uint8, device=device)
-        feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(device))
-        return out
-    return torch.from_numpy(np.array(t)).to(device)
+
+def _dlpack_device(t) -> tuple[int, int]:
+    """``(DLPack device type, device index)`` of a DALI tensor.
+
+    DALI 2.x's ``TensorGPU`` has no ``.device`` attribute: it has a ``device_id()`` method,
+    ``__dlpack__``/``__dlpack_device__`` and ``__cuda_array_interface__``; ``TensorCPU`` has
+    ``__dlpack_device__`` and ``__array_interface__``. Older builds without DLPack: the
+    CUDA array interface marks a GPU tensor.
+    """
+    if hasattr(t, "__dlpack_device__"):
+        kind, index = t.__dlpack_device__()
+        return int(kind), int(index)
+    if hasattr(t, "__cuda_array_interface__"):
+        dev = getattr(t, "device_id", 0)
+        return _DL_CUDA, int(dev() if callable(dev) else dev)
+    return _DL_CPU, 0
+
+
+def _to_torch(tl, device) -> torch.Tensor:
+    """A DALI TensorList of equal-shape samples -> one torch tensor ``(B, ...)`` on ``device``.
+
+    Zero-copy through DLPack, on both devices. The pipeline runs with ``exec_dynamic=True``, whose
+    outputs own their memory (reference-counted, never recycled by the next ``run()``, DALI >= 1.44),
+    so a torch tensor may outlive the iteration. For a GPU output ``torch.from_dlpack`` passes torch's
+    current stream on that device to ``__dlpack__(stream=...)``, and DALI makes that stream wait for
+    its own work (an event, no host sync): kernels queued after this call read finished crops, also
+    when the caller iterates on a side stream. A tensor on another device than ``device`` is moved
+    there without blocking (not the case in our pipeline: its ``device_id`` is ``device.index``).
+    """
+    t = tl.as_tensor() if hasattr(tl, "as_tensor") else tl
+    kind, index = _dlpack_device(t)
+    src = torch.device("cuda", index) if kind == _DL_CUDA else torch.device("cpu")
+    out = torch.from_dlpack(t)
+    device = torch.device(device)
+    same = src.type == device.type and (src.type == "cpu" or device.index in (None, src.index))
+    return out if same else out.to(device, non_blocking=True)
+
+
+def _rows_to_device(rows: np.ndarray, device) -> torch.Tensor:
+    """``(k, B)`` int64 host rows (indices, labels) -> ``device`` in one copy.
+
+    CUDA: staged in pinned memory and copied with ``non_blocking=True``: a copy from pageable
+    memory makes the host wait for the copy, which is queued behind the previous training step.
+    Torch's caching host allocator hands the pinned block out again only after that copy ran.
+    """
+    t = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64))
+    device = torch.device(device)
+    if device.type != "cuda":
+        return t.to(device)
+    pinned = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    pinned.copy_(t)
+    return pinned.to(device, non_blocking=True)
