@@ -15,6 +15,7 @@ trainer logs, and a non-finite loss is flagged on the device with the first bad 
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -22,6 +23,8 @@ import torch
 
 from fastssl.config import Config, Derived
 from fastssl.schedules import cosine
+
+logger = logging.getLogger(__name__)
 
 
 def use_bf16(cfg: Config, device: torch.device) -> bool:
@@ -53,7 +56,6 @@ class TrainCore:
     """
 
     def __init__(self, cfg: Config, d: Derived, acc, num_classes: int | None = None, log=None):
-        from fastssl.compile import compile_module
         from fastssl.hostmem import apply_host_alloc
         from fastssl.methods import create_method
         from fastssl.optim import build_optimizer
@@ -61,41 +63,15 @@ class TrainCore:
         self.cfg, self.d, self.acc = cfg, d, acc
         self.device = acc.device
         self.bf16 = use_bf16(cfg, self.device)
+        self.compiled = use_compile(cfg, self.device)
+        # train.strategy=fsdp (fastssl/fsdp.py): sharded over the processes; one process has nothing to shard.
+        self.sharded = cfg.train.strategy == "fsdp" and acc.num_processes > 1
         # Before the first step allocates its activations (fastssl/hostmem.py): on the CPU, a step that
         # page-faults its freed activations back in each time spends ~1/6 of its time in the kernel.
         self.host_alloc = apply_host_alloc(cfg.train.host_alloc, self.device)
         method = create_method(cfg, d.total_steps).to(self.device)
-        # train.strategy=fsdp (fastssl/fsdp.py): sharded over the processes; one process has nothing to shard.
-        self.sharded = cfg.train.strategy == "fsdp" and acc.num_processes > 1
-        if cfg.train.strategy == "fsdp" and not self.sharded and acc.is_main_process:
-            import sys
-
-            (log or (lambda m: print(m, file=sys.stderr)))("[fastssl] train.strategy=fsdp with one process: "
-                                                           "nothing to shard, the model runs whole")
-        if cfg.train.channels_last and not self.sharded:  # FSDP shards contiguous parameters
-            # Also on the CPU: oneDNN convolutions run NHWC about 1.5x faster (resnet_tiny at 32 px, 2 cores).
-            method = method.to(memory_format=torch.channels_last)
-        self.compiled = use_compile(cfg, self.device)
-        if self.device.type == "cpu" and not self.bf16 and not self.compiled:
-            # oneDNN's weight gradients run at half its forward's speed on AVX2 CPUs: the fastest of it, one GEMM
-            # and one forward conv, per shape, timed once per machine (fastssl/models/cpu_conv.py). Same parameters,
-            # state dict and results. Eager only: the per-shape timing would break a compiled graph (compile gains
-            # nothing on a CPU).
-            from fastssl.models.cpu_conv import use_fast_wgrad
-
-            use_fast_wgrad(method, cfg.train.cpu_conv_wgrad)
-        if self.compiled:
-            # In place: state-dict keys keep no `_orig_mod.`; a compile error falls back to eager. Under FSDP
-            # each ViT block compiles its own forward (FSDP's gathers run between the graphs).
-            from fastssl.fsdp import block_modules
-
-            parts = [b for b in block_modules(method.backbone)] if self.sharded else [method.backbone]
-            for part in parts or [method.backbone]:
-                compile_module(part, log=log, mode=cfg.train.compile_mode)
-        if self.sharded:
-            from fastssl.fsdp import shard_method
-
-            method = shard_method(method, self.device, self.bf16)  # before the optimizer: new parameters
+        for transform in MODEL_TRANSFORMS:  # in this order; each returns the (possibly new) module
+            method = transform(self, method, log)
         opt = build_optimizer(method, cfg.optim, d.lr)
         # Schedules are pure functions of the step, precomputed (numpy arrays indexed by step).
         self.lr_sched = cosine(d.lr, d.lr * cfg.optim.min_lr_ratio, d.total_steps, d.warmup_steps)
@@ -222,6 +198,61 @@ class TrainCore:
         return whole.to(self.device).train(self.method.training)
 
 
+# ---------------------------------------------------------------------- model transforms
+# TrainCore applies these in order to the freshly built method, before the optimizer sees its
+# parameters. Each takes (core, method, log) and returns the module to use from then on; each is
+# the trainer's business only (a user's own modules never pass through them).
+
+
+def to_channels_last(core: TrainCore, method, log=None):
+    """NHWC weights: cuDNN's and oneDNN's fast convolutions (on the CPU too: about 1.5x for resnet_tiny at 32 px,
+    2 cores). Not under FSDP, which shards contiguous parameters."""
+    if core.cfg.train.channels_last and not core.sharded:
+        return method.to(memory_format=torch.channels_last)
+    return method
+
+
+def cpu_weight_gradients(core: TrainCore, method, log=None):
+    """On an eager fp32 CPU run, the fastest weight gradient per convolution shape (fastssl/models/cpu_conv.py).
+
+    oneDNN's weight gradients run at half its forward's speed on AVX2 CPUs: the fastest of it, one GEMM and
+    one forward conv, per shape, timed once per machine. Same parameters, state dict and results. Eager
+    only: the per-shape timing would break a compiled graph (compile gains nothing on a CPU)."""
+    if core.device.type == "cpu" and not core.bf16 and not core.compiled:
+        from fastssl.models.cpu_conv import use_fast_wgrad
+
+        use_fast_wgrad(method, core.cfg.train.cpu_conv_wgrad)
+    return method
+
+
+def compile_backbone(core: TrainCore, method, log=None):
+    """``torch.compile`` in place (state-dict keys keep no ``_orig_mod.``; a compile error falls back to eager).
+    Under FSDP each ViT block compiles its own forward (FSDP's gathers run between the graphs)."""
+    if not core.compiled:
+        return method
+    from fastssl.compile import compile_module
+    from fastssl.fsdp import block_modules
+
+    parts = list(block_modules(method.backbone)) if core.sharded else [method.backbone]
+    for part in parts or [method.backbone]:
+        compile_module(part, log=log, mode=core.cfg.train.compile_mode)
+    return method
+
+
+def shard(core: TrainCore, method, log=None):
+    """FSDP over the processes (``train.strategy=fsdp``), before the optimizer: it makes new parameters."""
+    if core.cfg.train.strategy == "fsdp" and not core.sharded and core.acc.is_main_process:
+        logger.warning("train.strategy=fsdp with one process: nothing to shard, the model runs whole")
+    if not core.sharded:
+        return method
+    from fastssl.fsdp import shard_method
+
+    return shard_method(method, core.device, core.bf16)
+
+
+MODEL_TRANSFORMS = (to_channels_last, cpu_weight_gradients, compile_backbone, shard)
+
+
 def train_step(core: TrainCore, micro_batches: Iterable, step: int) -> int:
     """One optimizer step over ``micro_batches`` (an iterable of ``Batch``, ``optim.accum_steps`` long).
 
@@ -274,7 +305,7 @@ def make_accelerator(cfg: Config, device: torch.device):
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
     from fastssl.config import trackers
     from fastssl.rundir import run_dir_for
@@ -284,6 +315,11 @@ def make_accelerator(cfg: Config, device: torch.device):
     AcceleratorState._reset_state()
     out = run_dir_for(cfg)
     project = ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tensorboard"))
+    # DDP's gradients live in its all-reduce buckets (no copy per step), so a channels_last parameter's
+    # gradient takes the parameter's strides: autograd accumulates into the bucket view in place. Without
+    # it, autograd's contiguous gradients meet buckets laid out NHWC and DDP warns on every run that the
+    # strides do not match ("may impair performance") and copies them.
+    ddp = DistributedDataParallelKwargs(gradient_as_bucket_view=True)
     return Accelerator(mixed_precision="bf16" if use_bf16(cfg, device) else "no", cpu=device.type != "cuda",
-                       log_with=trackers(cfg) or None, project_config=project)
+                       log_with=trackers(cfg) or None, project_config=project, kwargs_handlers=[ddp])
 

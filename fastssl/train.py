@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -269,6 +270,73 @@ def print_summary(summary: dict, run_dir: Path) -> None:
     print("-" * 48)
 
 
+# ----------------------------------------------------------------------------- from Python
+
+
+@dataclass
+class TrainResult:
+    """What :func:`fit` (``fastssl.train(...)``) returns: the run directory and its ``summary.json``."""
+
+    run_dir: Path
+    summary: dict
+
+
+def fit(data: str | os.PathLike, method: str | None = None, backbone: str | None = None,
+        out: str | os.PathLike | None = None, config: str | os.PathLike | None = None,
+        val: str | os.PathLike | None = None, trust_checkpoint: bool = False, **overrides) -> TrainResult:
+    """Train from Python as ``fastssl-train`` does; ``fastssl.train(...)`` is this function.
+
+    ``data``: a ``.beton``, an image folder, or a folder holding ``train.beton`` (and ``val.beton``),
+    as ``fastssl-prepare`` writes them. ``method``/``backbone``: registry names (``simclr``,
+    ``resnet50``). ``out``: the run directory (default ``runs/<method>-<backbone>-<data>``).
+    ``config``: a YAML file or packaged recipe (``demo/simclr``, ``simclr_rn50``) to start from.
+    ``overrides``: config keys, nested (``optim={"lr": 0.1}``) or dotted (``**{"optim.lr": 0.1}``).
+
+    >>> result = fastssl.train(data="data/demo", config="demo/simclr", out="runs/x", train={"epochs": 1})
+    >>> result.summary["knn_top1"]
+    """
+    data = Path(data)
+    if val is None and data.is_dir() and (data / "train.beton").is_file():
+        val = data / "val.beton" if (data / "val.beton").is_file() else None
+        data = data / "train.beton"
+    pairs: list[tuple[str, object]] = [("data.train", data)]
+    if val is not None:
+        pairs.append(("data.val", val))
+    if method is not None:
+        pairs.insert(0, ("method.name", method))
+    if backbone is not None:
+        pairs.append(("model.backbone", backbone))
+    if out is not None:
+        out = Path(out)
+        pairs += [("train.out_dir", out.parent), ("train.name", out.name)]
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            pairs += [(f"{key}.{k}", v) for k, v in _flatten(value)]
+        else:
+            pairs.append((key, value))
+    cfg = load_config(config, [f"{k}={_yaml_value(v)}" for k, v in pairs])
+    summary = train(cfg, trust_checkpoint=trust_checkpoint)
+    return TrainResult(run_dir_for(cfg), summary)
+
+
+def _flatten(tree: dict, prefix: str = ""):
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def _yaml_value(v) -> str:
+    """A Python value as the override parser reads it (YAML scalars; lists and paths included)."""
+    import yaml
+
+    if isinstance(v, os.PathLike):
+        v = os.fspath(v)
+    text = yaml.safe_dump(v, default_flow_style=True).strip()
+    return text[:-4].strip() if text.endswith("\n...") else text.removesuffix("...").strip()
+
+
 # ----------------------------------------------------------------------------- command line
 
 
@@ -362,5 +430,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+class _CallableModule(type(sys)):
+    """``fastssl.train`` is this module (``python -m fastssl.train``, ``fastssl/train.py``) and, called, :func:`fit`:
+    importing a submodule sets the package's attribute of that name, so a plain function would be shadowed."""
+
+    def __call__(self, *args, **kwargs) -> TrainResult:
+        return fit(*args, **kwargs)
+
+
 if __name__ == "__main__":
     sys.exit(main())
+else:
+    sys.modules[__name__].__class__ = _CallableModule
