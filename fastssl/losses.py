@@ -1,8 +1,10 @@
-"""SSL losses, functional API: contrastive (NT-Xent, DCL, InfoNCE) and covariance (VICReg, Barlow Twins).
+"""SSL losses, functional API: contrastive (NT-Xent, DCL, InfoNCE), covariance (VICReg, Barlow Twins)
+and self-distillation / clustering (BYOL's and SimSiam's cosine losses, DINO, SwAV with Sinkhorn).
 
-Every loss ``f(...)`` returns a scalar and has an ``f_terms(...)`` twin returning a dict of the
-named terms plus their weighted sum under ``"loss"`` (the trainer logs each term). Shared
-keyword arguments:
+Every contrastive and covariance loss ``f(...)`` returns a scalar and has an ``f_terms(...)`` twin
+returning a dict of the named terms plus their weighted sum under ``"loss"`` (the trainer logs each
+term). The self-distillation losses have one term each and return a scalar. Shared keyword
+arguments of the contrastive and covariance losses:
 
 * ``impl``: ``None`` (the faster path measured on an H200, see ``_impl``), ``"triton"``
   or ``"torch"``. Triton paths are the fused kernels in ``fastssl.kernels``; the torch paths
@@ -19,9 +21,13 @@ keyword arguments:
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-from fastssl.distributed import gather_with_grad, rank, world_size
+from fastssl.distributed import gather_with_grad, is_distributed, rank, world_size
+
+__all__ = ["nt_xent", "nt_xent_terms", "info_nce", "info_nce_terms", "vicreg", "vicreg_terms", "barlow_twins",
+           "barlow_twins_terms", "byol_loss", "negative_cosine", "dino_loss", "swav_loss", "sinkhorn"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -302,3 +308,92 @@ def barlow_twins(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 0.0051, *, i
                  gather: bool | None = None, path: str = "auto") -> torch.Tensor:
     """Barlow Twins loss; see ``barlow_twins_terms``. Returns a scalar."""
     return barlow_twins_terms(z1, z2, lambd, impl=impl, gather=gather, path=path)["loss"]
+
+
+# ------------------------------------------------------------------------------------------------
+# self-distillation family (cookbook section 2.3) and SwAV's clustering (section 2.4.2)
+# ------------------------------------------------------------------------------------------------
+def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """BYOL's regression loss (Grill et al. 2020, eq. 2): mean over rows of ||p/|p| - z/|z|||^2 = 2 - 2 cos(p, z).
+
+    p: (N, D) online predictions; z: (N, D) targets (the EMA teacher's projections of the other
+    view), detached here (stop-gradient). fp32. Symmetrise by calling it for both directions.
+    """
+    _pair("byol_loss", p, z)
+    return (2 - 2 * (F.normalize(p.float(), dim=1) * F.normalize(z.detach().float(), dim=1)).sum(dim=1)).mean()
+
+
+def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """SimSiam's D(p, z) (Chen & He 2021, eq. 1): mean over rows of -cos(p_i, z_i), z detached (stop-gradient).
+
+    p, z: (N, D); fp32. SimSiam's loss is 0.5 D(p1, z2) + 0.5 D(p2, z1).
+    """
+    _pair("negative_cosine", p, z)
+    return -(F.normalize(p.float(), dim=1) * F.normalize(z.detach().float(), dim=1)).sum(dim=1).mean()
+
+
+def _cross_view_ce(targets, logp, name: str) -> torch.Tensor:
+    """Mean over (target view t, predicting view v != t) of mean_i -sum_k targets_t[i, k] logp_v[i, k]."""
+    targets, logp = list(targets), list(logp)
+    if not targets or len(logp) < 2:
+        raise ValueError(f"{name}: needs at least one target view and two predicting views, got "
+                         f"{len(targets)} and {len(logp)}")
+    total, n = 0.0, 0
+    for ti, q in enumerate(targets):
+        for vi, lp in enumerate(logp):
+            if vi == ti:
+                continue                                                    # a view never predicts itself
+            total = total + (-(q * lp).sum(dim=-1)).mean()
+            n += 1
+    return total / n
+
+
+def dino_loss(teacher_probs, student_logp) -> torch.Tensor:
+    """DINO's cross-entropy (Caron et al. 2021, eq. 3; cookbook section 2.3) over view pairs.
+
+    teacher_probs: G tensors (B, K), the teacher's centred and sharpened softmax of the G global
+    views, ``softmax((g_t - c) / tau_t)``; student_logp: V >= G tensors (B, K), the student's
+    ``log_softmax(g_s / tau_s)`` of every view, globals first in the same order. Returns the mean
+    over pairs (t, s), s != t, of mean_i H(P_t, P_s) = -sum_k P_t log P_s.
+    """
+    return _cross_view_ce(teacher_probs, student_logp, "dino_loss")
+
+
+def swav_loss(codes, logp) -> torch.Tensor:
+    """SwAV's swapped prediction (Caron et al. 2020, eq. 1; cookbook section 2.4.2) over view pairs.
+
+    codes: A tensors (B, K), the Sinkhorn codes of the first A views (:func:`sinkhorn`, no grad);
+    logp: V tensors (B, K), ``log_softmax(scores / temperature)`` of every view against the
+    prototypes. Returns the mean over (code view a, view v != a) of mean_i -sum_k q_a log p_v.
+    """
+    return _cross_view_ce(codes, logp, "swav_loss")
+
+
+def _all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if is_distributed():
+        dist.all_reduce(x)
+    return x
+
+
+@torch.no_grad()
+def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.Tensor:
+    """SwAV's Sinkhorn-Knopp (Caron et al. 2020, Algorithm 1; cookbook section 2.4.2).
+
+    scores: (B, K) prototype scores of this rank's rows. Returns codes Q (B, K): rows sum
+    to 1, columns to B/K over the global batch (equipartition), from exp(scores / eps)
+    with ``iters`` alternating normalisations, in fp32, summed across processes.
+    """
+    top = scores.float().max()
+    if is_distributed():                                                    # one shift for all ranks' columns,
+        dist.all_reduce(top, op=dist.ReduceOp.MAX)                          # else the summed marginals mix scales
+    q = torch.exp((scores.float() - top) / eps).t()                         # (K, B); the shift cancels out
+    b = torch.tensor(float(q.shape[1]), device=q.device)
+    _all_reduce_sum(b)
+    k = q.shape[0]
+    total = _all_reduce_sum(q.sum())
+    q = q / total
+    for _ in range(iters):
+        rows = _all_reduce_sum(q.sum(dim=1, keepdim=True))                 # (K, 1) prototype marginals
+        q = q / rows / k
+        q = q / q.sum(dim=0, keepdim=True) / b                             # (1, B) sample marginals
+    return (q * b).t()                                                      # (B, K), rows sum to 1

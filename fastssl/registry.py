@@ -2,6 +2,12 @@
 
 Registering a taken name fails loudly; asking for an unknown name fails with the
 closest valid names, so a typo in a config never trains the wrong thing.
+
+A registry may also have a *resolver*: a function called with a name that is not
+registered yet, which may register it (the method registry imports
+``package.module:Class`` names and entry points this way, so a user's own method
+needs no change to fastssl). ``get``, ``meta`` and ``in`` all go through it, so every
+caller that looks a name up (the config's validation, the trainer's builder) sees it.
 """
 from __future__ import annotations
 
@@ -20,10 +26,17 @@ def closest(name: str, choices: list[str] | tuple[str, ...]) -> str:
 
 
 class Registry(Generic[T]):
-    """Maps a name to an object (a class or factory) plus free-form metadata."""
+    """Maps a name to an object (a class or factory) plus free-form metadata.
 
-    def __init__(self, kind: str):
+    ``resolver(registry, name) -> bool``: called for an unknown name; returns True when it
+    registered ``name`` (False: not a name it knows). Errors it raises (an import that
+    fails, a class that breaks the contract) reach the caller of ``get``/``meta`` unchanged.
+    """
+
+    def __init__(self, kind: str, resolver: Callable[["Registry[T]", str], bool] | None = None, hint: str = ""):
         self.kind = kind
+        self.resolver = resolver
+        self.hint = hint                    # appended to unknown-name errors (how to add one)
         self._items: dict[str, T] = {}
         self._meta: dict[str, dict[str, Any]] = {}
 
@@ -37,9 +50,15 @@ class Registry(Generic[T]):
 
         return deco
 
+    def _resolve(self, name: str) -> bool:
+        if name in self._items:
+            return True
+        return bool(self.resolver is not None and self.resolver(self, name) and name in self._items)
+
     def get(self, name: str) -> T:
-        if name not in self._items:
-            raise KeyError(f"unknown {self.kind} {name!r}: {closest(name, list(self._items))}")
+        if not self._resolve(name):
+            hint = f"; {self.hint}" if self.hint else ""
+            raise KeyError(f"unknown {self.kind} {name!r}: {closest(name, list(self._items))}{hint}")
         return self._items[name]
 
     def meta(self, name: str) -> dict[str, Any]:
@@ -50,7 +69,12 @@ class Registry(Generic[T]):
         return sorted(self._items)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._items
+        if not isinstance(name, str):
+            return False
+        try:
+            return self._resolve(name)
+        except Exception:   # a name the resolver cannot import is not in the registry; get() shows why
+            return False
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())

@@ -172,18 +172,18 @@ def ref_swav(m, views, step):
     z = F.normalize(m.projector(feats), dim=1)
     scores = z @ m.prototypes.weight.t()
     terms = []
-    for i in range(m.cfg.num_assign):
-        q = _sinkhorn_ref(scores[i * b:(i + 1) * b].detach(), m.cfg.sinkhorn_eps, m.cfg.sinkhorn_iters)
+    for i in range(m.num_assign):
+        q = _sinkhorn_ref(scores[i * b:(i + 1) * b].detach(), m.sinkhorn_eps, m.sinkhorn_iters)
         for v in range(len(views)):
             if v != i:
-                lp = torch.log_softmax(scores[v * b:(v + 1) * b] / m.cfg.temperature, dim=1)
+                lp = torch.log_softmax(scores[v * b:(v + 1) * b] / m.temperature, dim=1)
                 terms.append(-(q * lp).sum(1).mean())
     return sum(terms) / len(terms)
 
 
 def ref_dino(m, views, step):
     feats = [m.backbone(v) for v in views]                                  # ViT: per-view == batched
-    s = [m.head(f) / m.cfg.student_temp for f in feats]
+    s = [m.head(f) / m.student_temp for f in feats]
     tt = float(m.teacher_temp[step])
     with torch.no_grad():
         t = [torch.softmax((m.teacher["head"](m.teacher["backbone"](v)) - m.center) / tt, dim=1) for v in views[:2]]
@@ -195,7 +195,7 @@ def ref_mae(m, views, step):
     x = views[0]
     p = m.patch
     torch.manual_seed(1234)
-    latent, mask, ids_restore = m.backbone(x, mask_ratio=m.cfg.mask_ratio)
+    latent, mask, ids_restore = m.backbone(x, mask_ratio=m.mask_ratio)
     pred = m.decoder(latent, ids_restore, (x.shape[2] // p, x.shape[3] // p))
     total, count = 0.0, 0
     for i in range(x.shape[0]):
@@ -336,7 +336,7 @@ def test_last_layer_or_prototypes_frozen_during_first_epoch(name, param):
 
 
 def test_swav_prototypes_stay_normalised_and_sinkhorn_is_equipartition():
-    from fastssl.methods._common import sinkhorn
+    from fastssl.losses import sinkhorn
 
     m, cfg = tiny_method("swav")
     with torch.no_grad():
@@ -425,7 +425,7 @@ def test_bench_step_suite_smoke_on_cpu(capsys):
     assert [v["overrides"][-1] for v in res["dino_demo"]["variants"]][1] == "model.attn=naive"
 
 
-# ----------------------------------------------------------------------------- the method protocol (issue 13)
+# ----------------------------------------------------------------------------- the method protocol
 
 
 def test_every_method_follows_the_protocol():

@@ -1,4 +1,4 @@
-"""Small helpers the method families share: EMA teachers, schedules, Sinkhorn, queues, multi-crop.
+"""Small helpers the method families share: EMA teachers, schedules, backbones, queues, multi-crop.
 
 Everything that advances during training (EMA weights, centres, queues) is
 updated once per optimizer step, from the method's ``after_step(step)``: a
@@ -84,14 +84,42 @@ def _orig(m: nn.Module) -> nn.Module:
     return getattr(m, "_orig_mod", m)
 
 
-def momentum_schedule(base: float, total_steps: int, final: float = 1.0) -> np.ndarray:
-    """BYOL's EMA momentum: 1 - (1 - base) (cos(pi k / K) + 1) / 2, i.e. a cosine from ``base`` to 1 (section 2.3)."""
+def momentum_schedule(base: float, total_steps: int | None, final: float = 1.0) -> np.ndarray:
+    """BYOL's EMA momentum: 1 - (1 - base) (cos(pi k / K) + 1) / 2, i.e. a cosine from ``base`` to 1 (section 2.3).
+
+    ``total_steps`` None (a method built without knowing the run's length): ``base`` at every step.
+    """
+    if total_steps is None:
+        return np.array([base])
     return cosine(base, final, total_steps)
 
 
 def steps_per_epoch(cfg, total_steps: int) -> float:
     """Optimizer steps per epoch (the trainer's schedules span ``train.epochs``)."""
     return max(total_steps / max(cfg.train.epochs, 1), 1.0)
+
+
+def epochs_to_steps(epochs: float, steps_per_epoch: float | None) -> int:
+    """A duration counted in epochs, in optimizer steps; 0 when ``steps_per_epoch`` is unknown (None)."""
+    return 0 if steps_per_epoch is None else int(round(epochs * steps_per_epoch))
+
+
+def resolve_backbone(backbone: str | nn.Module, feat_dim: int | None = None) -> tuple[nn.Module, int]:
+    """(module, F) from a backbone name (fastssl's or timm's) or a module mapping (B, 3, H, W) -> (B, F).
+
+    A module's F is ``feat_dim``, else its ``num_features`` (timm) or ``feat_dim`` attribute.
+    """
+    if isinstance(backbone, str):
+        from fastssl import create_backbone
+
+        return create_backbone(backbone)
+    if not isinstance(backbone, nn.Module):
+        raise TypeError(f"backbone must be a name or an nn.Module, got {type(backbone).__name__}")
+    dim = feat_dim if feat_dim is not None else getattr(backbone, "num_features", getattr(backbone, "feat_dim", None))
+    if not isinstance(dim, int):
+        raise ValueError(f"backbone {type(backbone).__name__} has no num_features attribute: pass feat_dim= "
+                         f"(the width of its (B, F) output)")
+    return backbone, dim
 
 
 # ----------------------------------------------------------------------------- distributed (no grad)
@@ -112,35 +140,6 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(x)
     return x
-
-
-# ----------------------------------------------------------------------------- losses shared by families
-
-
-def neg_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """Mean negative cosine similarity -cos(p_i, z_i) over rows, in fp32; z is detached (stop-gradient)."""
-    return -(F.normalize(p.float(), dim=1) * F.normalize(z.detach().float(), dim=1)).sum(dim=1).mean()
-
-
-@torch.no_grad()
-def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.Tensor:
-    """SwAV's Sinkhorn-Knopp (Caron et al. 2020, Algorithm 1; cookbook section 2.4.2).
-
-    scores: (B, K) prototype scores of this rank's rows. Returns codes Q (B, K): rows sum
-    to 1, columns to B/K over the global batch (equipartition), from exp(scores / eps)
-    with ``iters`` alternating normalisations, in fp32, summed across processes.
-    """
-    q = torch.exp((scores.float() - scores.float().max()) / eps).t()        # (K, B); the shift cancels out
-    b = torch.tensor(float(q.shape[1]), device=q.device)
-    all_reduce_sum(b)
-    k = q.shape[0]
-    total = all_reduce_sum(q.sum())
-    q = q / total
-    for _ in range(iters):
-        rows = all_reduce_sum(q.sum(dim=1, keepdim=True))                  # (K, 1) prototype marginals
-        q = q / rows / k
-        q = q / q.sum(dim=0, keepdim=True) / b                             # (1, B) sample marginals
-    return (q * b).t()                                                      # (B, K), rows sum to 1
 
 
 class FeatureQueue(nn.Module):

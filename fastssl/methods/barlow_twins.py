@@ -14,8 +14,8 @@ import torch.nn as nn
 from fastssl import losses
 from fastssl.config import TwoViewConfig
 from fastssl.methods import MethodHooks, register_method
-from fastssl.methods._common import embedding_std, per_view
-from fastssl.models import create_backbone, mlp
+from fastssl.methods._common import embedding_std, per_view, resolve_backbone
+from fastssl.models.heads import ProjectionHead
 
 
 @dataclass
@@ -28,13 +28,13 @@ class BarlowTwinsConfig(TwoViewConfig):
 
 @register_method("barlow_twins", config=BarlowTwinsConfig, recipe="byol")
 class BarlowTwins(MethodHooks, nn.Module):
-    def __init__(self, cfg, total_steps: int):
+    def __init__(self, backbone: str | nn.Module = "resnet18", *, feat_dim: int | None = None,
+                 proj_hidden: int = 8192, proj_dim: int = 8192, lambd: float = 0.0051, joint_bn: bool = False):
         super().__init__()
-        m = cfg.method
-        self.joint_bn = m.joint_bn
-        self.lambd = m.lambd
-        self.backbone, self.feat_dim = create_backbone(cfg.model)
-        self.projector = mlp(self.feat_dim, m.proj_hidden, m.proj_dim, layers=3, bias_last=False)
+        self.joint_bn = joint_bn
+        self.lambd = lambd
+        self.backbone, self.feat_dim = resolve_backbone(backbone, feat_dim)
+        self.projector = ProjectionHead(self.feat_dim, proj_hidden, proj_dim, layers=3, bias_last=False)
 
     def forward(self, views: list[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         b = views[0].shape[0]

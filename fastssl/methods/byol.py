@@ -10,13 +10,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from fastssl import losses
 from fastssl.config import TwoViewConfig
 from fastssl.methods import MethodHooks, register_method
 from fastssl.methods._common import (at_step, ema_update_teachers, embedding_std, make_teachers, momentum_schedule,
-                                     per_view)
-from fastssl.models import create_backbone, mlp
+                                     per_view, resolve_backbone)
+from fastssl.models.heads import ProjectionHead
 
 
 @dataclass
@@ -29,22 +29,18 @@ class BYOLConfig(TwoViewConfig):
     momentum_end: float = 1.0
 
 
-def byol_pair_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """Mean over rows of 2 - 2 cos(p_i, z_i), fp32; z is the (already no-grad) target."""
-    return (2 - 2 * (F.normalize(p.float(), dim=1) * F.normalize(z.float(), dim=1)).sum(dim=1)).mean()
-
-
 @register_method("byol", config=BYOLConfig, recipe="byol")
 class BYOL(MethodHooks, nn.Module):
-    def __init__(self, cfg, total_steps: int):
+    def __init__(self, backbone: str | nn.Module = "resnet18", *, feat_dim: int | None = None,
+                 proj_hidden: int = 4096, proj_dim: int = 256, pred_hidden: int = 4096, momentum: float = 0.996,
+                 momentum_end: float = 1.0, total_steps: int | None = None, joint_bn: bool = False):
         super().__init__()
-        m = cfg.method
-        self.joint_bn = m.joint_bn
-        self.backbone, self.feat_dim = create_backbone(cfg.model)
-        self.projector = mlp(self.feat_dim, m.proj_hidden, m.proj_dim)
-        self.predictor = mlp(m.proj_dim, m.pred_hidden, m.proj_dim)
+        self.joint_bn = joint_bn
+        self.backbone, self.feat_dim = resolve_backbone(backbone, feat_dim)
+        self.projector = ProjectionHead(self.feat_dim, proj_hidden, proj_dim)
+        self.predictor = ProjectionHead(proj_dim, pred_hidden, proj_dim)
         self.teacher = make_teachers(backbone=self.backbone, projector=self.projector)
-        self.momentum = momentum_schedule(m.momentum, total_steps, m.momentum_end)   # (total_steps,) numpy
+        self.momentum = momentum_schedule(momentum, total_steps, momentum_end)   # (total_steps,) numpy
 
     def forward(self, views: list[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         b = views[0].shape[0]
@@ -54,7 +50,7 @@ class BYOL(MethodHooks, nn.Module):
         with torch.no_grad():
             teacher = lambda v: self.teacher["projector"](self.teacher["backbone"](v))  # noqa: E731
             zt = per_view(teacher, views[:2], self.joint_bn)               # (2B, d) targets
-        loss = byol_pair_loss(p[:b], zt[b:]) + byol_pair_loss(p[b:], zt[:b])
+        loss = losses.byol_loss(p[:b], zt[b:]) + losses.byol_loss(p[b:], zt[:b])
         return {"loss": loss, "features": feats[:b].detach(), "z_std": embedding_std(z[:b]),
                 "target_std": embedding_std(zt[:b]), "ema_momentum": torch.tensor(at_step(self.momentum, step))}
 

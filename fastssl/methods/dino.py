@@ -18,11 +18,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastssl import losses
 from fastssl.config import MethodConfig
 from fastssl.distributed import world_size
 from fastssl.methods import MethodHooks, register_method
-from fastssl.methods._common import (all_reduce_sum, at_step, ema_update_teachers, embedding_std, forward_by_resolution,
-                                     make_teachers, momentum_schedule, resolution_groups, steps_per_epoch)
+from fastssl.methods._common import (all_reduce_sum, at_step, ema_update_teachers, embedding_std, epochs_to_steps,
+                                     forward_by_resolution, make_teachers, momentum_schedule, resolution_groups,
+                                     resolve_backbone)
+from fastssl.models.heads import DINOHead  # noqa: F401  (defined beside the other heads; importable from here too)
 
 
 @dataclass
@@ -43,39 +46,6 @@ class DINOConfig(MethodConfig):
     freeze_last_layer_epochs: float = 1.0
 
 
-class DINOHead(nn.Module):
-    """MLP (Linear-GELU x (layers-1), to a bottleneck) -> l2-normalise -> weight-normalised Linear (g = 1) to K."""
-
-    def __init__(self, in_dim: int, out_dim: int, hidden: int = 2048, bottleneck: int = 256, layers: int = 3,
-                 bn: bool = False):
-        super().__init__()
-        mods: list[nn.Module] = []
-        d = in_dim
-        for _ in range(layers - 1):
-            mods += [nn.Linear(d, hidden)] + ([nn.BatchNorm1d(hidden)] if bn else []) + [nn.GELU()]
-            d = hidden
-        mods.append(nn.Linear(d, bottleneck))
-        self.mlp = nn.Sequential(*mods)
-        for m in self.mlp:
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
-        # Weight norm with the norm fixed to 1 (DINO's norm_last_layer=True): W = V / ||V||_row.
-        self.last_layer = nn.Linear(bottleneck, out_dim, bias=False)
-        nn.init.trunc_normal_(self.last_layer.weight, std=0.02)
-
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, in_dim) -> (N, bottleneck) l2-normalised, fp32 (the head's projector part)."""
-        return F.normalize(self.mlp(x).float(), dim=-1)                        # fp32 around the normalisations
-
-    def score(self, h: torch.Tensor) -> torch.Tensor:
-        """Normalised bottleneck (N, bottleneck) -> (N, out_dim) prototype scores."""
-        return F.linear(h, F.normalize(self.last_layer.weight.float(), dim=1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.score(self.project(x))
-
-
 def teacher_temp_schedule(start: float, end: float, warmup_steps: int, total_steps: int) -> np.ndarray:
     """Linear start -> end over ``warmup_steps`` then constant; shape (total_steps,)."""
     warm = np.linspace(start, end, max(warmup_steps, 0))
@@ -85,21 +55,24 @@ def teacher_temp_schedule(start: float, end: float, warmup_steps: int, total_ste
 
 @register_method("dino", config=DINOConfig, recipe="dino")
 class DINO(MethodHooks, nn.Module):
-    def __init__(self, cfg, total_steps: int):
+    def __init__(self, backbone: str | nn.Module = "vit_small_patch16", *, feat_dim: int | None = None,
+                 out_dim: int = 65536, hidden: int = 2048, bottleneck: int = 256, head_layers: int = 3,
+                 head_bn: bool = False, momentum: float = 0.996, momentum_end: float = 1.0, teacher_temp: float = 0.04,
+                 teacher_temp_end: float = 0.07, warmup_teacher_temp_epochs: float = 30.0, student_temp: float = 0.1,
+                 center_momentum: float = 0.9, freeze_last_layer_epochs: float = 1.0, total_steps: int | None = None,
+                 steps_per_epoch: float | None = None):
         super().__init__()
-        from fastssl.models import create_backbone
-
-        m = cfg.method
-        self.cfg = m
-        self.backbone, self.feat_dim = create_backbone(cfg.model)
-        self.head = DINOHead(self.feat_dim, m.out_dim, m.hidden, m.bottleneck, m.head_layers, m.head_bn)
+        self.student_temp, self.center_momentum = student_temp, center_momentum
+        self.backbone, self.feat_dim = resolve_backbone(backbone, feat_dim)
+        self.head = DINOHead(self.feat_dim, out_dim, hidden, bottleneck, head_layers, head_bn)
         self.teacher = make_teachers(backbone=self.backbone, head=self.head)
-        spe = steps_per_epoch(cfg, total_steps)
-        self.momentum = momentum_schedule(m.momentum, total_steps, m.momentum_end)
-        self.teacher_temp = teacher_temp_schedule(m.teacher_temp, m.teacher_temp_end,
-                                                  int(round(m.warmup_teacher_temp_epochs * spe)), total_steps)
-        self.freeze_steps = int(round(m.freeze_last_layer_epochs * spe))
-        self.register_buffer("center", torch.zeros(1, m.out_dim))
+        self.momentum = momentum_schedule(momentum, total_steps, momentum_end)
+        warm = epochs_to_steps(warmup_teacher_temp_epochs, steps_per_epoch)
+        # (total_steps,) per-step temperatures; an unknown run length keeps the warm-up, then holds the end value
+        self.teacher_temp = teacher_temp_schedule(teacher_temp, teacher_temp_end, warm,
+                                                  total_steps if total_steps is not None else warm + 1)
+        self.freeze_steps = epochs_to_steps(freeze_last_layer_epochs, steps_per_epoch)
+        self.register_buffer("center", torch.zeros(1, out_dim))
         self._center_sum: torch.Tensor | None = None                         # this step's teacher outputs (pending)
         self._center_n = 0
 
@@ -108,13 +81,13 @@ class DINO(MethodHooks, nn.Module):
         n_glob = resolution_groups(views)[0][1]                             # the leading full-size views
         feats_all = forward_by_resolution(self.backbone, views)            # (V*B, F), one call per resolution
         h = self.head.project(feats_all)                                    # (V*B, bottleneck): z_std's tensor
-        s = self.head.score(h) / self.cfg.student_temp                      # (V*B, K), fp32
+        s = self.head.score(h) / self.student_temp                      # (V*B, K), fp32
         with torch.no_grad():
             g = self.teacher["head"](self.teacher["backbone"](torch.cat(views[:n_glob])))  # (G*B, K)
             tt = at_step(self.teacher_temp, step)
             pt = F.softmax((g - self.center) / tt, dim=-1)                 # centred + sharpened targets
             self._stage_center(g)
-        loss = dino_loss(pt.chunk(n_glob), F.log_softmax(s, dim=-1).chunk(len(views)))
+        loss = losses.dino_loss(pt.chunk(n_glob), F.log_softmax(s, dim=-1).chunk(len(views)))
         with torch.no_grad():
             ent = -(pt * torch.log(pt.clamp_min(1e-12))).sum(-1).mean()     # -> 0: collapse to one dim
             pbar = pt.mean(0)
@@ -140,18 +113,7 @@ class DINO(MethodHooks, nn.Module):
         ema_update_teachers(self.teacher, self, at_step(self.momentum, step))
         if self._center_sum is not None:
             batch_center = all_reduce_sum(self._center_sum) / (self._center_n * world_size())
-            cm = self.cfg.center_momentum
+            cm = self.center_momentum
             self.center.mul_(cm).add_(batch_center, alpha=1 - cm)
             self._center_sum, self._center_n = None, 0
 
-
-def dino_loss(teacher_probs, student_logp) -> torch.Tensor:
-    """Mean over (teacher view t, student view s != t) pairs of mean_i -sum_k P_t log P_s (cookbook eq. in 2.3)."""
-    total, n = 0.0, 0
-    for ti, q in enumerate(teacher_probs):
-        for si, lp in enumerate(student_logp):
-            if si == ti:
-                continue                                                    # same crop: skipped
-            total = total + (-(q * lp).sum(dim=-1)).mean()
-            n += 1
-    return total / n

@@ -15,8 +15,8 @@ from fastssl import losses
 from fastssl.config import TwoViewConfig
 from fastssl.methods import MethodHooks, register_method
 from fastssl.methods._common import (at_step, ema_update_teachers, embedding_std, make_teachers, momentum_schedule,
-                                     per_view)
-from fastssl.models import create_backbone, mlp
+                                     per_view, resolve_backbone)
+from fastssl.models.heads import ProjectionHead
 
 
 @dataclass
@@ -32,17 +32,19 @@ class MoCoV3Config(TwoViewConfig):
 
 @register_method("mocov3", config=MoCoV3Config, recipe="byol")
 class MoCoV3(MethodHooks, nn.Module):
-    def __init__(self, cfg, total_steps: int):
+    def __init__(self, backbone: str | nn.Module = "resnet18", *, feat_dim: int | None = None,
+                 proj_hidden: int = 4096, proj_dim: int = 256, pred_hidden: int = 4096, temperature: float = 0.2,
+                 momentum: float = 0.99, momentum_end: float = 1.0, total_steps: int | None = None,
+                 joint_bn: bool = False):
         super().__init__()
-        m = cfg.method
-        self.joint_bn = m.joint_bn
-        self.temperature = m.temperature
-        self.backbone, self.feat_dim = create_backbone(cfg.model)
+        self.joint_bn = joint_bn
+        self.temperature = temperature
+        self.backbone, self.feat_dim = resolve_backbone(backbone, feat_dim)
         # MoCo v3: 3-layer projector, 2-layer predictor, BN after every layer (last ones without affine).
-        self.projector = mlp(self.feat_dim, m.proj_hidden, m.proj_dim, layers=3, bn_last=True)
-        self.predictor = mlp(m.proj_dim, m.pred_hidden, m.proj_dim, layers=2, bn_last=True)
+        self.projector = ProjectionHead(self.feat_dim, proj_hidden, proj_dim, layers=3, bn_last=True)
+        self.predictor = ProjectionHead(proj_dim, pred_hidden, proj_dim, layers=2, bn_last=True)
         self.teacher = make_teachers(backbone=self.backbone, projector=self.projector)
-        self.momentum = momentum_schedule(m.momentum, total_steps, m.momentum_end)
+        self.momentum = momentum_schedule(momentum, total_steps, momentum_end)
 
     def forward(self, views: list[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         b = views[0].shape[0]

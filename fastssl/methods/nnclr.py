@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from fastssl import losses
 from fastssl.config import TwoViewConfig
 from fastssl.methods import MethodHooks, register_method
-from fastssl.methods._common import FeatureQueue, embedding_std, per_view
-from fastssl.models import create_backbone, mlp
+from fastssl.methods._common import FeatureQueue, embedding_std, per_view, resolve_backbone
+from fastssl.models.heads import ProjectionHead
 
 
 @dataclass
@@ -32,15 +32,16 @@ class NNCLRConfig(TwoViewConfig):
 
 @register_method("nnclr", config=NNCLRConfig, recipe="simclr")
 class NNCLR(MethodHooks, nn.Module):
-    def __init__(self, cfg, total_steps: int):
+    def __init__(self, backbone: str | nn.Module = "resnet18", *, feat_dim: int | None = None,
+                 proj_hidden: int = 2048, proj_dim: int = 256, pred_hidden: int = 4096, queue_size: int = 98304,
+                 temperature: float = 0.1, joint_bn: bool = False):
         super().__init__()
-        m = cfg.method
-        self.joint_bn = m.joint_bn
-        self.temperature = m.temperature
-        self.backbone, self.feat_dim = create_backbone(cfg.model)
-        self.projector = mlp(self.feat_dim, m.proj_hidden, m.proj_dim, layers=3, bn_last=True)
-        self.predictor = mlp(m.proj_dim, m.pred_hidden, m.proj_dim, layers=2)
-        self.queue = FeatureQueue(m.queue_size, m.proj_dim)
+        self.joint_bn = joint_bn
+        self.temperature = temperature
+        self.backbone, self.feat_dim = resolve_backbone(backbone, feat_dim)
+        self.projector = ProjectionHead(self.feat_dim, proj_hidden, proj_dim, layers=3, bn_last=True)
+        self.predictor = ProjectionHead(proj_dim, pred_hidden, proj_dim, layers=2)
+        self.queue = FeatureQueue(queue_size, proj_dim)
 
     @torch.no_grad()
     def nearest(self, z: torch.Tensor) -> torch.Tensor:

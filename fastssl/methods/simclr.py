@@ -13,8 +13,8 @@ import torch.nn as nn
 from fastssl import losses
 from fastssl.config import TwoViewConfig
 from fastssl.methods import MethodHooks, register_method
-from fastssl.methods._common import embedding_std, per_view
-from fastssl.models import create_backbone, mlp
+from fastssl.methods._common import embedding_std, per_view, resolve_backbone
+from fastssl.models.heads import ProjectionHead
 
 
 @dataclass
@@ -29,13 +29,14 @@ class SimCLRConfig(TwoViewConfig):
 
 @register_method("simclr", config=SimCLRConfig, recipe="simclr")
 class SimCLR(MethodHooks, nn.Module):
-    def __init__(self, cfg, total_steps: int):
+    def __init__(self, backbone: str | nn.Module = "resnet18", *, feat_dim: int | None = None,
+                 temperature: float = 0.1, proj_hidden: int = 2048, proj_dim: int = 128, proj_layers: int = 2,
+                 decoupled: bool = False, joint_bn: bool = False):
         super().__init__()
-        m = cfg.method
-        self.joint_bn = m.joint_bn
-        self.temperature, self.decoupled = m.temperature, m.decoupled
-        self.backbone, self.feat_dim = create_backbone(cfg.model)
-        self.projector = mlp(self.feat_dim, m.proj_hidden, m.proj_dim, layers=m.proj_layers)
+        self.joint_bn = joint_bn
+        self.temperature, self.decoupled = temperature, decoupled
+        self.backbone, self.feat_dim = resolve_backbone(backbone, feat_dim)
+        self.projector = ProjectionHead(self.feat_dim, proj_hidden, proj_dim, layers=proj_layers)
 
     def forward(self, views: list[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         b = views[0].shape[0]

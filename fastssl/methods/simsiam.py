@@ -10,10 +10,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from fastssl import losses
 from fastssl.config import TwoViewConfig
 from fastssl.methods import MethodHooks, register_method
-from fastssl.methods._common import embedding_std, neg_cosine, per_view
-from fastssl.models import create_backbone, mlp
+from fastssl.methods._common import embedding_std, per_view, resolve_backbone
+from fastssl.models.heads import ProjectionHead
 
 
 @dataclass
@@ -26,19 +27,19 @@ class SimSiamConfig(TwoViewConfig):
 
 @register_method("simsiam", config=SimSiamConfig, recipe="simclr")
 class SimSiam(MethodHooks, nn.Module):
-    def __init__(self, cfg, total_steps: int):
+    def __init__(self, backbone: str | nn.Module = "resnet18", *, feat_dim: int | None = None,
+                 proj_hidden: int = 2048, proj_dim: int = 2048, pred_hidden: int = 512, joint_bn: bool = False):
         super().__init__()
-        m = cfg.method
-        self.joint_bn = m.joint_bn
-        self.backbone, self.feat_dim = create_backbone(cfg.model)
-        self.projector = mlp(self.feat_dim, m.proj_hidden, m.proj_dim, layers=3, bn_last=True)
-        self.predictor = mlp(m.proj_dim, m.pred_hidden, m.proj_dim, layers=2)
+        self.joint_bn = joint_bn
+        self.backbone, self.feat_dim = resolve_backbone(backbone, feat_dim)
+        self.projector = ProjectionHead(self.feat_dim, proj_hidden, proj_dim, layers=3, bn_last=True)
+        self.predictor = ProjectionHead(proj_dim, pred_hidden, proj_dim, layers=2)
 
     def forward(self, views: list[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         b = views[0].shape[0]
         feats = per_view(self.backbone, views[:2], self.joint_bn)        # (2B, F)
         z = per_view(self.projector, feats, self.joint_bn)             # (2B, d)
         p = per_view(self.predictor, z, self.joint_bn)
-        loss = 0.5 * neg_cosine(p[:b], z[b:]) + 0.5 * neg_cosine(p[b:], z[:b])   # neg_cosine detaches z
+        loss = 0.5 * losses.negative_cosine(p[:b], z[b:]) + 0.5 * losses.negative_cosine(p[b:], z[:b])  # z detached
         # SimSiam's collapse monitor: std of l2-normalised z, ~1/sqrt(d) healthy, 0 collapsed.
         return {"loss": loss, "features": feats[:b].detach(), "z_std": embedding_std(z[:b])}

@@ -15,10 +15,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastssl import losses
 from fastssl.config import MethodConfig
 from fastssl.methods import MethodHooks, register_method
-from fastssl.methods._common import FeatureQueue, embedding_std, forward_by_resolution, sinkhorn, steps_per_epoch
-from fastssl.models import create_backbone, mlp
+from fastssl.methods._common import FeatureQueue, embedding_std, epochs_to_steps, forward_by_resolution, resolve_backbone
+from fastssl.models.heads import ProjectionHead
 
 
 @dataclass
@@ -38,19 +39,22 @@ class SwAVConfig(MethodConfig):
 
 @register_method("swav", config=SwAVConfig, recipe="dino")
 class SwAV(MethodHooks, nn.Module):
-    def __init__(self, cfg, total_steps: int):
+    def __init__(self, backbone: str | nn.Module = "resnet50", *, feat_dim: int | None = None,
+                 proj_hidden: int = 2048, proj_dim: int = 128, num_prototypes: int = 3000, temperature: float = 0.1,
+                 sinkhorn_eps: float = 0.05, sinkhorn_iters: int = 3, num_assign: int = 2, queue_size: int = 0,
+                 queue_start_epochs: float = 15.0, freeze_prototypes_epochs: float = 1.0,
+                 steps_per_epoch: float | None = None):
         super().__init__()
-        m = cfg.method
-        self.cfg = m
-        self.backbone, self.feat_dim = create_backbone(cfg.model)
-        self.projector = mlp(self.feat_dim, m.proj_hidden, m.proj_dim)
-        self.prototypes = nn.Linear(m.proj_dim, m.num_prototypes, bias=False)
+        self.temperature, self.num_assign = temperature, num_assign
+        self.sinkhorn_eps, self.sinkhorn_iters = sinkhorn_eps, sinkhorn_iters
+        self.backbone, self.feat_dim = resolve_backbone(backbone, feat_dim)
+        self.projector = ProjectionHead(self.feat_dim, proj_hidden, proj_dim)
+        self.prototypes = nn.Linear(proj_dim, num_prototypes, bias=False)
         self.normalize_prototypes()
-        spe = steps_per_epoch(cfg, total_steps)
-        self.freeze_steps = int(round(m.freeze_prototypes_epochs * spe))
-        self.queue_start = int(round(m.queue_start_epochs * spe))
-        self.queues = nn.ModuleList(FeatureQueue(m.queue_size, m.proj_dim) for _ in range(m.num_assign)) \
-            if m.queue_size > 0 else None
+        self.freeze_steps = epochs_to_steps(freeze_prototypes_epochs, steps_per_epoch)
+        self.queue_start = epochs_to_steps(queue_start_epochs, steps_per_epoch)
+        self.queues = nn.ModuleList(FeatureQueue(queue_size, proj_dim) for _ in range(num_assign)) \
+            if queue_size > 0 else None
 
     @torch.no_grad()
     def normalize_prototypes(self) -> None:
@@ -62,23 +66,20 @@ class SwAV(MethodHooks, nn.Module):
         feats = forward_by_resolution(self.backbone, views)                 # (V*B, F)
         z = F.normalize(self.projector(feats).float(), dim=1)               # (V*B, d)
         scores = self.prototypes(z.to(self.prototypes.weight.dtype)).float()  # (V*B, K)
-        logp = F.log_softmax(scores / self.cfg.temperature, dim=1).chunk(nv)
-        loss, n, q_max = 0.0, 0, 0.0
-        for i in range(min(self.cfg.num_assign, nv)):
+        logp = F.log_softmax(scores / self.temperature, dim=1).chunk(nv)
+        codes, q_max = [], 0.0
+        for i in range(min(self.num_assign, nv)):
             s_i = scores[i * b:(i + 1) * b].detach()
             if self.queues is not None:
                 if step >= self.queue_start:                                # past projections join Sinkhorn
                     s_i = torch.cat([s_i, self.prototypes(self.queues[i].rows.to(z.dtype)).float().detach()])
                 self.queues[i].stage(z[i * b:(i + 1) * b].detach())
-            q = sinkhorn(s_i, self.cfg.sinkhorn_eps, self.cfg.sinkhorn_iters)[:b]   # (B, K) codes
+            q = losses.sinkhorn(s_i, self.sinkhorn_eps, self.sinkhorn_iters)[:b]   # (B, K) codes
             q_max = q_max + q.max(dim=1).values.mean()
-            for v in range(nv):
-                if v != i:
-                    loss = loss + (-(q * logp[v]).sum(dim=1)).mean()
-                    n += 1
-        loss = loss / n
+            codes.append(q)
+        loss = losses.swav_loss(codes, logp)
         return {"loss": loss, "features": feats[:b].detach(), "z_std": embedding_std(z[:b]),
-                "code_max": (q_max / min(self.cfg.num_assign, nv)).detach()}
+                "code_max": (q_max / len(codes)).detach()}
 
     def before_optimizer_step(self, step: int) -> None:
         if step < self.freeze_steps:                                        # SwAV: prototypes fixed in epoch 1

@@ -13,8 +13,8 @@ import torch.nn as nn
 from fastssl import losses
 from fastssl.config import TwoViewConfig
 from fastssl.methods import MethodHooks, register_method
-from fastssl.methods._common import embedding_std, per_view
-from fastssl.models import create_backbone, mlp
+from fastssl.methods._common import embedding_std, per_view, resolve_backbone
+from fastssl.models.heads import ProjectionHead
 
 
 @dataclass
@@ -29,13 +29,14 @@ class VICRegConfig(TwoViewConfig):
 
 @register_method("vicreg", config=VICRegConfig, recipe="byol")
 class VICReg(MethodHooks, nn.Module):
-    def __init__(self, cfg, total_steps: int):
+    def __init__(self, backbone: str | nn.Module = "resnet18", *, feat_dim: int | None = None,
+                 proj_hidden: int = 8192, proj_dim: int = 8192, sim_coeff: float = 25.0, std_coeff: float = 25.0,
+                 cov_coeff: float = 1.0, joint_bn: bool = False):
         super().__init__()
-        m = cfg.method
-        self.joint_bn = m.joint_bn
-        self.coeffs = (m.sim_coeff, m.std_coeff, m.cov_coeff)
-        self.backbone, self.feat_dim = create_backbone(cfg.model)
-        self.projector = mlp(self.feat_dim, m.proj_hidden, m.proj_dim, layers=3)
+        self.joint_bn = joint_bn
+        self.coeffs = (sim_coeff, std_coeff, cov_coeff)
+        self.backbone, self.feat_dim = resolve_backbone(backbone, feat_dim)
+        self.projector = ProjectionHead(self.feat_dim, proj_hidden, proj_dim, layers=3)
 
     def forward(self, views: list[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         b = views[0].shape[0]
