@@ -6,10 +6,12 @@ cached tensors, so the backbone never runs once per probe epoch.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
 import os
-import sys
+import time
 from pathlib import Path
 
 import torch
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 
 from fastssl.evaluation import extract_features, knn_scores, rankme
 
+log = logging.getLogger(__name__)
 
 FEATURES_META_KEY = "fastssl"
 
@@ -31,7 +34,7 @@ def cached_features(run_dir: str | Path, split: str, step: int, meta: dict, extr
     code. A file that fails to parse, has other meta, or has inconsistent shapes is
     re-extracted and overwritten. Caches of earlier versions (``.pt``, pickle) are ignored.
     """
-    path = Path(run_dir) / "features" / f"{split}_step{step}.safetensors"
+    path = feature_cache_path(run_dir, split, step)
     if path.is_file():
         got = _read_feature_cache(path, meta)
         if got is not None:
@@ -40,6 +43,11 @@ def cached_features(run_dir: str | Path, split: str, step: int, meta: dict, extr
     path.parent.mkdir(parents=True, exist_ok=True)
     write_feature_cache(path, feats, labels, meta)
     return feats, labels
+
+
+def feature_cache_path(run_dir: str | Path, split: str, step: int) -> Path:
+    """``RUN_DIR/features/<split>_step<step>.safetensors``: where :func:`cached_features` keeps a split's features."""
+    return Path(run_dir) / "features" / f"{split}_step{step}.safetensors"
 
 
 def write_feature_cache(path: str | Path, feats: torch.Tensor, labels: torch.Tensor, meta: dict) -> None:
@@ -65,8 +73,7 @@ def _read_feature_cache(path: Path, meta: dict) -> tuple[torch.Tensor, torch.Ten
                 return None
             feats, labels = f.get_tensor("feats"), f.get_tensor("labels")
     except (SafetensorError, OSError, ValueError) as e:  # ValueError covers JSONDecodeError
-        print(f"[fastssl] ignoring unreadable feature cache {path} ({type(e).__name__}: {e}); re-extracting",
-              file=sys.stderr)
+        log.warning("ignoring unreadable feature cache %s (%s: %s); re-extracting", path, type(e).__name__, e)
         return None
     if feats.ndim != 2 or labels.ndim != 1 or len(feats) != len(labels) or labels.is_floating_point():
         return None
@@ -105,8 +112,10 @@ def fit_linear_probe(train_x, train_y, val_x, val_y, num_classes: int, lrs=(0.3,
     """
     per_epoch = callable(train_x)
     features_for = train_x if per_epoch else (lambda epoch: train_x)
-    g = torch.Generator().manual_seed(seed)
-    train_x = features_for(0)
+    g = torch.Generator().manual_seed(seed)  # on the CPU: the same draws on every device
+    train_x = features_for(0).float()        # (N, F); bf16 banks (CUDA extraction) trained in fp32
+    dev = train_x.device                     # the probe runs where the features are
+    train_y, val_x, val_y = train_y.to(dev), val_x.to(dev).float(), val_y.to(dev)
     mu, sd = train_x.mean(0), train_x.std(0) + 1e-6
     tx, vx = (train_x - mu) / sd, (val_x - mu) / sd
     perm = torch.randperm(len(tx), generator=g)
@@ -114,18 +123,18 @@ def fit_linear_probe(train_x, train_y, val_x, val_y, num_classes: int, lrs=(0.3,
     hold, fit = perm[:n_hold], perm[n_hold:]
     grid = [(lr, wd) for lr in lrs for wd in wds]
     G, Fdim = len(grid), tx.shape[1]
-    W = torch.zeros(G, Fdim, num_classes, requires_grad=True)
-    b = torch.zeros(G, 1, num_classes, requires_grad=True)
-    lr_t = torch.tensor([lr for lr, _ in grid]).view(G, 1, 1)
-    wd_t = torch.tensor([wd for _, wd in grid]).view(G, 1, 1)
+    W = torch.zeros(G, Fdim, num_classes, device=dev, requires_grad=True)
+    b = torch.zeros(G, 1, num_classes, device=dev, requires_grad=True)
+    lr_t = torch.tensor([lr for lr, _ in grid], device=dev).view(G, 1, 1)
+    wd_t = torch.tensor([wd for _, wd in grid], device=dev).view(G, 1, 1)
     steps = epochs * math.ceil(len(fit) / batch_size)
     k = 0
     for epoch in range(epochs):
         if epoch and per_epoch:
-            tx = (features_for(epoch) - mu) / sd
+            tx = (features_for(epoch).to(dev).float() - mu) / sd
         order = fit[torch.randperm(len(fit), generator=g)]
         for s in range(0, len(order), batch_size):
-            idx = order[s:s + batch_size]
+            idx = order[s:s + batch_size].to(dev)
             logits = torch.einsum("nf,gfc->gnc", tx[idx], W) + b                  # (G, n, C)
             loss = F.cross_entropy(logits.reshape(-1, num_classes), train_y[idx].repeat(G), reduction="sum") / len(idx)
             gw, gb = torch.autograd.grad(loss, (W, b))
@@ -141,12 +150,14 @@ def fit_linear_probe(train_x, train_y, val_x, val_y, num_classes: int, lrs=(0.3,
         top = logits.topk(topk, dim=2).indices
         return 100.0 * (top == y.view(1, -1, 1)).any(2).float().mean(1)
 
+    hold = hold.to(dev)
     hold_acc = acc(tx[hold], train_y[hold], slice(None))
     best = int(hold_acc.argmax())
     return {
         "linear_top1": float(acc(vx, val_y, [best])[0]),
         "linear_top5": float(acc(vx, val_y, [best], topk=min(5, num_classes))[0]),
-        "protocol": {"grid": [{"lr": lr, "wd": wd} for lr, wd in grid], "chosen": {"lr": grid[best][0], "wd": grid[best][1]},
+        "protocol": {"name": "cached", "augmentation": "none: centre-crop features extracted once",
+                     "grid": [{"lr": lr, "wd": wd} for lr, wd in grid], "chosen": {"lr": grid[best][0], "wd": grid[best][1]},
                      "selection": f"held-out {n_hold} of the train split (seed {seed}); val never used for selection",
                      "epochs": epochs, "batch_size": batch_size, "optimizer": "SGD, cosine lr, features standardised",
                      "train_size": len(fit), "val_size": len(val_x),
@@ -163,43 +174,101 @@ def eval_loaders(cfg, device) -> dict:
                             backend=cfg.data.backend, workers=cfg.data.workers) for s in ("train", "val")}
 
 
-def feature_meta(cfg, split: str, step: int) -> dict:
-    """What a cached feature file depends on: a cache whose meta differs is re-extracted."""
-    return {"step": step, "split": split, "path": str(getattr(cfg.data, split)), "image_size": cfg.aug.global_size,
+def weights_fingerprint(method) -> str:
+    """A digest of the backbone's weights and buffers (shapes, dtypes, bytes): which checkpoint features came from.
+
+    Part of :func:`feature_meta`, so a cache written by another run that stopped at the same step
+    in the same directory is re-extracted rather than reused. The trainer and a checkpoint loaded
+    by ``fastssl-eval`` hold the same tensors, so both compute the same digest.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    for t in method.backbone.state_dict().values():
+        t = t.detach()
+        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def feature_meta(cfg, split: str, step: int, weights: str | None = None) -> dict:
+    """What a cached feature file depends on: a cache whose meta differs is re-extracted.
+
+    ``weights``: :func:`weights_fingerprint` of the model (omitted: the key is absent, as in
+    caches written before it existed).
+    """
+    meta = {"step": step, "split": split, "path": str(getattr(cfg.data, split)), "image_size": cfg.aug.global_size,
             "features": "backbone, global pooled"}
+    if weights is not None:
+        meta["weights"] = weights
+    return meta
+
+
+LINEAR_PROTOCOLS = ("cached", "simclr")
 
 
 def evaluate(cfg, method, step: int, run_dir: str | Path, knn: bool = True, linear: bool = True,
              rank: bool = True, alpha: bool = True, k: int | None = None, temperature: float | None = None,
-             device="cpu", loaders=None, progress: bool = True) -> dict:
+             device="cpu", loaders=None, progress: bool = True, linear_protocol: str = "cached",
+             linear_epochs: int | None = None, linear_batch_size: int | None = None) -> dict:
     """Evaluate ``method``'s frozen backbone; results (each with its protocol) also go to ``RUN_DIR/eval.json``.
 
-    ``progress``: report feature extraction (``fastssl.progress``; cached features need none)."""
+    ``progress``: report feature extraction (``fastssl.progress``; cached features need none).
+    ``linear_protocol``: ``"cached"`` (the quick probe: a grid of heads on cached centre-crop
+    features, :func:`fit_linear_probe`) or ``"simclr"`` (the papers' protocol: augmented images
+    through the frozen backbone every epoch, :func:`fastssl.evaluation.linear.linear_protocol`).
+    ``linear_epochs`` / ``linear_batch_size``: that protocol's (default: its own, 30 / 256 and 90 / 256).
+    Features (and the kNN) stay on ``device``; ``seconds`` gives what each part cost.
+    """
+    if linear_protocol not in LINEAR_PROTOCOLS:
+        raise ValueError(f"linear protocol {linear_protocol!r} is not one of {', '.join(LINEAR_PROTOCOLS)}")
+    t_all = time.perf_counter()
     loaders = loaders or eval_loaders(cfg, device)
     method.eval()
     size = cfg.aug.global_size
+    weights = weights_fingerprint(method)
     feats = {}
     for split, ld in loaders.items():
-        feats[split] = cached_features(run_dir, split, step, feature_meta(cfg, split, step),
+        feats[split] = cached_features(run_dir, split, step, feature_meta(cfg, split, step, weights),
                                        lambda ld=ld, split=split: extract_features(
                                            method.embed, ld, device,
                                            progress=f"features {split}" if progress else None))
     (tx, ty), (vx, vy) = feats["train"], feats["val"]
+    seconds = {"features": _synced(device) - t_all}
     num_classes = int(max(ty.max(), vy.max())) + 1
     k = k or cfg.eval.knn_k
     t = temperature or cfg.eval.knn_temperature
     out: dict = {"checkpoint_step": step, "image_size": size, "features": "backbone, global pooled, centre crop",
                  "train_size": len(tx), "val_size": len(vx)}
     if knn:
-        scores = knn_scores(tx, ty, vx, num_classes, k, t)
-        out["knn_top1"] = 100.0 * float((scores.argmax(1) == vy).float().mean())
+        t0 = time.perf_counter()
+        scores = knn_scores(tx, ty, vx, num_classes, k, t, device=device)
+        out["knn_top1"] = 100.0 * float((scores.argmax(1) == vy.to(scores.device)).float().mean())
         out["knn_protocol"] = {"k": k, "temperature": t, "similarity": "cosine, weighted votes exp(s/T)"}
+        seconds["knn"] = time.perf_counter() - t0
     if linear:
-        res = fit_linear_probe(tx, ty, vx, vy, num_classes)
-        out.update(linear_top1=res["linear_top1"], linear_top5=res["linear_top5"], linear_protocol=res["protocol"])
+        t0 = time.perf_counter()
+        if linear_protocol == "cached":
+            res = fit_linear_probe(tx.to(device), ty, vx, vy, num_classes, epochs=linear_epochs or 30,
+                                   batch_size=linear_batch_size or 256)
+            out.update(linear_top1=res["linear_top1"], linear_top5=res["linear_top5"], linear_protocol=res["protocol"])
+        else:
+            from fastssl.evaluation.linear import linear_protocol as run_protocol
+
+            res = run_protocol(cfg, method, device, num_classes, epochs=linear_epochs, batch_size=linear_batch_size,
+                               progress=progress)
+            out.update(res)
+        seconds["linear"] = _synced(device) - t0
     if rank:
         out["rankme"] = rankme(vx)
     if alpha:
         out["alpha_req"] = alpha_req(vx)
+    seconds["total"] = _synced(device) - t_all
+    out["seconds"] = seconds
     Path(run_dir, "eval.json").write_text(json.dumps(out, indent=2))
     return out
+
+
+def _synced(device) -> float:
+    """``time.perf_counter()`` once the device has finished its queued work (eval-time only)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

@@ -1,0 +1,123 @@
+"""Features extracted once per checkpoint (the trainer's evaluation fills fastssl-eval's cache), the cost
+returned, and every linear figure named by its protocol (the quick cached probe, SimCLR's linear evaluation)."""
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_overrides
+
+
+@pytest.fixture(scope="module")
+def trained(demo_data, tmp_path_factory):
+    """A 2-step tiny SimCLR run; its final evaluation passes the run directory and step as the trainer will."""
+    import fastssl.evaluation.online as online
+    from fastssl.train import main as train
+
+    out = tmp_path_factory.mktemp("reuse")
+    real, calls, results = online.evaluate_knn, [], []
+
+    def final_writes_the_cache(*a, **kw):
+        calls.append(1)
+        if len(calls) > 1:  # the first call evaluates the initial weights (step 0, no checkpoint)
+            kw.update(cache_dir=out / "t", step=2)
+        res = real(*a, **kw)
+        results.append(res)
+        return res
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(online, "evaluate_knn", final_writes_the_cache)
+    try:
+        rc = train(["--config", "configs/demo/simclr.yaml"]
+                   + tiny_overrides(demo_data, out, **{"train.max_steps": 2, "eval.final": True}))
+    finally:
+        mp.undo()
+    assert rc == 0 and len(calls) == 2
+    return out / "t", results[-1]
+
+
+def test_trainer_evaluation_reports_its_cost_and_writes_the_cache(trained):
+    run, res = trained
+    for key in ("eval_seconds", "eval_features_seconds", "eval_knn_seconds", "eval_cache_seconds"):
+        assert isinstance(res[key], float) and res[key] >= 0, key
+    assert res["eval_seconds"] >= res["eval_features_seconds"] + res["eval_knn_seconds"] - 1e-6
+    assert sorted(p.rsplit("/", 1)[1] for p in res["protocol"]["feature_cache"]) == ["train_step2.safetensors",
+                                                                                      "val_step2.safetensors"]
+    assert (run / "features" / "train_step2.safetensors").is_file()
+
+
+def test_fastssl_eval_after_training_extracts_nothing(trained, monkeypatch, capsys):
+    import fastssl.evaluation.offline as offline
+    from fastssl.cli import eval as eval_cli
+
+    run, res = trained
+
+    def no_extraction(*a, **kw):
+        raise AssertionError("fastssl-eval extracted features the trainer had cached")
+
+    monkeypatch.setattr(offline, "extract_features", no_extraction)
+    assert eval_cli.main([str(run), "--knn", "--device", "cpu", "--quiet"]) == 0
+    out = json.loads((run / "eval.json").read_text())
+    assert out["train_size"] == 200 and out["val_size"] == 100
+    # the same features, the same kNN: the trainer's figure is fastssl-eval's
+    assert out["knn_top1"] == pytest.approx(res["knn_top1"], abs=1e-9)
+    assert "knn_top1" in capsys.readouterr().out
+
+
+def test_a_cache_of_other_weights_is_not_reused(trained, tmp_path):
+    from fastssl import checkpoint
+    from fastssl.evaluation.offline import feature_meta, weights_fingerprint
+
+    run, _ = trained
+    cfg, method, step = checkpoint.load_for_eval(run, "cpu")
+    before = weights_fingerprint(method)
+    meta = feature_meta(cfg, "train", step, before)
+    with torch.no_grad():
+        next(method.backbone.parameters()).add_(1e-3)
+    assert feature_meta(cfg, "train", step, weights_fingerprint(method)) != meta
+
+
+def test_simclr_linear_protocol_one_epoch_names_its_protocol(trained, capsys):
+    from fastssl.cli import eval as eval_cli
+
+    run, _ = trained
+    assert eval_cli.main([str(run), "--linear-protocol", "simclr", "--linear-epochs", "1", "--linear-batch-size", "64",
+                          "--device", "cpu", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    out = json.loads((run / "eval.json").read_text())
+    p = out["linear_protocol"]
+    assert p["name"] == "simclr" and p["epochs"] == 1 and p["batch_size"] == 64
+    assert p["lr"] == pytest.approx(0.1 * 64 / 256) and p["steps"] == 4  # 200 images / 64 -> 4 batches
+    assert 0.0 <= out["linear_top1"] <= 100.0 and 0.0 <= out["linear_top5"] <= 100.0
+    assert out["linear_top5"] >= out["linear_top1"]
+    assert "linear protocol simclr" in printed and "knn_top1" not in printed
+
+
+def test_cached_linear_probe_names_its_protocol(trained, capsys):
+    from fastssl.cli import eval as eval_cli
+
+    run, _ = trained
+    assert eval_cli.main([str(run), "--linear", "--linear-epochs", "2", "--device", "cpu", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    out = json.loads((run / "eval.json").read_text())
+    assert out["linear_protocol"]["name"] == "cached" and out["linear_protocol"]["epochs"] == 2
+    assert 0.0 <= out["linear_top1"] <= 100.0
+    assert "linear protocol cached" in printed
+
+
+def test_bad_linear_options_fail_in_one_line(trained, capsys):
+    from fastssl.cli import eval as eval_cli
+
+    run, _ = trained
+    assert eval_cli.main([str(run), "--linear-protocol", "simclr", "--linear-epochs", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--linear-epochs must be at least 1" in err[0]
+
+
+def test_simclr_view_is_crop_and_flip_only():
+    from fastssl.evaluation.linear import SIMCLR_LINEAR, train_view
+
+    v = train_view(32)
+    assert (v.size, v.scale_min, v.scale_max, v.flip_p) == (32, 0.08, 1.0, 0.5)
+    assert v.jitter_p == v.gray_p == v.blur_p == v.solarize_p == 0.0
+    assert SIMCLR_LINEAR["epochs"] == 90 and SIMCLR_LINEAR["nesterov"] and SIMCLR_LINEAR["weight_decay"] == 0.0
