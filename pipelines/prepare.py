@@ -22,16 +22,21 @@ run with the same parameters reuses the file.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import json
+import logging
 import os
-import sys
+import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 # The PIL format each extension names (PIL's own Image.EXTENSION table); only that decoder opens the file.
@@ -47,8 +52,35 @@ FFCV_INSTALL = ("ffcv is not installed: apt-get install -y pkg-config libturbojp
                 "pip install 'fastssl[ffcv]'")
 
 
+# Exit status of ``fastssl-prepare`` when the output's disk fills (2 is any other bad input).
+DISK_FULL_EXIT = 4
+
+
 class PrepareError(Exception):
     """Bad input for ``fastssl-prepare`` (empty or missing source, bad option): the message says what to do."""
+
+
+class DiskFull(PrepareError):
+    """The output's file system ran out of space; the partial output is removed."""
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """An encoded image held in memory (a parquet cell, a tar member).
+
+    ``name`` carries the extension that picks the decoder (as a file's name does) and
+    names the image in messages.
+    """
+    name: str
+    data: bytes = field(repr=False)
+
+
+def default_workers() -> int:
+    """The cores this process may run on (its CPU affinity where the OS has one, else all of them)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 class UnsafeImage(ValueError):
@@ -150,44 +182,73 @@ def list_images(src: str | os.PathLike) -> tuple[list[tuple[str, int]], list[str
     return items, classes, skipped
 
 
-def output_size(w: int, h: int, max_resolution: int | None) -> tuple[int, int]:
-    """``(w, h)`` after capping the longest side at ``max_resolution``: ffcv's ``resizer`` arithmetic (truncation)."""
-    if not max_resolution:
-        return w, h
-    ratio = max_resolution / max(w, h)
+def scale_ratio(w: int, h: int, max_resolution: int | None, short_side: int | None = None) -> float:
+    """The factor (<= 1) that brings ``(w, h)`` within both caps: longest side <= ``max_resolution``, shortest
+    side <= ``short_side``. Images already within them keep their size (never upscaled)."""
+    ratio = 1.0
+    if max_resolution:
+        ratio = min(ratio, max_resolution / max(w, h))
+    if short_side:
+        ratio = min(ratio, short_side / min(w, h))
+    return ratio
+
+
+def output_size(w: int, h: int, max_resolution: int | None, short_side: int | None = None) -> tuple[int, int]:
+    """``(w, h)`` after :func:`scale_ratio`: ffcv's ``resizer`` arithmetic (truncation) for the longest-side cap.
+
+    Under the short-side cap the short side is exactly ``short_side`` (a truncated
+    ``255.99`` would leave 255 px, below a 256 px center crop's source size).
+    """
+    ratio = scale_ratio(w, h, max_resolution, short_side)
     if ratio >= 1:
         return w, h
+    if short_side and ratio == short_side / min(w, h):
+        return (short_side, max(1, int(ratio * h))) if w <= h else (max(1, int(ratio * w)), short_side)
     return int(ratio * w), int(ratio * h)
 
 
-def open_image(path: str, max_aspect_ratio: float = MAX_ASPECT_RATIO):
+def open_image(src: str | os.PathLike | Encoded, max_aspect_ratio: float = MAX_ASPECT_RATIO):
     """``PIL.Image.open`` with the checks that need only the header; raises :class:`UnsafeImage`.
 
-    Only the decoder of the format the extension names is tried (``formats=``). A file
-    it does not recognise is named with the format it really holds, if PIL knows it.
+    ``src`` is a file or an :class:`Encoded` image (its ``name`` plays the file name's part).
+    Only the decoder of the format the extension names is tried (``formats=``); without a
+    known extension, only the formats of ``EXT_FORMATS``. A file it does not recognise is
+    named with the format it really holds, if PIL knows it.
     Refused too: more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` (PIL itself only warns
     up to twice that), and a longest/shortest side ratio above ``max_aspect_ratio``.
     """
     from PIL import Image, UnidentifiedImageError
 
-    ext = Path(path).suffix.lower()
+    encoded = isinstance(src, Encoded)
+    name = src.name if encoded else str(src)
+
+    def fp():
+        return io.BytesIO(src.data) if encoded else src
+
+    ext = Path(name).suffix.lower()
     fmt = EXT_FORMATS.get(ext)
     try:
-        im = Image.open(path, formats=[fmt] if fmt else sorted(set(EXT_FORMATS.values())))
+        im = Image.open(fp(), formats=[fmt] if fmt else sorted(set(EXT_FORMATS.values())))
     except Image.DecompressionBombError as e:
         raise UnsafeImage(f"decompression bomb: {e}") from None
     except UnidentifiedImageError:
         real = None
-        try:
-            with Image.open(path) as other:  # header only: names what the file really is
-                real = other.format
-        except Exception:
-            pass
+        if fmt:
+            try:
+                with Image.open(fp()) as other:  # header only: names what the file really is
+                    real = other.format
+            except Exception:
+                pass
         if real:
             raise UnsafeImage(f"not a {fmt}: its content is {real}, not the {fmt} its name ({ext}) claims") from None
-        with open(path, "rb") as f:
-            head = f.read(8)
-        raise UnsafeImage(f"cannot decode: not a {fmt} file although named {ext} (starts with {head!r})") from None
+        if encoded:
+            head = src.data[:8]
+        else:
+            with open(src, "rb") as f:
+                head = f.read(8)
+        what = f"not a {fmt} file although named {ext}" if fmt else \
+            f"not a {'/'.join(sorted(set(EXT_FORMATS.values())))} image"
+        raise UnsafeImage(f"cannot decode: {what} (starts with {head!r})") from None
     try:
         w, h = im.size
         limit = Image.MAX_IMAGE_PIXELS
@@ -202,8 +263,10 @@ def open_image(path: str, max_aspect_ratio: float = MAX_ASPECT_RATIO):
     return im
 
 
-def load_rgb(path: str, max_resolution: int | None = None, max_aspect_ratio: float = MAX_ASPECT_RATIO) -> np.ndarray:
-    """Decode ``path`` to (H, W, 3) uint8 RGB, whatever its mode; longest side capped at ``max_resolution``.
+def load_rgb(path: str | os.PathLike | Encoded, max_resolution: int | None = None,
+             max_aspect_ratio: float = MAX_ASPECT_RATIO, short_side: int | None = None) -> np.ndarray:
+    """Decode ``path`` (a file or an :class:`Encoded` image) to (H, W, 3) uint8 RGB, whatever its mode;
+    longest side capped at ``max_resolution``, shortest at ``short_side`` (:func:`scale_ratio`).
 
     Alpha is composited on white (the transparent pixels' stored colours are
     arbitrary); 16-bit and 32-bit integer images are scaled to 8 bits (PIL's own
@@ -229,11 +292,11 @@ def load_rgb(path: str, max_resolution: int | None = None, max_aspect_ratio: flo
         # open_image has applied the pixel limit; the warning PIL repeats at load adds nothing.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         w0, h0 = im.size  # as stored, or as displayed where PIL applies the orientation itself (TIFF)
-        out_w, out_h = output_size(w0, h0, max_resolution)
+        out_w, out_h = output_size(w0, h0, max_resolution, short_side)
         if min(out_w, out_h) < 1:
             raise UnsafeImage(f"aspect ratio {w0}x{h0} leaves a side of 0 px at --max-resolution {max_resolution}")
         if (out_w, out_h) != (w0, h0) and im.format in ("JPEG", "MPO"):
-            r = 2 * max_resolution / max(w0, h0)
+            r = 2 * scale_ratio(w0, h0, max_resolution, short_side)
             im.draft(None, (int(np.ceil(w0 * r)), int(np.ceil(h0 * r))))
         im.load()
         # The orientation left to apply, read after loading: PIL's TIFF loader applies it itself and
@@ -281,11 +344,23 @@ def _orientation(im) -> int:
         return 1
 
 
-def _validate_one(path: str, max_resolution: int | None = None,
-                  max_aspect_ratio: float = MAX_ASPECT_RATIO) -> tuple[str, str | None, tuple[int, int]]:
+def decode(item, max_resolution: int | None = None, max_aspect_ratio: float = MAX_ASPECT_RATIO,
+           short_side: int | None = None) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of a source item: a file or :class:`Encoded` image (:func:`load_rgb`), or pixels
+    already decoded (CIFAR, STL-10), resized with the same caps and filter."""
+    if isinstance(item, np.ndarray):
+        h, w = item.shape[:2]
+        if min(w, h) < 1 or max(w, h) > max_aspect_ratio * min(w, h):
+            raise UnsafeImage(f"aspect ratio {w}x{h} is beyond {max_aspect_ratio:g}:1")
+        return np.ascontiguousarray(_area_resize(item, *output_size(w, h, max_resolution, short_side)), np.uint8)
+    return load_rgb(item, max_resolution, max_aspect_ratio, short_side)
+
+
+def _validate_one(path, max_resolution: int | None = None, max_aspect_ratio: float = MAX_ASPECT_RATIO,
+                  short_side: int | None = None) -> tuple[str, str | None, tuple[int, int]]:
     """(path, None, (h, w)) if the image decodes to RGB, else (path, reason, (0, 0)); (h, w) after the resize.
 
-    Decoded at ``max_resolution`` as the writer will, so validation needs no more
+    Decoded at the output size as the writer will, so validation needs no more
     memory than writing.
     """
     import warnings
@@ -293,7 +368,7 @@ def _validate_one(path: str, max_resolution: int | None = None,
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            a = load_rgb(path, max_resolution, max_aspect_ratio)
+            a = decode(path, max_resolution, max_aspect_ratio, short_side)
         if a.ndim != 3 or a.shape[2] != 3 or a.shape[0] < 1 or a.shape[1] < 1:
             return path, f"decoded to an unusable shape {a.shape}", (0, 0)
         if a.shape[0] > 65535 or a.shape[1] > 65535:
@@ -306,27 +381,50 @@ def _validate_one(path: str, max_resolution: int | None = None,
         return path, f"cannot decode: {type(e).__name__}: {msg}"[:300], (0, 0)
 
 
-def validate(paths: list[str], workers: int, progress: bool = True, max_resolution: int | None = None,
-             max_aspect_ratio: float = MAX_ASPECT_RATIO) -> list[tuple[str, str | None, tuple[int, int]]]:
-    """Decode every image once, in ``workers`` processes; one ``(path, reason or None, (h, w))`` per path, in order."""
-    import functools
+# What a validation pool's workers need, set before the pool forks so that they inherit it: the
+# tasks are then plain indices (a source's listing can hold a million items; no pickling per task).
+_JOB: tuple | None = None
 
+
+def _validate_index(i: int):
+    fetch, refs, kw = _JOB
+    ref = refs[i]
+    try:
+        item = fetch(ref)
+    except Exception as e:  # the container's read failed (a truncated shard, a vanished file)
+        return ref, f"cannot read: {type(e).__name__}: {e}"[:300], (0, 0)
+    return (ref,) + _validate_one(item, **kw)[1:]
+
+
+def validate(paths: list, workers: int, progress: bool = True, max_resolution: int | None = None,
+             max_aspect_ratio: float = MAX_ASPECT_RATIO, short_side: int | None = None,
+             fetch=None) -> list[tuple[object, str | None, tuple[int, int]]]:
+    """Decode every image once, in ``workers`` processes; one ``(path, reason or None, (h, w))`` per path, in order.
+
+    ``fetch(ref)``: turns each element of ``paths`` into a file, an :class:`Encoded` image or
+    pixels (a source's reader); by default the elements are file paths.
+    """
+    global _JOB
     from fastssl.progress import progress as progress_bar
 
-    one = functools.partial(_validate_one, max_resolution=max_resolution, max_aspect_ratio=max_aspect_ratio)
+    kw = {"max_resolution": max_resolution, "max_aspect_ratio": max_aspect_ratio, "short_side": short_side}
     bar = progress_bar(len(paths), "validate", "img", enabled=progress)
     out = []
-    if workers <= 1 or len(paths) < 64:
-        for p in paths:
-            out.append(one(p))
-            bar.update(1)
-    else:
+    saved, _JOB = _JOB, (fetch or (lambda p: p), paths, kw)
+    try:
         import multiprocessing as mp
 
-        with mp.get_context("fork" if sys.platform != "win32" else "spawn").Pool(workers) as pool:
-            for r in pool.imap(one, paths, chunksize=16):
-                out.append(r)
+        if workers <= 1 or len(paths) < 64 or "fork" not in mp.get_all_start_methods():
+            for i in range(len(paths)):
+                out.append(_validate_index(i))
                 bar.update(1)
+        else:
+            with mp.get_context("fork").Pool(workers) as pool:
+                for r in pool.imap(_validate_index, range(len(paths)), chunksize=16):
+                    out.append(r)
+                    bar.update(1)
+    finally:
+        _JOB = saved
     bar.close()
     return out
 
@@ -340,8 +438,9 @@ class WriteSettings:
     max_resolution: int | None = None  # longest side cap (ffcv's convention), None = keep
     jpeg_quality: int = 90
     smart_threshold: int = 256 * 256 * 3
-    workers: int = 2
+    workers: int = field(default_factory=default_workers)  # processes for validation and writing
     max_aspect_ratio: float = MAX_ASPECT_RATIO  # longest/shortest side above this: skipped
+    short_side: int | None = None      # shortest side cap (torchvision's Resize(256) convention), None = keep
 
     def check(self) -> None:
         if self.write_mode not in ("jpg", "raw", "smart"):
@@ -350,13 +449,20 @@ class WriteSettings:
             raise PrepareError(f"--jpeg-quality must be in 1..100, got {self.jpeg_quality}")
         if self.max_resolution is not None and self.max_resolution < 8:
             raise PrepareError(f"--max-resolution must be >= 8 px (or omitted), got {self.max_resolution}")
+        if self.short_side is not None and self.short_side < 8:
+            raise PrepareError(f"--short-side must be >= 8 px (or omitted), got {self.short_side}")
+        if self.workers < 1:
+            raise PrepareError(f"--workers must be >= 1, got {self.workers}")
         if not self.max_aspect_ratio >= 1:
             raise PrepareError(f"--max-aspect-ratio must be >= 1, got {self.max_aspect_ratio}")
 
     def params(self) -> dict:
-        return {"write_mode": self.write_mode, "max_resolution": self.max_resolution,
-                "jpeg_quality": self.jpeg_quality,
-                "smart_threshold": self.smart_threshold if self.write_mode == "smart" else None}
+        p = {"write_mode": self.write_mode, "max_resolution": self.max_resolution,
+             "jpeg_quality": self.jpeg_quality,
+             "smart_threshold": self.smart_threshold if self.write_mode == "smart" else None}
+        if self.short_side:  # only when set: outputs written before the option existed stay up to date
+            p["short_side"] = self.short_side
+        return p
 
     def field(self):
         from ffcv.fields import RGBImageField
@@ -398,43 +504,49 @@ def estimate_size(load, n: int, s: WriteSettings, page_size: int = 2 ** 21, samp
     return int(per_image * n + (max(1, s.workers) + 1) * page_size), len(sizes)
 
 
-class _FolderDataset:
-    """Indexable ``(rgb uint8, label)`` over validated files, for ffcv's writer processes.
+class _SourceDataset:
+    """Indexable ``(rgb uint8, label)`` over validated items of a source, for ffcv's writer processes.
 
     A decode failure here (a file changed after validation) must not hang ffcv's
     writer: the index is recorded in ``fail_dir`` and a grey image is written;
     the caller then aborts the whole output.
     """
 
-    def __init__(self, items: list[tuple[str, int]], fail_dir: str, settings: WriteSettings | None = None):
-        self.items, self.fail_dir = items, fail_dir
-        self.s = settings or WriteSettings()
+    def __init__(self, items: list[tuple[object, int]], fail_dir: str, settings: WriteSettings, fetch=None,
+                 name=str):
+        self.items, self.fail_dir, self.s = items, fail_dir, settings
+        self.fetch, self.name = fetch or (lambda p: p), name
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int):
-        path, label = self.items[i]
+        ref, label = self.items[i]
         try:
             # Resized here as in validation (the field's own resize is then a no-op): bounded memory.
-            return load_rgb(path, self.s.max_resolution, self.s.max_aspect_ratio), label
+            return decode(self.fetch(ref), self.s.max_resolution, self.s.max_aspect_ratio, self.s.short_side), label
         except Exception as e:
-            Path(self.fail_dir, f"{i}").write_text(f"{path}: {type(e).__name__}: {e}")
+            Path(self.fail_dir, f"{i}").write_text(f"{self.name(ref)}: {type(e).__name__}: {e}")
             return np.full((8, 8, 3), 128, np.uint8), label
 
 
 class _ArrayDataset:
-    """Indexable ``(rgb uint8, label)`` view of a ``SyntheticImages``-like dataset."""
+    """Indexable ``(rgb uint8, label)`` view of a ``SyntheticImages``-like dataset.
 
-    def __init__(self, ds):
-        self.ds = ds
+    Resized here only under a short-side cap (ffcv's field applies the longest-side one itself)."""
+
+    def __init__(self, ds, short_side: int | None = None, max_resolution: int | None = None):
+        self.ds, self.short_side, self.max_resolution = ds, short_side, max_resolution
 
     def __len__(self) -> int:
         return len(self.ds)
 
     def __getitem__(self, i: int):
         img, label = self.ds[i]
-        return np.ascontiguousarray(img, dtype=np.uint8), int(label)
+        img = np.ascontiguousarray(img, dtype=np.uint8)
+        if self.short_side:
+            img = decode(img, self.max_resolution, float("inf"), self.short_side)
+        return img, int(label)
 
 
 def _atomic_json(path: Path, obj: dict) -> None:
@@ -443,12 +555,123 @@ def _atomic_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def _write_beton(dataset, out: Path, s: WriteSettings, page_size: int, quiet: bool = False) -> None:
+_SPACE_ERRNOS = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def _disk_full(out: Path, needed: int | None) -> DiskFull:
+    try:
+        free = f", {_fmt_bytes(shutil.disk_usage(out.parent).free)} free"
+    except OSError:
+        free = ""
+    need = f"about {_fmt_bytes(needed)} needed" if needed else "more space needed"
+    return DiskFull(f"no space left on the disk of {out} ({need}{free}); the partial file was removed: free space "
+                    f"there or give an OUT on a disk with more room (exit status {DISK_FULL_EXIT})")
+
+
+class _WriterDied(Exception):
+    pass
+
+
+@dataclass
+class _WriterWatch:
+    """Watches ffcv's writer processes: ffcv waits forever on one that died (its main loop counts finished
+    samples, and the other writers wait for the dead one's page), e.g. on a full disk.
+
+    Inside the block, the writer's processes are recorded and their worker job reports its
+    exception (errno and text, in shared memory: the disk may be full); when one exits with an
+    error, a thread stops the others and raises :class:`_WriterDied` in the main thread (through a
+    SIGINT to it, which also ends a blocking wait; a SIGINT of the user's stays a
+    KeyboardInterrupt). Off the main thread nothing is watched (ffcv's own behaviour).
+    """
+    procs: list = field(default_factory=list)
+    errno: object = None
+    error: object = None
+
+    def __enter__(self):
+        import multiprocessing as mp
+        import signal
+        import threading
+
+        import ffcv.writer as fw
+
+        self.errno, self.error = mp.Value("i", 0), mp.Array("c", 400)
+        self.saved = {k: getattr(fw, k) for k in ("Process", "worker_job_indexed_dataset")}
+        procs, err_no, err_text, real_job = self.procs, self.errno, self.error, self.saved["worker_job_indexed_dataset"]
+
+        class Recorded(self.saved["Process"]):
+            def __init__(self, *a, **kw):
+                super().__init__(*a, **kw)
+                procs.append(self)
+
+        def job(*args):
+            try:
+                real_job(*args)
+            except BaseException as e:
+                err_no.value = int(getattr(e, "errno", 0) or 0)
+                err_text.value = f"{type(e).__name__}: {e}".encode(errors="replace")[:399]
+                raise
+
+        fw.Process, fw.worker_job_indexed_dataset = Recorded, job
+        self.failed, self.stop = threading.Event(), threading.Event()
+        self.handler = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.getsignal(signal.SIGINT)
+
+            def on_sigint(signum, frame):
+                if self.failed.is_set():
+                    raise _WriterDied()
+                if callable(previous):
+                    return previous(signum, frame)
+                raise KeyboardInterrupt
+
+            self.handler = (signal.signal(signal.SIGINT, on_sigint), threading.main_thread().ident)
+            self.thread = threading.Thread(target=self._watch, name="ffcv-writer-watch", daemon=True)
+            self.thread.start()
+        return self
+
+    def _watch(self) -> None:
+        import signal
+
+        while not self.stop.wait(0.1):
+            if any(p.exitcode not in (None, 0) for p in list(self.procs)):
+                self.failed.set()
+                self.kill()
+                signal.pthread_kill(self.handler[1], signal.SIGINT)
+                return
+
+    def kill(self) -> None:
+        for p in list(self.procs):
+            if p.exitcode is None:
+                p.terminate()
+        for p in list(self.procs):
+            p.join(5)
+
+    def __exit__(self, *exc):
+        import signal
+
+        import ffcv.writer as fw
+
+        self.stop.set()
+        if self.handler:
+            self.thread.join()
+            signal.signal(signal.SIGINT, self.handler[0])
+        for k, v in self.saved.items():
+            setattr(fw, k, v)
+        return False
+
+    def reason(self) -> tuple[int, str]:
+        return self.errno.value, self.error.value.decode(errors="replace") or "a writer process died"
+
+
+def _write_beton(dataset, out: Path, s: WriteSettings, page_size: int, quiet: bool = False,
+                 needed: int | None = None) -> None:
     """ffcv ``DatasetWriter`` into ``out`` through a temporary file in the same folder, then rename.
 
     ffcv's writer draws its own tqdm bar (no label, on stderr, even when quiet, ``\r``-joined in a
     log); it gets fastssl's reporter instead (``fastssl.progress``: a bar on a terminal, lines
-    otherwise, nothing with ``quiet``)."""
+    otherwise, nothing with ``quiet``). A full disk (``ENOSPC``, ``EDQUOT``), in this process or in
+    a writer process, raises :class:`DiskFull` naming the space ``needed`` (the estimate); any other
+    writer process failure a :class:`PrepareError`. The partial file is removed in every case."""
     from ffcv.fields import IntField
     from ffcv.writer import DatasetWriter
 
@@ -458,16 +681,33 @@ def _write_beton(dataset, out: Path, s: WriteSettings, page_size: int, quiet: bo
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".partial", dir=out.parent)
     os.close(fd)
+    writer = None
     try:
         writer = DatasetWriter(tmp, {"image": s.field(), "label": IntField()}, num_workers=max(1, s.workers),
                                page_size=page_size)
-        with writer_progress(lambda total: progress(total, f"write {out.name}", "img", enabled=not quiet)):
-            writer.from_indexed_dataset(dataset,
-                                        chunksize=max(1, min(100, len(dataset) // (4 * max(1, s.workers)) or 1)))
+        with _WriterWatch() as watch, \
+                writer_progress(lambda total: progress(total, f"write {out.name}", "img", enabled=not quiet)):
+            try:
+                writer.from_indexed_dataset(dataset,
+                                            chunksize=max(1, min(100, len(dataset) // (4 * max(1, s.workers)) or 1)))
+            except _WriterDied:
+                sm = getattr(writer, "metadata_sm", None)
+                if sm is not None and not isinstance(sm, int):  # ffcv's shared memory outlives its processes
+                    sm.close()
+                    sm.unlink()
+                code, text = watch.reason()
+                if code in _SPACE_ERRNOS:
+                    raise _disk_full(out, needed) from None
+                raise PrepareError(f"ffcv's writer failed writing {out} ({text}); the partial file was removed")
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it 0600
         os.replace(tmp, out)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if e.errno in _SPACE_ERRNOS:
+            raise _disk_full(out, needed) from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -489,9 +729,27 @@ def _fmt_bytes(n: float) -> str:
     return str(n)
 
 
-def _log(msg: str, quiet: bool) -> None:
+def _log(msg: str, quiet: bool, level: int = logging.INFO) -> None:
     if not quiet:
-        print(msg, flush=True)
+        log.log(level, msg)
+
+
+def check_output(out: str | os.PathLike) -> Path:
+    """``out`` as a Path once its folder exists and takes a new file; else a one-line :class:`PrepareError`."""
+    out = Path(out)
+    if out.is_dir():
+        raise PrepareError(f"output {out} is a folder: give a file name, e.g. {out / 'train.beton'}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=out.name + ".", suffix=".probe", dir=out.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        if e.errno in _SPACE_ERRNOS:
+            raise _disk_full(out, None) from None
+        raise PrepareError(f"cannot write {out}: {e.strerror or e} in {out.parent}: give an OUT in a folder you "
+                           f"can write, or fix that folder's permissions") from None
+    return out
 
 
 def prepare_folder(src: str | os.PathLike, out: str | os.PathLike, settings: WriteSettings | None = None,
@@ -502,52 +760,67 @@ def prepare_folder(src: str | os.PathLike, out: str | os.PathLike, settings: Wri
     ``classes`` (names or None), ``class_counts``, ``reused`` (True when an
     up-to-date output was kept), ``params``.
     """
+    from fastssl.pipelines.sources import FolderSource
+
     s = settings or WriteSettings()
     s.check()
     _require_ffcv()
-    out = Path(out)
-    items, classes, skipped = list_images(src)
-    # The parameters that define the output: settings + the exact source listing (names, sizes, mtimes).
-    h = hashlib.sha1()
-    for p, label in items:
-        st = os.stat(p)
-        h.update(f"{p}\0{label}\0{st.st_size}\0{int(st.st_mtime_ns)}\n".encode())
+    out = check_output(out)
+    return prepare_source(FolderSource(src), out, s, force=force, quiet=quiet)
+
+
+def prepare_source(source, out: str | os.PathLike, settings: WriteSettings | None = None, force: bool = False,
+                   quiet: bool = False) -> dict:
+    """Write a listed source (``fastssl.pipelines.sources``: a folder, shards, a list file, CIFAR/STL-10
+    binaries) to ``out``; every bad image is skipped and named. Returns the summary (also in the sidecar)."""
+    s = settings or WriteSettings()
+    s.check()
+    _require_ffcv()
+    out = check_output(out)
+    items, classes, skipped = source.items, source.classes, list(source.skipped)
     from PIL import Image
 
-    params = {"version": FORMAT_VERSION, "source": str(Path(src).resolve()), "listing_sha1": h.hexdigest(),
-              **s.params(), "max_aspect_ratio": s.max_aspect_ratio, "max_image_pixels": Image.MAX_IMAGE_PIXELS}
+    # The parameters that define the output: settings + the exact source listing (names, sizes, mtimes).
+    params = {"version": FORMAT_VERSION, "source": source.identity, "listing_sha1": source.fingerprint(),
+              **source.extra_params(), **s.params(), "max_aspect_ratio": s.max_aspect_ratio,
+              "max_image_pixels": Image.MAX_IMAGE_PIXELS}
     if not force and (meta := _up_to_date(out, params)):
         _log(f"{out}: up to date ({meta['written']} images, {_fmt_bytes(meta['bytes'])}); reusing it "
              f"(--force rewrites)", quiet)
         return {**meta, "reused": True}
 
     t0 = time.perf_counter()
-    _log(f"{src}: {len(items)} image files" + (f" in {len(classes)} classes" if classes else " (flat folder, label -1)")
-         + f"; validating with {s.workers} workers", quiet)
-    checked = validate([p for p, _ in items], s.workers, progress=not quiet, max_resolution=s.max_resolution,
-                       max_aspect_ratio=s.max_aspect_ratio)
-    good = [(p, label) for (p, label), (_, why, _) in zip(items, checked) if why is None]
-    skipped += [(p, why) for p, why, _ in checked if why is not None]
+    _log(f"{source.describe()}; validating with {s.workers} workers", quiet)
+    checked = validate([ref for ref, _ in items], s.workers, progress=not quiet, max_resolution=s.max_resolution,
+                       max_aspect_ratio=s.max_aspect_ratio, short_side=s.short_side, fetch=source.fetch)
+    good = [(ref, label) for (ref, label), (_, why, _) in zip(items, checked) if why is None]
+    skipped += [(source.name(ref), why) for ref, why, _ in checked if why is not None]
     if not good:
-        raise PrepareError(f"no decodable image in {src} ({len(skipped)} skipped): first reasons: "
-                           + "; ".join(f"{Path(p).name}: {r}" for p, r in skipped[:3]))
+        raise PrepareError(f"no decodable image in {source.identity} ({len(skipped)} skipped): first reasons: "
+                           + "; ".join(f"{p}: {r}" for p, r in skipped[:3]))
     for p, why in skipped:
-        _log(f"  skipped {p}: {why}", quiet)
+        _log(f"skipped {p}: {why}", quiet, logging.WARNING)
 
     page = page_size_for(max(h * w for _, why, (h, w) in checked if why is None), s)
-    est, k = estimate_size(lambda i: load_rgb(good[i][0], s.max_resolution, s.max_aspect_ratio), len(good), s, page)
+    est, k = estimate_size(lambda i: decode(source.fetch(good[i][0]), s.max_resolution, s.max_aspect_ratio,
+                                            s.short_side), len(good), s, page)
+    caps = ", ".join(f"{k_}={v}" for k_, v in (("max_resolution", s.max_resolution), ("short_side", s.short_side)))
     _log(f"estimated output size: {_fmt_bytes(est)} ({len(good)} images; from {k} sampled images encoded with "
-         f"write_mode={s.write_mode}, quality={s.jpeg_quality}, max_resolution={s.max_resolution})", quiet)
+         f"write_mode={s.write_mode}, quality={s.jpeg_quality}, {caps})", quiet)
+    free = shutil.disk_usage(out.parent).free
+    if free < est:  # found now, not hours into the writing
+        raise _disk_full(out, est)
 
     with tempfile.TemporaryDirectory() as fail_dir:
-        _write_beton(_FolderDataset(good, fail_dir, s), out, s, page, quiet)
+        _write_beton(_SourceDataset(good, fail_dir, s, source.fetch, source.name), out, s, page, quiet, needed=est)
         failed = sorted(Path(fail_dir).iterdir())
         if failed:
             out.unlink(missing_ok=True)
             raise PrepareError(f"{len(failed)} images failed to decode while writing (changed after validation?): "
                                + "; ".join(f.read_text() for f in failed[:3]) + f"; {out} was not written")
 
-    counts = np.bincount([label for _, label in good], minlength=len(classes)).tolist() if classes else None
+    labels = np.asarray([label for _, label in good], np.int64)
+    counts = np.bincount(labels[labels >= 0], minlength=len(classes)).tolist() if classes else None
     summary = {"complete": True, "params": params, "written": len(good),
                "skipped": [{"path": p, "reason": r} for p, r in skipped], "bytes": out.stat().st_size,
                "estimated_bytes": est, "classes": classes, "class_counts": counts,
@@ -555,7 +828,7 @@ def prepare_folder(src: str | os.PathLike, out: str | os.PathLike, settings: Wri
     _atomic_json(meta_path(out), summary)
     _log(f"wrote {out}: {len(good)} images, {len(skipped)} skipped, {_fmt_bytes(summary['bytes'])}"
          f" (estimated {_fmt_bytes(est)})" + (f", {len(classes)} classes" if classes else ", unlabelled")
-         + f", {summary['seconds']} s", quiet)
+         + f", {summary['seconds']} s ({len(good) / max(summary['seconds'], 1e-9):.0f} img/s)", quiet)
     return {**summary, "reused": False}
 
 
@@ -565,18 +838,19 @@ def prepare_dataset(ds, out: str | os.PathLike, params: dict, classes: list[str]
     s = settings or WriteSettings()
     s.check()
     _require_ffcv()
-    out = Path(out)
+    out = check_output(out)
     params = {"version": FORMAT_VERSION, **params, **s.params()}
     if not force and (meta := _up_to_date(out, params)):
         _log(f"{out}: up to date ({meta['written']} images); reusing it", quiet)
         return {**meta, "reused": True}
     t0 = time.perf_counter()
-    data = _ArrayDataset(ds)
+    data = _ArrayDataset(ds, s.short_side, s.max_resolution)
     h, w = data[0][0].shape[:2]
     page = page_size_for(h * w, s)
-    est, k = estimate_size(lambda i: _resized(data[i][0], s.max_resolution), len(data), s, page)
+    est, k = estimate_size(lambda i: decode(data[i][0], s.max_resolution, float("inf"), s.short_side), len(data),
+                           s, page)
     _log(f"estimated output size: {_fmt_bytes(est)} ({len(data)} images, from {k} sampled)", quiet)
-    _write_beton(data, out, s, page, quiet)
+    _write_beton(data, out, s, page, quiet, needed=est)
     counts = None
     if classes and getattr(ds, "num_classes", None) == len(classes):  # SyntheticImages: label = i % num_classes
         counts = np.bincount(np.arange(len(ds)) % len(classes), minlength=len(classes)).tolist()
@@ -587,14 +861,6 @@ def prepare_dataset(ds, out: str | os.PathLike, params: dict, classes: list[str]
     _log(f"wrote {out}: {len(data)} images, {_fmt_bytes(summary['bytes'])}"
          + (f", {len(classes)} classes" if classes else ""), quiet)
     return {**summary, "reused": False}
-
-
-def _resized(img: np.ndarray, max_resolution: int | None) -> np.ndarray:
-    if not max_resolution:
-        return img
-    from ffcv.fields.rgb_image import resizer
-
-    return resizer(img, max_resolution)
 
 
 def prepare_synthetic(out_dir: str | os.PathLike, classes: int = 10, per_class: int = 200, val_per_class: int = 50,
@@ -624,8 +890,6 @@ def prepare_synthetic(out_dir: str | os.PathLike, classes: int = 10, per_class: 
                 write_jpeg_folder(ds, tmp, quality=s.jpeg_quality)
                 (tmp / ".fastssl-params.json").write_text(want)
                 if folder.exists():
-                    import shutil
-
                     shutil.rmtree(folder)
                 os.replace(tmp, folder)
                 _log(f"wrote {folder}/ ({len(ds)} JPEGs)", quiet)

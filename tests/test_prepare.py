@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -65,11 +66,12 @@ def photo_folder(tmp_path_factory):
     return root, expected
 
 
-def test_round_trip_real_photos(photo_folder, tmp_path, capsys):
+def test_round_trip_real_photos(photo_folder, tmp_path, caplog):
     root, expected = photo_folder
     out = tmp_path / "photos.beton"
-    summary = prepare_folder(root, out, WriteSettings(jpeg_quality=90, workers=1))
-    printed = capsys.readouterr().out
+    with caplog.at_level(logging.INFO, logger="fastssl"):
+        summary = prepare_folder(root, out, WriteSettings(jpeg_quality=90, workers=1))
+    printed = caplog.text
     assert summary["written"] == len(expected)
     reasons = {p.split("/")[-1]: r for p, r in ((s["path"], s["reason"]) for s in summary["skipped"])}
     assert set(reasons) == {"truncated.jpg", "not_an_image.png", "notes.txt"}
@@ -147,3 +149,109 @@ def test_synthetic_cli(tmp_path):
     err = np.abs(got - ds[0][0]).mean()
     # Saturated palette edges at 24 px cost JPEG's 4:2:0 chroma a few levels; any other image is far off.
     assert err < 12 and all(err < np.abs(got - ds[i][0]).mean() / 2 for i in range(1, len(ds)))
+
+
+def test_size_caps_short_and_long_side():
+    from fastssl.pipelines.prepare import output_size
+
+    assert output_size(500, 375, None, 256) == (341, 256)       # a typical ImageNet photo: short side 256
+    assert output_size(375, 500, None, 256) == (256, 341)
+    assert output_size(500, 375, 256) == (256, 192)             # longest-side cap: ffcv's convention
+    assert output_size(2000, 300, 512, 256) == (512, 76)        # both: the tighter applies
+    assert output_size(200, 150, 512, 256) == (200, 150)        # never upscaled
+    for w, h in ((640, 427), (333, 500), (1023, 768), (257, 4000)):
+        assert min(output_size(w, h, None, 224)) == 224         # exact, not a truncated 223
+
+
+def test_short_side_round_trip(photo_folder, tmp_path):
+    root, expected = photo_folder
+    out = tmp_path / "short.beton"
+    prepare_folder(root, out, WriteSettings(workers=1, short_side=64, write_mode="raw"), quiet=True)
+    names = sorted(expected)
+    for i, name in enumerate(names):
+        h, w = expected[name].shape[:2]
+        got = read_image(out, i)
+        assert min(got.shape[:2]) == min(64, h, w), (name, got.shape)
+        assert abs(got.shape[1] / got.shape[0] - w / h) < 0.05, name   # aspect ratio kept
+    assert json.loads(meta_path(out).read_text())["params"]["short_side"] == 64
+
+
+def test_workers_default_to_the_usable_cores(monkeypatch):
+    import os
+
+    from fastssl.pipelines import prepare
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 3, 5}, raising=False)
+    assert prepare.default_workers() == 3 and WriteSettings().workers == 3
+    with pytest.raises(PrepareError, match="--workers"):
+        WriteSettings(workers=0).check()
+
+
+def _raw_folder(root, n=60, side=160):
+    """``n`` noise images of ``side`` px in two classes: stored raw they fill more than one 2 MiB page."""
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        d = root / f"c{i % 2}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (side, side, 3), np.uint8)).save(d / f"{i:03d}.png")
+    return root
+
+
+def test_disk_full_while_writing_removes_the_partial_file(tmp_path, capsys, monkeypatch):
+    """ENOSPC in ffcv's writer process after its first page: one line naming the space, exit 4, nothing left."""
+    import errno
+
+    from ffcv.memory_allocator import MemoryAllocator
+
+    src = _raw_folder(tmp_path / "src")
+    real_flush = MemoryAllocator.flush_page
+    pages = []
+
+    def flush(self):
+        if self.my_page >= 0:
+            pages.append(self.my_page)  # this process's own count (the writer forks)
+            if len(pages) >= 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_flush(self)
+
+    monkeypatch.setattr(MemoryAllocator, "flush_page", flush)
+    out = tmp_path / "out" / "full.beton"
+    rc = prepare_main([str(src), str(out), "--write-mode", "raw", "--workers", "1", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 4, err
+    assert len(err) == 1 and str(out) in err[0] and "no space left" in err[0] and "needed" in err[0], err
+    assert not out.exists() and not list(out.parent.iterdir())   # partial file and sidecar: none
+
+
+def test_disk_too_small_for_the_estimate_fails_before_writing(tmp_path, capsys, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    src = _raw_folder(tmp_path / "src", n=8, side=64)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 ** 6, 10 ** 6 - 1000, 1000))
+    out = tmp_path / "x.beton"
+    assert prepare_main([str(src), str(out), "--workers", "1", "--quiet"]) == 4
+    err = capsys.readouterr().err
+    assert "about" in err and "needed" in err and "1000 B free" in err and not out.exists()
+
+
+def test_unwritable_output_is_one_line(tmp_path, capsys, monkeypatch):
+    import errno
+    import tempfile
+
+    src = _raw_folder(tmp_path / "src", n=4, side=32)
+    (tmp_path / "afile").write_text("x")
+    assert prepare_main([str(src), str(tmp_path / "afile" / "x.beton"), "--quiet"]) == 2   # a file as the folder
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot write" in err[0] and "afile" in err[0], err
+
+    def denied(*a, **kw):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", denied)   # a read-only folder (root ignores chmod)
+    assert prepare_main([str(src), str(tmp_path / "ro" / "x.beton"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Permission denied" in err[0] and "folder you can write" in err[0], err
+    assert prepare_main([str(src), str(tmp_path), "--quiet"]) == 2                          # a folder as OUT
+    assert "is a folder" in capsys.readouterr().err
