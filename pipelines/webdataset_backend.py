@@ -6,10 +6,12 @@ with extension ``jpg``/``jpeg``/``png``/``webp``, the label ``cls`` (an integer 
 or ``json`` (``{"label": int}``). Paths: a ``.tar`` file, a folder of them, a glob, a
 brace pattern, or ``pipe:CMD`` (CMD writes the shard to stdout: ``pipe:curl -s URL``,
 ``pipe:aws s3 cp s3://bucket/x.tar -``), so a set larger than the machine's disk
-streams through. Reading is Python's ``tarfile`` in stream mode, which is what the
-``webdataset`` package itself reads with; the package is not needed: its shuffle and
-split would have to be replaced anyway to make the order a pure function of (seed,
-epoch), which exact resume and cheap skipping need.
+streams through (the command runs through the shell, as webdataset's ``pipe:`` does, so a
+data path is then as trusted as a command line). Reading is Python's ``tarfile``
+(seekable for a local file, stream mode for a pipe), which is what the ``webdataset``
+package itself reads with; the package is not needed: its shuffle and split would have
+to be replaced anyway to make the order a pure function of (seed, epoch), which exact
+resume and cheap skipping need.
 
 Sample count: a header-only scan of each shard (a full read for ``pipe:`` shards)
 counts its samples and reads its labels once; the result is cached per shard in
@@ -49,7 +51,9 @@ Bad samples (undecodable image, no image, a missing or malformed label in a labe
 set) are logged once, one line naming the shard and key, and replaced by another
 sample of the same batch (a hash of seed, epoch and the bad sample's index) cropped
 with the bad sample's own random stream: batches stay full, ``Batch.indices`` names the
-sample used, nothing else moves.
+sample used, nothing else moves. A shard that breaks off (truncated, a failing
+``pipe:`` command) loses only its remaining samples, replaced the same way, with one
+line per shard and epoch.
 
 Resume: the same (seed, epoch) gives the same batches, so skipping k batches with
 ``next()`` gives the uninterrupted epoch's batches k... ``skip_batches(k)`` does the
@@ -84,6 +88,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # preference order when a sample ho
 LABEL_EXTS = ("cls", "json")
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 INDEX_VERSION = 1
+_LOST = "__lost__"         # the parts of a sample the shard could not deliver: {_LOST: reason}
 _REPLACE_STREAM = 1 << 21  # the "view" number of the replacement hash, apart from real views and torch's
 
 
@@ -196,11 +201,14 @@ def _samples(url: str, want=None):
     """Yield ``(position, key, {ext: bytes})`` of the samples of one shard, in tar order.
 
     ``want(position)``: True reads the sample, False passes over it without reading its bytes
-    (stream mode seeks or reads past them; nothing is decoded), None stops reading the shard.
+    (a seek in a local file, a read past them in a pipe; nothing is decoded), None stops reading
+    the shard.
     """
     f = _open(url)
+    # A local file is opened seekable: passing over a sample is a seek. A pipe is read as a stream.
+    mode = "r|*" if url.startswith("pipe:") else "r:*"
     try:
-        with tarfile.open(fileobj=f, mode="r|*") as tf:
+        with tarfile.open(fileobj=f, mode=mode) as tf:
             pos, key, parts, keep = -1, None, {}, False
             for m in tf:
                 if not m.isfile():
@@ -224,13 +232,16 @@ def _samples(url: str, want=None):
 
 def _label(parts: dict) -> int | None:
     """The sample's label, None when it has none; raises ValueError on a malformed one."""
+    lab = None
     if "cls" in parts:
-        return int(parts["cls"].decode().strip())
-    if "json" in parts:
+        lab = int(parts["cls"].decode().strip())
+    elif "json" in parts:
         obj = json.loads(parts["json"])
         if isinstance(obj, dict) and "label" in obj:
-            return int(obj["label"])
-    return None
+            lab = int(obj["label"])
+    if lab is not None and lab < 0:
+        raise ValueError(f"negative label {lab}")
+    return lab
 
 
 # ----------------------------------------------------------------------------- the index
@@ -410,22 +421,31 @@ class ShardStream(torch.utils.data.IterableDataset):
                     return None
                 return p >= start and bool(needed[base + p - start])
 
+            last, got = None, start - 1
             try:
                 for p, key, parts in _samples(self.urls[s], want=want):
+                    last, got = key, p
                     yield base + p - start, s, key, parts
-            except (OSError, tarfile.TarError, EOFError) as e:
-                raise DataError(f"{self.urls[s]}: cannot read this shard ({_reason(e)})") from e
+                why = f"the shard ends at sample {got + 1} but was indexed with {stop}" if got + 1 < stop else None
+            except (OSError, tarfile.TarError, EOFError, DataError) as e:
+                why = f"unreadable after key {last!r}: {_reason(e)}" if last else f"unreadable: {_reason(e)}"
+            if why:  # the rest of this piece is lost: its samples become bad ones (replaced, one line per shard)
+                for p in range(got + 1, stop):
+                    if needed[base + p - start]:
+                        yield base + p - start, s, None, {_LOST: why}
 
     def _worker(self, w: int):
         plan = self.plan
         jskip, eskip = plan.skip_of(w, self.start)
+        first = max(0, jskip - 1)  # a skip still reads (not decodes) its last batch: the refill pool of the next
+        efirst = eskip - (plan.sizes[plan.batches[w][first]] if jskip else 0)
         perm = plan.perm[w]
         needed = np.ones(len(perm), bool)
-        needed[perm[:eskip]] = False
+        needed[perm[:efirst]] = False
         reader = self._read(w, needed)
         held: dict[int, tuple] = {}
-        e = eskip
-        for b in plan.batches[w][jskip:]:
+        e, prev = efirst, None
+        for j, b in enumerate(plan.batches[w][first:], first):
             recs = []
             for p in perm[e:e + plan.sizes[b]]:
                 while p not in held:
@@ -433,12 +453,16 @@ class ShardStream(torch.utils.data.IterableDataset):
                     held[q] = (s, key, parts)
                 recs.append((int(plan.glob[w][p]), *held.pop(p)))
             e += plan.sizes[b]
-            yield self._batch(recs)
+            if j >= jskip:
+                yield self._batch(recs, prev)
+            prev = recs
 
     def _prepare(self, parts: dict, key: int, index: int):
         """(payload, geo) of one sample's image, cropped with sample ``key``'s stream; raises _BadSample."""
         if index in self.known_bad:
             raise _BadSample(self.known_bad[index])
+        if _LOST in parts:
+            raise _BadSample(parts[_LOST])
         ext = next((e for e in IMAGE_EXTS if e in parts), None)
         if ext is None:
             raise _BadSample(f"no image ({'/'.join(IMAGE_EXTS)}) in the sample")
@@ -462,37 +486,51 @@ class ShardStream(torch.utils.data.IterableDataset):
         except Exception as e:  # noqa: BLE001 - any undecodable image is replaced, never ends the epoch
             raise _BadSample(_reason(e)) from None
 
-    def _batch(self, recs):
-        """Decode (or read) every record, replace the bad ones within the batch, collate."""
+    def _sample(self, rec, key: int):
+        """(payload, geo), label of record ``rec`` cropped with sample ``key``'s stream; raises _BadSample."""
+        i, _, _, parts = rec
+        lab = 0
+        if self.labelled and _LOST not in parts:
+            try:
+                lab = _label(parts)
+            except (ValueError, UnicodeDecodeError) as e:
+                raise _BadSample(f"malformed label: {_reason(e)}") from None
+            if lab is None:
+                raise _BadSample("no label (cls or json) in a labelled set")
+        return self._prepare(parts, key, i), lab
+
+    def _batch(self, recs, prev):
+        """Decode (or read) every record, replace the bad ones, collate.
+
+        ``recs``/``prev``: ``(index, shard, key, parts)`` of this batch / of this worker's previous
+        batch. A bad sample is refilled from this batch's good ones (a hash of seed, epoch and its
+        index picks which), or, when none is good, from the previous batch's.
+        """
         n = len(recs)
         out: list = [None] * n
         labels = [0] * n
         index = [r[0] for r in recs]
         where = [(self.urls[r[1]], r[2]) for r in recs]
         bad = []
-        for j, (i, s, key, parts) in enumerate(recs):
+        for j, rec in enumerate(recs):
             try:
-                if self.labelled:
-                    try:
-                        lab = _label(parts)
-                    except (ValueError, UnicodeDecodeError) as e:
-                        raise _BadSample(f"malformed label: {_reason(e)}") from None
-                    if lab is None:
-                        raise _BadSample("no label (cls or json) in a labelled set")
-                    labels[j] = lab
-                out[j] = self._prepare(parts, i, i)
+                out[j], labels[j] = self._sample(rec, rec[0])
             except _BadSample as e:
-                bad.append((j, i, self.urls[s], key, str(e)))
-        if bad:
-            good = [j for j in range(n) if out[j] is not None]
-            if not good:
-                raise DataError(f"{self.urls[recs[0][1]]}: no readable sample in a batch of {n} (e.g. key "
-                                f"{bad[0][3]!r}: {bad[0][4]})")
-            for j, i, *_ in bad:
-                g = good[int(sample_key(self.seed, self.epoch, i, _REPLACE_STREAM)) % len(good)]
-                gi, gs, gkey, gparts = recs[g]
-                out[j] = self._prepare(gparts, i, gi)  # the replacement, cropped with the bad sample's stream
-                labels[j], index[j], where[j] = labels[g], gi, where[g]
+                bad.append((j, rec[0], self.urls[rec[1]], rec[2], str(e)))
+        pool = [recs[j] for j in range(n) if out[j] is not None] or list(prev or [])
+        for j, i, url, key, why in bad:
+            h = int(sample_key(self.seed, self.epoch, i, _REPLACE_STREAM))
+            for t in range(len(pool)):
+                rec = pool[(h + t) % len(pool)]
+                try:
+                    out[j], labels[j] = self._sample(rec, i)  # the refill, cropped with the bad sample's stream
+                except _BadSample:
+                    continue
+                index[j], where[j] = rec[0], (self.urls[rec[1]], rec[2])
+                break
+            else:
+                raise DataError(f"{url}: no readable sample in a batch of {n} nor in the one before it (e.g. "
+                                f"key {key!r}: {why})")
         lab_t = torch.tensor(labels, dtype=torch.int64) if self.labelled else None
         idx_t = torch.tensor(index, dtype=torch.int64)
         bad = [(i, url, key, why) for _, i, url, key, why in bad]
@@ -535,21 +573,26 @@ class WebDatasetLoader(LoaderBase):
         self._bad: dict[int, str] = {}   # global index -> reason: known unreadable, replaced without decoding
         self._start = 0                  # batches the next pass skips (skip_batches)
         self._offset = 0                 # the current pass's first batch (photometric step numbers)
+        self._lost_logged: set = set()   # (epoch, shard, reason) of broken shards already logged
+        self._plan_cache = None          # ((epoch, workers, batch size, buffer), _Plan) of the last epoch planned
         self._describe()
 
     def _describe(self) -> None:
-        S, K = len(self.urls), max(1, self.workers)
+        """One log line: the set, the split of an epoch, and whether (and why) shards are split by sample ranges."""
+        S, K, W = len(self.urls), max(1, self.workers), self.world_size
         lo, hi = int(self.counts.min()), int(self.counts.max())
-        msg = (f"webdataset: {self.num_samples} samples in {S} shard(s) ({lo}..{hi} per shard); rank {self.rank} "
-               f"of {self.world_size} reads a contiguous range of each epoch's shuffled shard order, split among "
-               f"{K} worker(s) by batch")
-        if S < self.world_size * K or lo != hi:
-            log.info("%s; %s, so some shards are split by sample ranges between readers (each reads past the "
-                     "other's part without decoding it; samples stay disjoint)", msg,
-                     f"fewer shards than ranks x workers ({S} < {self.world_size * K})" if S < self.world_size * K
-                     else "shards of unequal size")
-        else:
-            log.info("%s", msg)
+        plan = self._plan(0)
+        partial = sum(1 for ps in plan.pieces for s, a, b, _ in ps if b > a and (a > 0 or b < self.counts[s]))
+        split = ""
+        if partial:
+            why = (f"fewer shards than ranks x workers ({S} < {W * K})" if S < W * K else
+                   "shards of unequal size" if lo != hi else "shard sizes that do not divide the ranges")
+            split = (f"; {why}: in epoch 0, {partial} of this rank's shard reads take part of a shard, split by "
+                     f"sample ranges with another reader (which passes over the part it does not take)")
+        log.info("webdataset: %d samples in %d shard(s) (%d..%d per shard), %d batches of %d per epoch on rank %d "
+                 "of %d; each epoch permutes the shards, each rank takes a contiguous range of that order and "
+                 "each of its %d worker(s) a contiguous part of it%s", self.num_samples, S, lo, hi, len(self),
+                 self.batch_size, self.rank, W, K, split)
 
     def set_epoch(self, epoch: int, global_size: int | None = None) -> None:
         self._start = 0
@@ -563,6 +606,12 @@ class WebDatasetLoader(LoaderBase):
         self._start = int(k)
 
     def _plan(self, epoch: int) -> _Plan:
+        key = (epoch, self.workers, self.batch_size, self.shuffle_buffer)
+        if self._plan_cache is None or self._plan_cache[0] != key:
+            self._plan_cache = (key, self._make_plan(epoch))
+        return self._plan_cache[1]
+
+    def _make_plan(self, epoch: int) -> _Plan:
         N, W, r = self.num_samples, self.world_size, self.rank
         if self.drop_last:
             lo = r * (N // W)
@@ -612,8 +661,16 @@ class WebDatasetLoader(LoaderBase):
                    idx.to(self.device, non_blocking=nbk))
 
     def _note(self, bad) -> None:
-        """One log line per bad sample, the first time it is met; later epochs replace it without decoding."""
+        """One log line per bad sample, the first time it is met; later epochs replace it without decoding.
+        Samples a broken shard did not deliver (key None): one line per shard and epoch, retried next epoch."""
         for i, url, key, why in bad:
+            if key is None:
+                if (self.epoch, url, why) not in self._lost_logged:
+                    self._lost_logged.add((self.epoch, url, why))
+                    log.warning("webdataset: %s: %s; the samples of this shard not read are %s", url, why,
+                                self._skip_action)
+                self._skip(f"{url}#{i}", why)
+                continue
             if i not in self._bad:
                 log.warning("webdataset: %s: sample %r skipped (%s); %s", url, key, why, self._skip_action)
             self._bad[i] = why

@@ -138,7 +138,8 @@ def test_two_ranks_see_disjoint_samples_covering_the_set(shards, workers, caplog
         seen.append(set(got) | ({CORRUPT, NOLABEL} & set(L.order(2).astype(np.int64).tolist())))
     assert seen[0].isdisjoint(seen[1]) and seen[0] | seen[1] == set(range(N))
     if workers:  # 3 shards for 2 ranks x 2 workers: said in one line
-        assert any("fewer shards than ranks x workers" in r.getMessage() for r in caplog.records)
+        lines = [r.getMessage() for r in caplog.records if "fewer shards than ranks x workers (3 < 4)" in r.getMessage()]
+        assert len(lines) == 2  # one line per loader (rank)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -295,3 +296,53 @@ def test_two_gloo_processes_read_disjoint_samples(shards, tmp_path):
     assert set(p0).isdisjoint(p1) and sorted(p0 + p1) == list(range(N))
     assert set(m0) <= set(p0) and set(m1) <= set(p1)   # replacements come from the rank's own samples
     assert len(m0) == len(m1) == 20
+
+
+def _write(path, samples) -> None:
+    with tarfile.open(path, "w") as tf:
+        for key, parts in samples:
+            for ext, data in parts.items():
+                _add(tf, f"{key}.{ext}", data)
+
+
+def _good(i: int) -> dict:
+    return {"jpg": _image(4 * i), "cls": f"{_label(i)}".encode()}
+
+
+@pytest.mark.parametrize("gpu_decode", [False, True])
+def test_a_jpeg_whose_header_parses_but_body_does_not_is_replaced(tmp_path, caplog, gpu_decode):
+    # GPU path: the worker passes the bytes on (header and end marker fine); the batched decode fails,
+    # the CPU cannot decode it either, and the main process replaces it within the batch.
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    body = _image(0)
+    garbage = body[:400] + bytes(range(256)) * 2 + b"\xff\xd9"
+    samples = [(f"k{i}", _good(i)) for i in range(8)]
+    samples[5] = ("k5", {"jpg": garbage, "cls": b"1"})
+    _write(tmp_path / "a.tar", samples)
+    L = WebDatasetLoader(str(tmp_path / "a.tar"), VIEWS, 4, "cpu", workers=0, shuffle_buffer=4, gpu_decode=gpu_decode)
+    got = _epoch(L)
+    assert [b.views[0].shape[0] for b in got] == [4, 4]
+    idx = torch.cat([b.indices for b in got]).tolist()
+    assert 5 not in idx and set(idx) == set(range(8)) - {5}
+    lines = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+    assert len(lines) == 1 and "a.tar" in lines[0] and "'k5'" in lines[0]
+
+
+def test_a_shard_that_breaks_off_loses_only_its_remaining_samples(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    _write(tmp_path / "a.tar", [(f"a{i}", _good(i)) for i in range(8)])
+    _write(tmp_path / "b.tar", [(f"b{i}", _good(8 + i)) for i in range(8)])
+    L = WebDatasetLoader("pipe:cat " + str(tmp_path / "{a,b}.tar"), VIEWS, 4, "cpu", workers=0, shuffle_buffer=1)
+    assert L.num_samples == 16
+    _write(tmp_path / "b.tar", [(f"b{i}", _good(8 + i)) for i in range(3)])  # the source now ends after 3
+    got = _epoch(L, epoch=0)
+    assert [b.views[0].shape[0] for b in got] == [4] * 4
+    idx = torch.cat([b.indices for b in got]).tolist()
+    assert set(idx) == set(range(11))  # b's first three are read; its last five slots were refilled
+    lines = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+    assert len(lines) == 1 and "b.tar" in lines[0] and "ends at sample 3" in lines[0]
+    # the last batch lost all its samples and was refilled from the batch before it, also after a skip
+    for via_next in (True, False):
+        rest = _epoch(L, epoch=0, skip=3, via_next=via_next)
+        assert len(rest) == 1 and torch.equal(rest[0].indices, got[3].indices)
+        assert all(torch.equal(x, y) for x, y in zip(rest[0].views, got[3].views))
