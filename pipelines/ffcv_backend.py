@@ -180,6 +180,17 @@ class FFCVLoader(LoaderBase):
         if it is not None:  # stop the previous epoch's decoding thread before the state changes
             stop_epoch(it)
 
+    def _copy_fence(self):
+        """What the producer must wait for before it overwrites the slot just copied from: on CUDA an event
+        recorded on the current stream after the copies were queued; on the CPU nothing (the copy is done)."""
+        if self.device.type != "cuda":
+            return None
+        import torch
+
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(self.device))
+        return ev
+
     def _raw_batches(self, order, nb: int):
         import torch
 
@@ -187,21 +198,29 @@ class FFCVLoader(LoaderBase):
         it = start_epoch(self._loader, self.epoch)
         self._it = it
         offs = np.cumsum([0] + [3 * s * s for s in self.sizes])
-        non_blocking = self.device.type == "cuda"
+        cuda = self.device.type == "cuda"
         for b in range(nb):
-            out = next_batch(it)
-            if out is None:
+            got = next_batch(it)
+            if got is None:
                 break
-            rows = out[self._out_image]                     # (B, sum 3 S^2) uint8, CPU (pinned on CUDA hosts)
+            slot, out = got
+            rows = out[self._out_image]                     # (B, sum 3 S^2) uint8 in ffcv's slot, pinned on CUDA hosts
             B = rows.shape[0]
             idx = torch.from_numpy(order[b * self.batch_size: b * self.batch_size + B].astype(np.int64))
-            rows = rows.to(self.device, non_blocking=non_blocking)
-            crops = [rows[:, offs[v]:offs[v + 1]].unflatten(1, (s, s, 3)) for v, s in enumerate(self.sizes)]
+            if cuda:  # pinned: a non-blocking copy from pageable memory would wait for the stream (the last step)
+                idx = idx.pin_memory()
+            # Every batch leaves ffcv's slot before it is yielded, and the slot goes back with the copy's fence
+            # (pipelines.ffcv_compat.SlotFences): CUDA, an async copy whose event the decoding thread waits on
+            # before it writes into the slot again; CPU, a copy here (the crops would otherwise be views of the
+            # slot, overwritten batches_ahead + 2 batches later under a caller that keeps them).
+            rows = rows.to(self.device, non_blocking=True) if cuda else rows.clone()
             labels = None
             if self.labelled:
-                # Copy: ffcv reuses its batch slots, and a caller that keeps labels across batches
-                # (feature extraction for kNN) would otherwise see them overwritten.
-                labels = out[self._out_label].to(self.device, dtype=torch.long, non_blocking=non_blocking,
-                                                 copy=True).reshape(B)
-            yield crops, labels, idx.to(self.device, non_blocking=non_blocking)
+                # Same dtype across the bus (a dtype change would convert on the host into pageable memory,
+                # and a copy from there waits for the stream); int64 on the device.
+                lab = out[self._out_label]
+                labels = (lab.to(self.device, non_blocking=True) if cuda else lab.clone()).reshape(B).long()
+            it.slots.release(slot, self._copy_fence())
+            crops = [rows[:, offs[v]:offs[v + 1]].unflatten(1, (s, s, 3)) for v, s in enumerate(self.sizes)]
+            yield crops, labels, idx.to(self.device, non_blocking=True)
         self._it = None

@@ -3,9 +3,10 @@
 The ffcv back-end (``pipelines/ffcv_backend.py``) goes through this module for: the import
 (thread count, below), the ``.beton`` checks and its metadata columns found by position
 (:func:`open_beton`), the decoder's base class (:func:`decoder_base`), our epoch order in
-ffcv's ``Loader`` (:func:`make_loader`, :func:`start_epoch`) and the epoch iterator's
-private queue (:func:`next_batch`, :func:`stop_epoch`); ``fastssl-prepare`` goes through it
-for the writer's progress bar (:func:`writer_progress`). The decoder itself uses ffcv's
+ffcv's ``Loader`` (:func:`make_loader`, :func:`start_epoch`), the epoch iterator's
+private queue (:func:`next_batch`, :func:`stop_epoch`) and the reuse of its batch slots
+(:class:`SlotFences`); ``fastssl-prepare`` goes through it for the writer's progress bar
+(:func:`writer_progress`). The decoder itself uses ffcv's
 public extension API (``Operation``, ``AllocationQuery``, ``Compiler``, ``libffcv``).
 
 ffcv 1.0.x has two process-wide side effects on torch's intra-op thread count:
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 
 import numpy as np
 import torch
@@ -267,14 +269,120 @@ class _Order:
         self.sample_order = sample_order
 
 
+class SlotFences:
+    """When ffcv's decoding thread may write into a batch slot again: after fastssl's copy out of it.
+
+    ffcv decodes batch ``b`` into slot ``b % (batches_ahead + 2)`` of its pinned buffers from its
+    own thread. fastssl copies each batch out of its slot asynchronously (``non_blocking`` to the
+    GPU), so the host moves on while the copy is still queued on the device. ffcv guards a slot's
+    reuse only with an event its slot stream waits on, on the GPU: the CPU decoder writing into
+    the slot never waits, and only the depth of the launch queue kept the copy ahead of it.
+
+    Here every slot has a fence. The producer :meth:`acquire` s a slot before writing into it:
+    it waits until the consumer has :meth:`release` d the slot's previous batch, then until that
+    release's fence (a CUDA event recorded after the copy was queued) has completed
+    (``event.synchronize()``, on the decoding thread: the training thread never waits). On the CPU
+    the copy is synchronous and the fence is None. The alternative, a ring of fastssl's own pinned
+    buffers, costs one more host copy of every batch (a 512 x 2 x 224 px batch is 154 MB) for the
+    same wait; the fence costs nothing while the device keeps up.
+
+    A consumer holding a slot past ``batches_ahead + 1`` later batches would stall the producer:
+    fastssl's copies release each slot before the batch is yielded.
+    """
+
+    def __init__(self, slots: int):
+        self._cond = threading.Condition()
+        self._busy = [False] * slots  # written by the producer, not yet released by the consumer
+        self._fence: list = [None] * slots
+        self._closed = False
+
+    def acquire(self, slot: int, stop=None, poll: float = 0.5) -> bool:
+        """Producer, before writing into ``slot``; False if :meth:`close` was called or ``stop`` is set."""
+        with self._cond:
+            while self._busy[slot]:
+                if self._closed or (stop is not None and stop.is_set()):
+                    return False
+                self._cond.wait(poll)
+            if self._closed:
+                return False
+            fence, self._fence[slot] = self._fence[slot], None
+            self._busy[slot] = True
+        if fence is not None:
+            fence.synchronize()  # the device has finished reading the slot
+        return True
+
+    def release(self, slot: int, fence=None) -> None:
+        """Consumer: done with ``slot`` on the host; ``fence`` (``synchronize()``-able) completes when the
+        device is done with it too (None: nothing in flight)."""
+        with self._cond:
+            self._busy[slot] = False
+            self._fence[slot] = fence
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Wake a producer waiting for a slot, for good (the epoch is being stopped)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+class _Stopped(Exception):
+    """The epoch was stopped while the decoding thread waited for a slot."""
+
+
+_ITER_LOCK = threading.Lock()
+_ITER_CLASS = None
+
+
+def _fenced_iterator_class():
+    """ffcv's ``EpochIterator`` with a :class:`SlotFences` (``.slots``) acquired before each slot is written."""
+    global _ITER_CLASS
+    if _ITER_CLASS is not None:
+        return _ITER_CLASS
+    from ffcv.loader.epoch_iterator import EpochIterator
+
+    class FencedEpochIterator(EpochIterator):
+        def __init__(self, loader, order):
+            self.slots = SlotFences(loader.batches_ahead + 2)  # before ffcv's __init__ starts the thread
+            super().__init__(loader, order)
+
+        def run_pipeline(self, b_ix, batch_indices, batch_slot, cuda_event):
+            if not self.slots.acquire(batch_slot, stop=self.terminate_event):
+                raise _Stopped
+            return super().run_pipeline(b_ix, batch_indices, batch_slot, cuda_event)
+
+        def run(self):
+            try:
+                super().run()
+            except _Stopped:  # ffcv's run() only ends on StopIteration (which would queue a None)
+                pass
+
+    _ITER_CLASS = FencedEpochIterator
+    return _ITER_CLASS
+
+
 def start_epoch(loader, epoch: int):
-    """The ffcv ``EpochIterator`` (a thread, started) of ``epoch``."""
+    """The ffcv ``EpochIterator`` (a thread, started) of ``epoch``, with slot fences (``it.slots``).
+
+    ffcv's ``Loader.__iter__`` builds the iterator through its module's ``EpochIterator`` name:
+    swapped for the fenced subclass for that one call (under a lock: other loaders' epochs too).
+    """
+    import ffcv.loader.loader as ffcv_loader
+
+    cls = _fenced_iterator_class()
     loader.next_epoch = int(epoch)
-    return iter(loader)
+    with _ITER_LOCK:
+        saved = ffcv_loader.EpochIterator
+        ffcv_loader.EpochIterator = cls
+        try:
+            return iter(loader)
+        finally:
+            ffcv_loader.EpochIterator = saved
 
 
 def next_batch(it):
-    """``next(it)`` of an ffcv EpochIterator, None at the end; raises if its thread died (ffcv would block forever)."""
+    """``(slot, batch)``: ``next(it)`` of an ffcv EpochIterator and the slot its buffers are in, None at the end;
+    raises if its thread died (ffcv would block forever). Give the slot back with ``it.slots.release``."""
     import queue
 
     while True:
@@ -290,10 +398,13 @@ def next_batch(it):
     slot, result = item
     if getattr(it, "cuda_streams", None) and it.cuda_streams[slot] is not None:
         it.current_stream.wait_stream(it.cuda_streams[slot])
-    return result
+    return slot, result
 
 
 def stop_epoch(it, timeout: float = 10.0) -> None:
     """Stop an epoch's decoding thread (before the decoder's shared state changes)."""
     it.close()
+    slots = getattr(it, "slots", None)
+    if slots is not None:
+        slots.close()
     it.join(timeout=timeout)
