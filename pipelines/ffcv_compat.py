@@ -13,7 +13,7 @@ ffcv 1.0.x has two process-wide side effects on torch's intra-op thread count:
 
 - ``ffcv/pipeline/compiler.py`` calls ``torch.set_num_threads(1)`` at import time, so a
   trainer that chose its threads before the first ``import ffcv`` computed on one thread
-  (issue 12: every CPU run on 1 of 2 cores);
+  (every CPU run computed on 1 of 2 cores);
 - ``Compiler.set_num_threads`` sets torch's count again every epoch, from the loader thread.
 
 :func:`import_ffcv` imports it with torch's count kept, and patches the second away (numba's
@@ -67,7 +67,7 @@ def _plain_mode_table():
     ffcv 1.0.x builds one typed dict at import, ``ffcv.fields.rgb_image.IMAGE_MODES = {"jpg": 0,
     "raw": 1}``, and reads it only from Python (its decoders capture the two ints). Building it
     compiles numba's typed-dict code, which numba does not cache: 4.4-5.3 s in every process that
-    imported ffcv (cpu2; BENCHMARKS.md, "Issue 12, session 10"). A plain dict gives the same lookups.
+    imported ffcv (2-core CPU machine; measured in BENCHMARKS.md). A plain dict gives the same lookups.
     """
     import numba.typed as typed
 

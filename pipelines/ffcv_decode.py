@@ -4,7 +4,7 @@ ffcv compiles every operation of a loader's pipeline at the loader's first batch
 multi-view decoder (``pipelines/ffcv_backend.py``) had its whole loop inside that closure, so
 each new loader spent about 7 s of CPU compiling it (the demo: 8 of its 214 s of training went
 to the train loader's first batch, and 2 more loaders compile for its kNN evaluation;
-BENCHMARKS.md, "Issue 12, session 10"). numba cannot cache a closure that captures runtime
+BENCHMARKS.md has the measurement). numba cannot cache a closure that captures runtime
 values, nor code that calls ctypes function pointers (their addresses change per process).
 
 So the loop lives here, at module level, taking everything as arguments, and calls ffcv's C
