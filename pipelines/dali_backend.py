@@ -146,7 +146,9 @@ class DALILoader(LoaderBase):
         seen = 0
         try:
             for b in range(nb):
-                outs = p.run()
+                # On CUDA, outputs "on" torch's current stream (ordered before whatever torch queues next on
+                # it, the loader's side stream when prefetching): without a stream DALI's run() is host-synchronous.
+                outs = p.run(torch.cuda.current_stream(self.device)) if self.gpu else p.run()
                 take = min(self.batch_size, len(order) - seen)
                 # The reader's ids are a CPU output (the pipeline's samples carry their dataset index): no sync.
                 ids = np.array(outs[0].as_cpu().as_tensor()).reshape(-1)[:take].astype(np.int64)

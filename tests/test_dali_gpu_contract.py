@@ -236,8 +236,9 @@ def test_dali_cpu_outputs_outlive_the_next_runs():
 
 @needs_dali
 def test_loader_gpu_batches_with_stand_in_outputs(demo_data, fake_cuda, monkeypatch):
-    """The loader's GPU path end to end: DALI's GPU crops zero-copy, ids from the CPU reader output,
-    labels and indices pinned and non-blocking, with the stand-in playing the mixed decoder's outputs."""
+    """The loader's GPU path end to end: the pipeline runs on torch's current stream (no host sync), its GPU
+    crops are taken zero-copy, ids come from the CPU reader output, labels and indices are pinned and
+    non-blocking; the stand-in plays the mixed decoder's outputs."""
     from nvidia.dali.tensors import TensorListCPU
 
     from fastssl.pipelines.loader import build_loader
@@ -248,13 +249,14 @@ def test_loader_gpu_batches_with_stand_in_outputs(demo_data, fake_cuda, monkeypa
         v.size = 8
     L = build_loader(None, views, str(demo_data / "train"), 4, "cpu", backend="dali", workers=1, photometric=False)
     L.device, L.gpu = torch.device("cuda", 0), True
-    made = []
+    made, streams = [], []
 
     class FakePipe:
         def __init__(self, files, ids):
             self.ids, self.b = ids, 0
 
-        def run(self):
+        def run(self, cuda_stream=None):
+            streams.append(getattr(cuda_stream, "cuda_stream", cuda_stream))
             ids = np.array(self.ids[self.b * 4:(self.b + 1) * 4], np.int32).reshape(-1, 1)
             self.b += 1
             crops = [FakeTensorListGPU(_crops(4, 8, seed=10 * self.b + v)) for v in range(2)]
@@ -273,6 +275,7 @@ def test_loader_gpu_batches_with_stand_in_outputs(demo_data, fake_cuda, monkeypa
     order = L.order(0)
     got = list(L._raw_batches(order, 3))
     assert len(got) == 3
+    assert streams == [0xBEEF] * 3   # run() returns outputs ordered on torch's stream: no host-synchronous run
     for b, (crops, labels, indices) in enumerate(got):
         for c, fake in zip(crops, made[b]):
             assert torch.equal(c, fake.tensor._data) and c.data_ptr() == fake.tensor._data.data_ptr()
