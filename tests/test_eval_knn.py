@@ -132,3 +132,47 @@ def test_extract_features_keeps_every_row_in_order(announced):
     assert x.shape == (12, 4) and torch.equal(y, torch.arange(12))
     _, y = extract_features(embed, _Loader(6, 4, labels=False))
     assert torch.equal(y, torch.full((6,), -1))
+
+
+def test_a_bank_too_large_for_the_device_stays_on_the_host_with_one_log_line(monkeypatch, caplog):
+    import logging
+
+    from fastssl import evaluation
+
+    free = 10 << 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 << 30))
+    cuda = torch.device("cuda")
+    # 1.28 M x 2048 bf16 = 5.2 GB: fits in 10 GiB free beside the 2 GiB headroom
+    assert evaluation._bank_home(cuda, 1_281_167, 2048, torch.bfloat16) == (cuda, torch.bfloat16)
+    with caplog.at_level(logging.INFO, logger="fastssl.evaluation"):
+        # the same bank in fp32 (10.5 GB) does not: host memory, fp32, and the reason
+        assert evaluation._bank_home(cuda, 1_281_167, 2048, torch.float32) == (torch.device("cpu"), torch.float32)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "does not fit" in lines[0] and "host memory" in lines[0]
+    # the kNN over a host bank streams it: each chunk's copy is counted in the block
+    plan_host = knn_plan(1000, 100_000, 2048, 20, 256 << 20, copy_bytes=4)
+    plan_here = knn_plan(1000, 100_000, 2048, 20, 256 << 20)
+    assert plan_host.block_bytes <= 256 << 20 and plan_host.chunk_train < plan_here.chunk_train
+
+
+@pytest.mark.cuda
+def test_knn_on_the_gpu_equals_the_dense_reference_and_stays_there():
+    tx, ty, vx = _random_bank(20_000, 300, 128, 10, seed=6)
+    ref = dense_knn_scores(tx, ty, vx, 10)
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 similarities, as the reference's
+    stats = {}
+    ours = knn_scores(tx.cuda(), ty.cuda(), vx.cuda(), 10, chunk_train=3000, stats=stats)
+    assert ours.device.type == "cuda" and stats["device"].startswith("cuda")
+    assert torch.allclose(ours.cpu(), ref, rtol=1e-4) and torch.equal(ours.argmax(1).cpu(), ref.argmax(1))
+    # a bank in host memory, queries on the GPU: computed on the GPU, chunks streamed
+    streamed = knn_scores(tx, ty, vx.cuda(), 10, chunk_train=3000)
+    assert streamed.device.type == "cuda" and torch.equal(streamed.argmax(1).cpu(), ref.argmax(1))
+
+
+@pytest.mark.cuda
+def test_extracted_features_stay_on_the_gpu():
+    ld = _Loader(23, 5)
+    ld.x = ld.x.cuda()
+    embed = torch.nn.Linear(3, 4).cuda()
+    x, y = extract_features(embed, ld)
+    assert x.device.type == "cuda" and x.shape == (23, 4) and torch.equal(y.cpu(), torch.arange(23))
