@@ -167,24 +167,30 @@ def _open(url: str):
 
 
 class _PipeStream(io.RawIOBase):
-    """A command's stdout that reports a failing exit status when closed."""
+    """A command's stdout; closing it at the end of the data reports a failing exit status, closing it
+    earlier (the reader needs no more of the shard) ends the command."""
 
     def __init__(self, proc, url):
-        self.proc, self.url = proc, url
+        self.proc, self.url, self.eof = proc, url, False
 
     def readable(self):
         return True
 
     def readinto(self, b):
-        return self.proc.stdout.readinto(b)
+        n = self.proc.stdout.readinto(b)
+        self.eof = self.eof or not n
+        return n
 
     def close(self):
-        if not self.closed:
-            self.proc.stdout.close()
-            rc = self.proc.wait()
-            super().close()
-            if rc not in (0, -13, 141):  # SIGPIPE: we stopped reading early on purpose
-                raise DataError(f"{self.url}: the command exited with status {rc}")
+        if self.closed:
+            return
+        if not self.eof:
+            self.proc.kill()
+        self.proc.stdout.close()
+        rc = self.proc.wait()
+        super().close()
+        if self.eof and rc != 0:
+            raise DataError(f"{self.url}: the command exited with status {rc}")
 
 
 def _split(name: str) -> tuple[str, str]:
@@ -197,12 +203,12 @@ def _split(name: str) -> tuple[str, str]:
     return d + k, e.lower()
 
 
-def _samples(url: str, want=None):
+def _samples(url: str, want=None, exts=IMAGE_EXTS + LABEL_EXTS):
     """Yield ``(position, key, {ext: bytes})`` of the samples of one shard, in tar order.
 
-    ``want(position)``: True reads the sample, False passes over it without reading its bytes
-    (a seek in a local file, a read past them in a pipe; nothing is decoded), None stops reading
-    the shard.
+    ``want(position)``: True reads the sample's members with an extension in ``exts``, False
+    passes over it without reading its bytes (a seek in a local file, a read past them in a
+    pipe; nothing is decoded), None stops reading the shard.
     """
     f = _open(url)
     # A local file is opened seekable: passing over a sample is a seek. A pipe is read as a stream.
@@ -222,7 +228,7 @@ def _samples(url: str, want=None):
                     if keep is None:  # past the wanted range: stop reading this shard
                         key = None
                         break
-                if keep and (ext in IMAGE_EXTS or ext in LABEL_EXTS):
+                if keep and ext in exts:
                     parts[ext] = tf.extractfile(m).read()
             if key is not None and keep:
                 yield pos, key, parts
@@ -251,10 +257,10 @@ def _count(url: str) -> dict:
     """``{"n": samples, "labelled": samples with a readable label, "max_label": int}`` of one shard."""
     n = labelled = 0
     top = -1
-    for _, _, parts in _samples(url, want=lambda p: True):
+    for _, _, parts in _samples(url, exts=LABEL_EXTS):  # the images are passed over, not read
         n += 1
         try:
-            lab = _label({e: parts[e] for e in LABEL_EXTS if e in parts})
+            lab = _label(parts)
         except (ValueError, UnicodeDecodeError):
             lab = None
         if lab is not None:
@@ -393,7 +399,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     reason)]`` of the samples replaced in this batch; ``where`` ``[(shard, key)]`` of each sample used.
     """
 
-    def __init__(self, loader: "WebDatasetLoader", plan: _Plan, start: int):
+    def __init__(self, loader: WebDatasetLoader, plan: _Plan, start: int):
         self.urls, self.plan, self.start = loader.urls, plan, start
         self.labelled, self.gpu_decode = loader.num_classes is not None, loader.gpu_decode
         self.seed, self.epoch = loader.seed, loader.epoch
@@ -408,7 +414,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         wid = 0 if info is None else info.id
         nworkers = 1 if info is None else info.num_workers
         for w in range(wid, self.plan.K, nworkers):
-            yield from self._worker(((w + self.start) % self.plan.K))
+            yield from self._worker((w + self.start) % self.plan.K)
 
     def _read(self, w: int, needed: np.ndarray):
         """``(local position, shard, key, parts)`` of the needed samples of worker ``w``, in stream order."""
@@ -680,12 +686,17 @@ class WebDatasetLoader(LoaderBase):
         """Each bad sample already had its log line (``_note``); ``skipped`` keeps the list."""
 
     def _cpu_fallback(self, ds: ShardStream, payload, geo, labels, idx, where):
-        """Payloads the GPU decoder refuses, decoded on the CPU (same crops); ones nothing can decode replaced."""
+        """Payloads the GPU decoder refuses, decoded on the CPU (same crop boxes); ones nothing decodes refilled.
+
+        The worker only parsed such a JPEG's header, so it is refilled here, from the batch's other
+        slots; in later epochs it is known and the worker refills it (its pick among the batch's
+        readable samples may then differ from this one).
+        """
         from PIL import Image
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        payload, geo, labels, idx = list(payload), geo.clone(), labels.clone() if labels is not None else None, \
-            idx.clone()
+        payload, geo, idx = list(payload), geo.clone(), idx.clone()
+        labels = labels.clone() if labels is not None else None
         bad = []
         for k, p in enumerate(payload):
             if p.dim() != 1:
