@@ -237,10 +237,13 @@ class ParquetSource(Source):
             raise PrepareError(f"{self.shards[0]}: column {self.image_column!r} is a struct without a 'bytes' field "
                                f"({t}): give --image-column naming the image bytes")
         names = self._class_names(schema)
-        raw, self.row_groups = [], []
+        self.key_column = "__key__" if "__key__" in schema.names else \
+            (f"{self.image_column}.path" if self.struct and t.get_field_index("path") >= 0 else None)
+        raw, self.row_groups, self.keys = [], [], []
         for si, shard in enumerate(self.shards):
-            labels, groups = self._labels(si)
+            labels, groups, keys = self._labels(si)
             self.row_groups.append(groups)
+            self.keys.append(keys)
             for r, lab in enumerate(labels):
                 try:
                     lab = _as_label(lab)
@@ -293,11 +296,13 @@ class ParquetSource(Source):
         except (ValueError, KeyError, TypeError):
             return None
 
-    def _labels(self, si: int) -> tuple[list, list[int]]:
-        """The label column of shard ``si`` (Nones when unlabelled) and its row-group start rows."""
+    def _labels(self, si: int) -> tuple[list, list[int], list | None]:
+        """The label column of shard ``si`` (Nones when unlabelled), its row-group start rows and the samples'
+        keys for messages (``__key__``, or the image struct's ``path``; None when neither exists)."""
         import pyarrow.parquet as pq
 
         p = self.shards[si]
+        keys = None
         try:
             if p.suffix.lower() == ".parquet":
                 f = pq.ParquetFile(p)
@@ -305,16 +310,22 @@ class ParquetSource(Source):
                 starts = list(np.cumsum([0] + [f.metadata.row_group(g).num_rows
                                                for g in range(f.num_row_groups)])[:-1])
                 col = f.read(columns=[self.label_column]).column(0).to_pylist() if self.label_column else [None] * n
+                if self.key_column:  # a nested field alone ("image.path"): the bytes beside it stay unread
+                    k = f.read(columns=[self.key_column]).column(0).combine_chunks()
+                    keys = (k.field("path") if self.key_column != "__key__" else k).to_pylist()
             else:
                 t = self._arrow_table(si)
                 starts = [0]
                 col = t.column(self.label_column).to_pylist() if self.label_column else [None] * t.num_rows
+                if self.key_column:
+                    k = t.column(self.key_column.split(".")[0]).combine_chunks()
+                    keys = (k.field("path") if self.key_column != "__key__" else k).to_pylist()
         except PrepareError:
             raise
         except Exception as e:
             raise PrepareError(f"{p}: cannot read it ({type(e).__name__}: {e}): remove the shard or re-export "
                                f"it") from None
-        return col, [int(s) for s in starts]
+        return col, [int(s) for s in starts], keys
 
     def _group(self, si: int, r: int):
         """The image column of the row group holding row ``r`` of shard ``si`` (cached) and its first row."""
@@ -354,7 +365,9 @@ class ParquetSource(Source):
 
     def name(self, ref) -> str:
         si, r = ref
-        return f"{self.shards[si]} row {r}"
+        keys = self.keys[si] if si < len(self.keys) else None
+        key = keys[r] if keys else None
+        return f"{self.shards[si]} row {r}" + (f" (key {key})" if key else "")
 
     def fingerprint(self) -> str:
         return _stat_sha1(self.shards)
@@ -548,7 +561,7 @@ class ListSource(Source):
         return ref[0]
 
     def name(self, ref) -> str:
-        return f"{self.list}:{ref[1]} ({ref[0]})"
+        return f"{self.list}:{ref[1]} ({os.path.relpath(ref[0], self.folder)})"
 
     def fingerprint(self) -> str:
         return _stat_sha1([self.list] + [p for (p, _), _ in self.items])
