@@ -1,16 +1,20 @@
 """Typed configuration: dataclasses per concern, YAML recipes, ``a.b=value`` overrides.
 
-``load_config(path, overrides)`` reads a YAML recipe from ``configs/``, applies
+``load_config(path, overrides)`` reads a YAML recipe from ``configs/`` (with the
+base recipes its ``defaults:`` names merged under it, :func:`read_recipe`), applies
 command-line overrides and validates everything before any work starts: an
 unknown key fails naming the closest valid key, a bad value names the key and
-the expected type. Derived values (per-process batch, scaled learning rate,
-steps) are computed once, in :func:`derive`, and never stored in the config.
+the expected type. Numbers are read as people type them (``1e-3``, ``.5``,
+``1_000``) in a file and on the command line alike. Derived values (per-process
+batch, scaled learning rate, steps) are computed once, in :func:`derive`, and
+never stored in the config.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +24,7 @@ from typing import Any
 import yaml
 
 from fastssl.pipelines.recipes import AugConfig, ViewSpec, preset
+from fastssl.grad_clip import CLIP_MODES
 from fastssl.hostmem import HOST_ALLOCS
 from fastssl.models.cpu_conv import CPU_CONV_WGRADS
 from fastssl.registry import closest
@@ -71,8 +76,9 @@ class TwoViewConfig(MethodConfig):
     They run backbone, projector and predictor once per view, so BatchNorm normalises each view's
     batch with its own statistics, as their reference code (and lightly's, solo-learn's loops) does.
     ``joint_bn=True``: one call over both views, whose BN statistics mix the two views of every
-    image; demo SimCLR lost 7 kNN points that way (BENCHMARKS.md, "Issue 12, session 6"). The
-    multi-crop methods (DINO, SwAV) batch crops by resolution, as their reference code does.
+    image; demo SimCLR lost 7 kNN points that way (BENCHMARKS.md, "BatchNorm per view closes most
+    of the accuracy gap"). The multi-crop methods (DINO, SwAV) batch crops by resolution, as their
+    reference code does.
     """
 
     joint_bn: bool = False
@@ -84,7 +90,8 @@ class OptimConfig:
     batch_size: int = 256           # GLOBAL images per optimizer step (all processes x accumulation)
     accum_steps: int = 1            # micro-batches per optimizer step (EMA/queues advance once per step)
     lr: float = 0.3                 # base learning rate at base_batch (section 3.8.1 scaling rule)
-    lr_scaling: str = "linear"      # linear | sqrt | none: lr = base * (batch/base_batch)^{1, 1/2, 0}
+    lr_scaling: str = "linear"      # linear | sqrt | none: lr = base * (batch/base_batch)^{1, 1/2, 0}; SimCLR's
+                                    # small-batch rule lr = 0.075 x sqrt(batch) is lr=0.075, sqrt, base_batch=1
     base_batch: int = 256
     min_lr_ratio: float = 0.0       # cosine ends at lr * min_lr_ratio
     warmup_epochs: float = 10.0     # linear warm-up, then cosine decay (per step)
@@ -93,10 +100,14 @@ class OptimConfig:
     momentum: float = 0.9           # sgd / lars momentum; adamw beta1
     beta2: float = 0.999            # adamw
     lars_eta: float = 0.02          # LARS trust coefficient (SimCLR: 0.001 with lr 0.3*bs/256; solo-learn 0.02)
-    clip_grad: float = 0.0          # max global grad norm, 0 = off
+    clip_grad: float = 0.0          # max gradient norm, 0 = off
+    clip_mode: str = "global"       # global: one norm over all parameters (torch clip_grad_norm_; DINOv2 per
+                                    # module) | per_param: each parameter's own norm (DINO's utils.clip_gradients),
+                                    # fastssl/grad_clip.py
 
     def __post_init__(self):
         _choice("optim.name", self.name, ("lars", "adamw", "sgd"))
+        _choice("optim.clip_mode", self.clip_mode, CLIP_MODES)
         _choice("optim.lr_scaling", self.lr_scaling, ("linear", "sqrt", "none"))
         _range("optim.batch_size", self.batch_size, 2, None)
         _range("optim.accum_steps", self.accum_steps, 1, None)
@@ -112,7 +123,7 @@ class TrainConfig:
     precision: str = "auto"         # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     compile: str = "auto"           # auto (on CUDA) | on | off: torch.compile the backbone
     compile_mode: str = "default"   # torch.compile mode: default | max-autotune-no-cudagraphs | max-autotune |
-                                    # reduce-overhead (longer compiles; a GPU session measures which pays)
+                                    # reduce-overhead (longer compiles; a GPU run measures which pays)
     channels_last: bool = True      # NHWC weights (CUDA and CPU oneDNN)
     host_alloc: str = "auto"        # auto (retain on CPU) | retain | system: keep freed host memory for the next step
                                     # instead of page-faulting it in again (fastssl/hostmem.py)
@@ -274,6 +285,29 @@ def _method_config_cls(name: str) -> type:
         raise ConfigError(f"method.name: {e.args[0]}") from None
 
 
+# A number as people type it: 1e-3, 3E-4, .5, 5., 1_000, -2e-5, +1.5 (Python's literal forms, no nan/inf).
+_NUMBER = re.compile(r"[+-]?(?:\d[\d_]*(?:\.[\d_]*)?|\.\d[\d_]*)(?:[eE][+-]?\d[\d_]*)?")
+
+
+def _number(value: Any) -> int | float | None:
+    """``value`` as an int or float, or None when it is not a number.
+
+    PyYAML follows YAML 1.1, whose floats need a dot: it reads ``1e-3``, ``3E-4`` and ``-2e-5``
+    as strings, in a recipe and on the command line alike. Text that is a number is read here,
+    digits-only text as an exact int (``1_000``), the rest as a float.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if not isinstance(value, str) or not _NUMBER.fullmatch(text := value.strip()):
+        return None
+    try:
+        return int(text) if not any(c in text for c in ".eE") else float(text)
+    except ValueError:  # misplaced underscores (1__0, 1_.5): not a number
+        return None
+
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check/convert ``value`` to the annotated type ``tp``; raise ConfigError naming ``key``."""
     origin = typing.get_origin(tp)
@@ -289,13 +323,15 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return value.lower() in ("true", "yes", "1", "on")
         raise ConfigError(f"{key}={value!r}: expected true/false")
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
+        num = _number(value)
+        if num is None or not math.isfinite(num) or num != int(num):
             raise ConfigError(f"{key}={value!r}: expected an integer")
-        return int(value)
+        return int(num)
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        num = _number(value)
+        if num is None:
             raise ConfigError(f"{key}={value!r}: expected a number")
-        return float(value)
+        return float(num)
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key}={value!r}: expected a string")
@@ -407,9 +443,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
                 p = resolve_recipe(str(path))
             except RecipeNotFound as e:
                 raise ConfigError(f"config {e.args[0]}") from None
-        tree = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of sections (data, aug, model, method, optim, train, eval)")
+        tree = read_recipe(p)
     parsed = [parse_override(o) for o in overrides]
     # The method's name decides which keys method.* accepts: apply it first.
     for k, v in parsed:
@@ -436,6 +470,73 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     cfg = Config(**sections)
     _validate_cross(cfg)
     return cfg
+
+
+def read_recipe(path: str | Path) -> dict:
+    """The YAML recipe at ``path`` as one tree, its ``defaults`` resolved.
+
+    ``defaults: [_base]`` (or ``defaults: _base.yaml``) names recipes this one builds on, as in
+    Hydra: paths relative to this file's folder (so packaged recipes find theirs too), ``.yaml``
+    optional. The bases are merged in order, then this file's own keys on top: mappings merge
+    key by key, anything else (a number, a list such as ``aug.views``) replaces the base's value.
+    A ``method`` section naming another method replaces the base's whole section (its keys
+    belong to the other method). Bases may have bases; a loop is an error.
+    """
+    return _read_recipe(Path(path), ())
+
+
+def _read_recipe(path: Path, chain: tuple[Path, ...]) -> dict:
+    path = path.resolve()
+    if path in chain:
+        loop = " -> ".join(p.name for p in (*chain, path))
+        raise ConfigError(f"{path}: its defaults include itself ({loop})")
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    tree = {} if tree is None else tree
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (defaults, data, aug, model, method, "
+                          f"optim, train, eval)")
+    bases = tree.pop("defaults", None)
+    if bases is None:
+        return tree
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b.strip() for b in bases):
+        raise ConfigError(f"{path}: defaults={bases!r}: expected a recipe file name or a list of them, relative to "
+                          f"this file (e.g. defaults: [_base])")
+    merged: dict = {}
+    for name in bases:
+        merged = _merge(merged, _read_recipe(_base_path(path, name), (*chain, path)))
+    return _merge(merged, tree)
+
+
+def _base_path(recipe: Path, name: str) -> Path:
+    """The file ``defaults: [name]`` in ``recipe`` names: relative to its folder, ``.yaml`` optional."""
+    p = recipe.parent / name.strip()
+    if not p.is_file() and p.suffix not in (".yaml", ".yml"):
+        p = p.with_name(p.name + ".yaml")
+    if not p.is_file():
+        near = sorted(q.stem for q in recipe.parent.glob("*.yaml") if q.resolve() != recipe)
+        raise ConfigError(f"{recipe}: defaults names {name!r}, but there is no {p}: {closest(name, near)}")
+    return p
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base`` (see :func:`read_recipe`); neither is modified."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        old = out.get(k)
+        other_method = (k == "method" and isinstance(old, dict) and isinstance(v, dict)
+                        and v.get("name", old.get("name")) != old.get("name"))
+        if other_method:
+            out[k] = copy.deepcopy(v)
+        elif isinstance(old, dict) and isinstance(v, dict):
+            out[k] = _merge(old, v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
 
 
 def _materialize_views(tree: dict) -> None:

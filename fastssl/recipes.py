@@ -4,7 +4,9 @@ In a source checkout they are ``configs/<group>/<name>.yaml``; an installed whee
 the same files as package data (``fastssl/configs/``), so ``fastssl-train --config simclr_rn50``
 works from any directory. A recipe is named by its stem (``simclr_rn50``, ``simclr``), by
 group and stem (``imagenet/simclr_rn50``, ``demo/simclr``), or by its checkout path
-(``configs/demo/simclr.yaml``), with or without ``.yaml``.
+(``configs/demo/simclr.yaml``), with or without ``.yaml``. A recipe may build on a base in its
+folder (``defaults: [_base]``); the base resolves relative to the recipe, in a checkout and in a
+wheel alike.
 """
 from __future__ import annotations
 
@@ -27,11 +29,16 @@ def recipes_dir() -> Path | None:
 
 
 def list_recipes() -> dict[str, Path]:
-    """``{"demo/simclr": Path(...), "imagenet/simclr_rn50": ...}``, sorted by name."""
+    """``{"demo/simclr": Path(...), "imagenet/simclr_rn50": ...}``, sorted by name.
+
+    Files whose name starts with ``_`` (``imagenet/_base.yaml``) are bases other recipes build on
+    (``defaults: [_base]``, :func:`fastssl.config.read_recipe`), not recipes to run: not listed, not
+    resolved by name.
+    """
     root = recipes_dir()
     if root is None:
         return {}
-    return {f"{p.parent.name}/{p.stem}": p for p in sorted(root.glob("*/*.yaml"))}
+    return {f"{p.parent.name}/{p.stem}": p for p in sorted(root.glob("*/*.yaml")) if not p.stem.startswith("_")}
 
 
 def describe(path: Path) -> str:
