@@ -80,14 +80,16 @@ import torch
 from fastssl.pipelines import DataError, MissingDataError
 from fastssl.pipelines.crops import sample_key, view_params
 from fastssl.pipelines.loader import LoaderBase
+from fastssl.pipelines.sources import TAR_IMAGE_EXTS as IMAGE_EXTS
+from fastssl.pipelines.sources import _as_label
+from fastssl.pipelines.sources import _split_key as _split
 from fastssl.pipelines.torch_backend import FolderViews, _crop_geometry, _reason, gpu_decode_and_crop
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # preference order when a sample holds several
 LABEL_EXTS = ("cls", "json")
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 _LOST = "__lost__"         # the parts of a sample the shard could not deliver: {_LOST: reason}
 _REPLACE_STREAM = 1 << 21  # the "view" number of the replacement hash, apart from real views and torch's
 
@@ -193,16 +195,6 @@ class _PipeStream(io.RawIOBase):
             raise DataError(f"{self.url}: the command exited with status {rc}")
 
 
-def _split(name: str) -> tuple[str, str]:
-    """``dir/key.ext.more`` -> (``dir/key``, ``ext.more``) lower-cased ext: webdataset's key rule."""
-    base = name.rsplit("/", 1)
-    d, b = (base[0] + "/", base[1]) if len(base) == 2 else ("", base[0])
-    if "." not in b:
-        return name, ""
-    k, e = b.split(".", 1)
-    return d + k, e.lower()
-
-
 def _samples(url: str, want=None, exts=IMAGE_EXTS + LABEL_EXTS):
     """Yield ``(position, key, {ext: bytes})`` of the samples of one shard, in tar order.
 
@@ -236,16 +228,19 @@ def _samples(url: str, want=None, exts=IMAGE_EXTS + LABEL_EXTS):
         f.close()
 
 
-def _label(parts: dict) -> int | None:
-    """The sample's label, None when it has none; raises ValueError on a malformed one."""
+def _label(parts: dict) -> int | str | None:
+    """The sample's raw label, as ``fastssl-prepare`` reads the same shards (``pipelines.sources.TarSource``):
+    ``cls`` an integer or a class name as text, ``json`` an integer or an object with ``label``/``cls``/
+    ``class``; None when it has none; ValueError when malformed (a negative integer too: not a class)."""
     lab = None
     if "cls" in parts:
-        lab = int(parts["cls"].decode().strip())
+        lab = _as_label(parts["cls"][:64].decode(errors="replace"))
     elif "json" in parts:
-        obj = json.loads(parts["json"])
-        if isinstance(obj, dict) and "label" in obj:
-            lab = int(obj["label"])
-    if lab is not None and lab < 0:
+        doc = json.loads(parts["json"])
+        if isinstance(doc, dict):
+            doc = next((doc[k] for k in ("label", "cls", "class") if k in doc), None)
+        lab = _as_label(doc)
+    if isinstance(lab, int) and lab < 0:
         raise ValueError(f"negative label {lab}")
     return lab
 
@@ -254,9 +249,10 @@ def _label(parts: dict) -> int | None:
 
 
 def _count(url: str) -> dict:
-    """``{"n": samples, "labelled": samples with a readable label, "max_label": int}`` of one shard."""
+    """``{"n": samples, "labelled": samples with a readable label, "max_label": the largest integer label
+    (-1: none), "names": the class names (text labels), sorted}`` of one shard."""
     n = labelled = 0
-    top = -1
+    top, names = -1, set()
     for _, _, parts in _samples(url, exts=LABEL_EXTS):  # the images are passed over, not read
         n += 1
         try:
@@ -265,8 +261,11 @@ def _count(url: str) -> dict:
             lab = None
         if lab is not None:
             labelled += 1
-            top = max(top, lab)
-    return {"n": n, "labelled": labelled, "max_label": top}
+            if isinstance(lab, str):
+                names.add(lab)
+            else:
+                top = max(top, lab)
+    return {"n": n, "labelled": labelled, "max_label": top, "names": sorted(names)}
 
 
 def _index_file(url: str):
@@ -281,13 +280,14 @@ def _index_file(url: str):
 
 
 def shard_index(urls: list[str], threads: int = 2) -> list[dict]:
-    """Per shard ``{"n", "labelled", "max_label"}``, from the cache or one scan (then cached)."""
+    """Per shard ``{"n", "labelled", "max_label", "names"}`` (see :func:`_count`), from the cache or one scan."""
     out: list[dict | None] = [None] * len(urls)
     todo = []
     for i, u in enumerate(urls):
         try:
             got = json.loads(_index_file(u).read_text())
-            out[i] = {k: int(got[k]) for k in ("n", "labelled", "max_label")}
+            out[i] = {**{k: int(got[k]) for k in ("n", "labelled", "max_label")},
+                      "names": [str(x) for x in got["names"]]}
         except (OSError, ValueError, KeyError, TypeError):
             todo.append(i)
     if todo:
@@ -402,6 +402,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __init__(self, loader: WebDatasetLoader, plan: _Plan, start: int):
         self.urls, self.plan, self.start = loader.urls, plan, start
         self.labelled, self.gpu_decode = loader.num_classes is not None, loader.gpu_decode
+        self.class_index = {c: k for k, c in enumerate(loader.classes or [])} if loader.named_classes else None
         self.seed, self.epoch = loader.seed, loader.epoch
         self.known_bad = dict(loader._bad)
         # torch_backend's decode-once, crop-every-view code, keyed by a sample index
@@ -503,6 +504,12 @@ class ShardStream(torch.utils.data.IterableDataset):
                 raise _BadSample(f"malformed label: {_reason(e)}") from None
             if lab is None:
                 raise _BadSample("no label (cls or json) in a labelled set")
+            if self.class_index is not None:  # class names: their sorted order, as fastssl-prepare numbers them
+                if lab not in self.class_index:
+                    raise _BadSample(f"label {lab!r} is a number in a set labelled by class names")
+                lab = self.class_index[lab]
+            elif isinstance(lab, str):
+                raise _BadSample(f"label {lab!r} is a class name in a set labelled by numbers")
         return self._prepare(parts, key, i), lab
 
     def _batch(self, recs, prev):
@@ -573,8 +580,13 @@ class WebDatasetLoader(LoaderBase):
         self.num_samples = int(self.counts.sum())
         if self.num_samples == 0:
             raise DataError(f"{self.path}: {len(self.urls)} shard(s) but no sample in them")
+        # Labels: integers (classes 0..max), or class names numbered in sorted order (ImageFolder's and
+        # fastssl-prepare's rule); a set that mixes both keeps the integers and refuses the names.
         top = max(x["max_label"] for x in index)
-        self.num_classes = top + 1 if any(x["labelled"] for x in index) else None
+        names = sorted(set().union(*(x["names"] for x in index)))
+        self.named_classes = bool(names) and top < 0
+        self.classes = names if self.named_classes else ([str(i) for i in range(top + 1)] if top >= 0 else None)
+        self.num_classes = len(self.classes) if self.classes else None
         self.gpu_decode = (self.device.type == "cuda") if gpu_decode is None else bool(gpu_decode)
         self._bad: dict[int, str] = {}   # global index -> reason: known unreadable, replaced without decoding
         self._start = 0                  # batches the next pass skips (skip_batches)

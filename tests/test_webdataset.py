@@ -248,10 +248,12 @@ def test_shard_specs_and_the_count_cache(shards, monkeypatch):
     assert P.num_samples == N and len(P.urls) == 3
     a, b = _epoch(P, epoch=1), _epoch(_loader(shards), epoch=1)
     assert all(torch.equal(x.indices, y.indices) for x, y in zip(a, b))
-    # rank 1 of 2 stops reading a piped shard half way (the command is ended, not reported as failing)
-    a = _epoch(_loader(shards, path=pipe, rank=1, world_size=2, batch_size=4), epoch=1)
-    b = _epoch(_loader(shards, rank=1, world_size=2, batch_size=4), epoch=1)
-    assert len(a) == 5 and all(torch.equal(x.indices, y.indices) for x, y in zip(a, b))
+    # rank 0 of 2 stops reading a piped shard half way (the command is ended, not reported as failing),
+    # rank 1 starts half way through one (reads past the first part)
+    for r in range(2):
+        a = _epoch(_loader(shards, path=pipe, rank=r, world_size=2, batch_size=4), epoch=1)
+        b = _epoch(_loader(shards, rank=r, world_size=2, batch_size=4), epoch=1)
+        assert len(a) == 5 and all(torch.equal(x.indices, y.indices) for x, y in zip(a, b))
 
 
 def test_buffer_order_is_a_permutation_within_the_buffer_bound():
@@ -350,3 +352,23 @@ def test_a_shard_that_breaks_off_loses_only_its_remaining_samples(tmp_path, capl
         rest = _epoch(L, epoch=0, skip=3, via_next=via_next)
         assert len(rest) == 1 and torch.equal(rest[0].indices, got[3].indices)
         assert all(torch.equal(x, y) for x, y in zip(rest[0].views, got[3].views))
+
+
+def test_labels_are_those_fastssl_prepare_reads_from_the_same_shards(shards, tmp_path):
+    from fastssl.pipelines.sources import TarSource
+
+    src = TarSource(str(shards))
+    theirs = {src.name(ref).rsplit(" ", 1)[1]: lab for ref, lab in src.items}
+    L = _loader(shards)
+    assert L.classes == src.classes
+    for b in _epoch(L):
+        for i, lab in zip(b.indices.tolist(), b.labels.tolist()):
+            assert theirs[f"s{i:05d}"] == lab
+    # class names as cls text: numbered in sorted order
+    names = ["dog", "cat", "bird", "cat", "dog", "dog"]
+    _write(tmp_path / "n.tar", [(f"k{i}", {"jpg": _image(4 * i), "cls": c.encode()}) for i, c in enumerate(names)])
+    src = TarSource(str(tmp_path / "n.tar"))
+    N2 = WebDatasetLoader(str(tmp_path / "n.tar"), VIEWS, 3, "cpu", workers=0, shuffle_buffer=4)
+    assert N2.classes == src.classes == ["bird", "cat", "dog"] and N2.num_classes == 3
+    got = {i: lab for b in _epoch(N2) for i, lab in zip(b.indices.tolist(), b.labels.tolist())}
+    assert got == {i: ["bird", "cat", "dog"].index(c) for i, c in enumerate(names)}
