@@ -1,7 +1,10 @@
 """Evaluation of a representation (cookbook section 3.7): kNN, linear probes, spectra.
 
 Functions take feature tensors and return tensors; the ``*_top1`` helpers and
-``rankme`` return Python floats (one host sync, at evaluation time only).
+``rankme`` return Python floats (one host sync, at evaluation time only). Features
+stay on the device that computed them (the GPU when there is one) and the kNN runs
+there in blocks of bounded memory, so an ImageNet-sized bank (1.28 M x 2048) never
+goes through the host unless it does not fit the device.
 """
 from __future__ import annotations
 

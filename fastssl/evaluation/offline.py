@@ -185,7 +185,7 @@ def weights_fingerprint(method) -> str:
     for t in method.backbone.state_dict().values():
         t = t.detach()
         h.update(f"{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.contiguous().cpu().view(-1).view(torch.uint8).numpy())  # (bytes,) without a copy
     return h.hexdigest()
 
 
