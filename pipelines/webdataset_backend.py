@@ -26,7 +26,8 @@ Order of an epoch (all index arithmetic, known before any byte is read):
    split of every back-end: equal batches on every rank, each sample on one rank);
 3. the rank's ``len()`` batches are dealt round-robin to its K DataLoader workers
    (batch b to worker b % K, torch's order for iterable datasets), and each worker
-   takes a contiguous range of the rank's range with exactly its batches' samples;
+   takes a contiguous range of the rank's range with exactly its batches' samples
+   (evaluation: each batch's own range, so the epoch keeps the dataset's order);
 4. each worker reads its range in stream order through a shuffle buffer of
    ``shuffle_buffer`` samples (raw bytes, not decoded) and emits them in an order
    drawn from (seed, epoch, rank, worker).
@@ -348,25 +349,32 @@ class _Plan:
         self.sizes = sizes                                            # batch b has sizes[b] samples
         self.batches = [list(range(w, len(sizes), self.K)) for w in range(self.K)]
         self.pieces, self.perm, self.glob = [], [], []
+        starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)  # rank-stream offset of each batch
         c = lo
         for w in range(self.K):
             count = int(sum(sizes[b] for b in self.batches[w]))
-            pieces, idx = [], []
-            a = c
-            i = int(np.searchsorted(ends, a, side="right"))
-            while a < c + count:
-                s = int(shard_order[i])
-                start = a - int(ends[i] - counts[s])
-                stop = min(int(counts[s]), start + (c + count - a))
-                pieces.append((s, start, stop, a - c))                # shard, first and end sample, local position
-                idx.append(offsets[s] + np.arange(start, stop))
-                a += stop - start
-                i += 1
+            if shuffle:  # one contiguous range per worker: sequential reads, mixed by the buffer
+                ranges = [(c, c + count)]
+                c += count
+            else:  # evaluation: each batch its own range, so the epoch yields the dataset's order
+                ranges = [(lo + int(starts[b]), lo + int(starts[b + 1])) for b in self.batches[w]]
+            pieces, idx, n = [], [], 0
+            for r0, r1 in ranges:
+                a = r0
+                i = int(np.searchsorted(ends, a, side="right"))
+                while a < r1:
+                    s = int(shard_order[i])
+                    start = a - int(ends[i] - counts[s])
+                    stop = min(int(counts[s]), start + (r1 - a))
+                    pieces.append((s, start, stop, n))                # shard, first and end sample, local position
+                    idx.append(offsets[s] + np.arange(start, stop))
+                    n += stop - start
+                    a += stop - start
+                    i += 1
             self.pieces.append(pieces)
             self.glob.append(np.concatenate(idx).astype(np.int64) if idx else np.zeros(0, np.int64))
             rng = np.random.default_rng([seed, epoch, rank, w, 7])
             self.perm.append(buffer_order(count, bufsize, rng) if shuffle else np.arange(count, dtype=np.int64))
-            c += count
 
     def skip_of(self, w: int, start: int) -> tuple[int, int]:
         """(local batches, local samples) worker ``w`` skips when the pass starts at global batch ``start``."""
@@ -418,28 +426,43 @@ class ShardStream(torch.utils.data.IterableDataset):
             yield from self._worker((w + self.start) % self.plan.K)
 
     def _read(self, w: int, needed: np.ndarray):
-        """``(local position, shard, key, parts)`` of the needed samples of worker ``w``, in stream order."""
-        for s, start, stop, base in self.plan.pieces[w]:
-            if not needed[base:base + stop - start].any():
-                continue  # every sample of this piece was skipped: the shard is not opened
+        """``(local position, shard, key, parts)`` of the needed samples of worker ``w``, in stream order.
 
-            def want(p, start=start, stop=stop, base=base):
+        Consecutive pieces of one shard (evaluation: a worker's batches, with the other workers'
+        batches between them) are read in one pass over the shard.
+        """
+        pieces = self.plan.pieces[w]
+        k = 0
+        while k < len(pieces):
+            group = [pieces[k]]
+            while k + len(group) < len(pieces) and pieces[k + len(group)][0] == group[0][0]:
+                group.append(pieces[k + len(group)])
+            k += len(group)
+            s, stop = group[0][0], group[-1][2]
+            local = {p: base + p - a for _, a, b, base in group for p in range(a, b)}  # shard position -> local
+            if not any(needed[q] for q in local.values()):
+                continue  # every sample of these pieces was skipped: the shard is not opened
+            seen = [-1]
+
+            def want(p, local=local, stop=stop, seen=seen):
+                seen[0] = p
                 if p >= stop:
                     return None
-                return p >= start and bool(needed[base + p - start])
+                return p in local and bool(needed[local[p]])
 
-            last, got = None, start - 1
+            last, done = None, -1
             try:
                 for p, key, parts in _samples(self.urls[s], want=want):
-                    last, got = key, p
-                    yield base + p - start, s, key, parts
-                why = f"the shard ends at sample {got + 1} but was indexed with {stop}" if got + 1 < stop else None
+                    last, done = key, p
+                    yield local[p], s, key, parts
+                why = f"the shard ends at sample {seen[0] + 1} but was indexed with more" if seen[0] + 1 < stop \
+                    else None
             except (OSError, tarfile.TarError, EOFError, DataError) as e:
                 why = f"unreadable after key {last!r}: {_reason(e)}" if last else f"unreadable: {_reason(e)}"
-            if why:  # the rest of this piece is lost: its samples become bad ones (replaced, one line per shard)
-                for p in range(got + 1, stop):
-                    if needed[base + p - start]:
-                        yield base + p - start, s, None, {_LOST: why}
+            if why:  # the rest is lost: its samples become bad ones (refilled; one line per shard and epoch)
+                for p in sorted(local):
+                    if p > done and needed[local[p]]:
+                        yield local[p], s, None, {_LOST: why}
 
     def _worker(self, w: int):
         plan = self.plan

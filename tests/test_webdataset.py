@@ -121,8 +121,12 @@ def test_the_order_is_shuffled_across_shards_and_epochs(shards):
     assert not np.array_equal(o0, o1) and not np.array_equal(o0, np.sort(o0))
     # the first batch mixes the buffer: not simply the first 8 samples of a shard
     assert len({int(i) // 10 for i in o0[:8]}) > 1
-    ev = _loader(shards, train=False, drop_last=False, batch_size=6)
-    assert ev.order(3).astype(np.int64).tolist() == list(range(N)) and len(ev) == 7
+    for workers in (0, 2):  # evaluation: the dataset's order, whatever the workers
+        ev = _loader(shards, train=False, drop_last=False, batch_size=6, workers=workers)
+        assert ev.order(3).astype(np.int64).tolist() == list(range(N)) and len(ev) == 7
+    got = torch.cat([b.indices for b in _epoch(ev)]).tolist()
+    assert got[:CORRUPT] == list(range(CORRUPT)) and len(got) == N and CORRUPT not in got
+    assert [tuple(v.shape) for v in _epoch(ev)[-1].views] == [(4, 16, 16, 3)]   # 40 = 6 x 6 + 4, one centre view
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -156,11 +160,14 @@ def test_skipping_k_batches_continues_the_uninterrupted_epoch(shards, workers):
                 assert all(torch.equal(x, y) for x, y in zip(a.views, b.views))
 
 
-def test_skip_batches_keeps_the_photometric_stream(shards):
+@pytest.mark.parametrize("mode", ["sync", "thread", "stream"])
+def test_skip_batches_keeps_the_photometric_stream(shards, mode):
     from fastssl.pipelines.loader import make_finisher
 
     fin = make_finisher(VIEWS, "cpu", seed=0, train=True)
     L = _loader(shards, finisher=fin, batch_size=8)
+    # LoaderBase's ways of running the finisher: in next(), on a thread, through the prefetch path
+    L.overlap_finish, L.stream_prefetch = mode == "thread", mode == "stream"
     full = _epoch(L, epoch=1)
     rest = _epoch(L, epoch=1, skip=2)
     assert len(rest) == 3
