@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "eval": "linear probe on cached features against re-extracting features every probe epoch",
     "peer": "end-to-end pretraining (SimCLR, DINO) against lightly's loop, and the bare model's limit",
     "accuracy": "kNN top-1 after the same steps as lightly's loop on the built-in data, one protocol",
+    "prepare": "fastssl-prepare's images/s (and per core) from a folder, Parquet and webdataset shards of the same images",
 }
 
 
