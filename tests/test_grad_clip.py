@@ -64,3 +64,35 @@ def test_bf16_gradients_are_clipped_with_a_float32_norm():
     norms = clip_gradients([p], 1.0, "per_param")
     assert norms.dtype == torch.float32 and float(norms[0]) == pytest.approx(32.0)
     assert float(p.grad.float().norm()) == pytest.approx(1.0, rel=1e-2)
+
+
+DTENSOR_CHECK = r"""
+import json, socket, torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+from fastssl.grad_clip import clip_gradients
+s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+mesh = init_device_mesh("cpu", (1,))
+ps = []
+for g in ([3.0, 4.0], [0.3, 0.4]):
+    p = torch.nn.Parameter(distribute_tensor(torch.zeros(2), mesh, [Shard(0)]))
+    p.grad = distribute_tensor(torch.tensor(g), mesh, [Shard(0)])
+    ps.append(p)
+norms = clip_gradients(ps, 1.0, "per_param")
+print(json.dumps([norms.tolist(), ps[0].grad.full_tensor().tolist(), ps[1].grad.full_tensor().tolist()]))
+dist.destroy_process_group()
+"""
+
+
+def test_per_param_on_sharded_dtensor_gradients():
+    """FSDP2's gradients are DTensors: each is clipped by its whole norm (a one-process gloo mesh here)."""
+    import json
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", DTENSOR_CHECK], capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-2000:]
+    norms, a, b = json.loads(res.stdout.strip().splitlines()[-1])
+    assert norms == pytest.approx([5.0, 0.5]) and a == pytest.approx([0.6, 0.8], rel=1e-5)
+    assert b == pytest.approx([0.3, 0.4])
