@@ -112,9 +112,9 @@ class KnnPlan:
 
     ``block_bytes`` counts what one block allocates at once: the fp32 similarities (m, n), the
     normalised fp32 chunks (m, F) and (n, F) (plus the chunk's device copy when the bank lives
-    elsewhere), and the chunk's top-k and its merge with the running top-k. The running top-k
-    itself, ``state_bytes`` = M x k x (4 + 8) (values, indices), is the result's size and is
-    counted apart.
+    elsewhere, and its fp32 cast when the bank is bf16/fp16), and the chunk's top-k and its merge
+    with the running top-k. The running top-k itself, ``state_bytes`` = M x k x (4 + 8)
+    (values, indices), is the result's size and is counted apart.
     """
 
     chunk_test: int
@@ -127,17 +127,19 @@ class KnnPlan:
 def _block_bytes(m: int, n: int, dim: int, k: int, copy_bytes: int) -> int:
     """Bytes one (m, n) block allocates at once (an upper bound; see :class:`KnnPlan`)."""
     kk = min(k, n)
-    # similarities; fp32 cast + normalised output of both chunks; the chunk's device copy;
-    # the chunk's top-k, its merge candidates and the merged top-k (fp32 values + int64 indices).
-    return 4 * m * n + 8 * (m + n) * dim + n * dim * copy_bytes + 12 * m * (2 * kk + 2 * k)
+    # similarities; the test chunk's fp32 cast and normalised copy; the train chunk's normalised
+    # copy and its copies before that (device copy, fp32 cast: copy_bytes per element); the
+    # chunk's top-k, its merge candidates and the merged top-k (fp32 values + int64 indices).
+    return 4 * m * n + 8 * m * dim + (4 + copy_bytes) * n * dim + 12 * m * (2 * kk + 2 * k)
 
 
 def knn_plan(num_test: int, num_train: int, dim: int, k: int, budget_bytes: int, chunk_test: int | None = None,
              chunk_train: int | None = None, copy_bytes: int = 0) -> KnnPlan:
     """The largest blocks within ``budget_bytes`` (test chunk first up to 1024 rows, then as many train rows as fit).
 
-    ``copy_bytes``: bytes per element of a train chunk's copy to the compute device (0 when the
-    bank is there already). Explicit ``chunk_test`` / ``chunk_train`` are taken as given (a
+    ``copy_bytes``: bytes per element of a train chunk's copies before it is normalised: its
+    copy to the compute device (the bank's element size; 0 when the bank is there already)
+    plus 4 for the fp32 cast of a bf16/fp16 bank. Explicit ``chunk_test`` / ``chunk_train`` are taken as given (a
     caller's choice, e.g. a test's), and ``block_bytes`` then says what they cost.
     """
     k = max(1, min(k, num_train))
@@ -151,7 +153,7 @@ def knn_plan(num_test: int, num_train: int, dim: int, k: int, budget_bytes: int,
             return 8 * m * dim + 48 * m * k
 
         def per_row(m):
-            return 4 * m + (8 + copy_bytes) * dim
+            return 4 * m + (4 + copy_bytes) * dim
 
         while m > 1 and fixed(m) + per_row(m) > budget_bytes:
             m //= 2
@@ -189,7 +191,8 @@ def knn_scores(train_feats, train_labels, test_feats, num_classes: int, k: int =
         raise ValueError("kNN needs a non-empty train feature bank (0 train features were given)")
     k = min(k, n_train)
     budget = int(budget_bytes if budget_bytes is not None else KNN_BUDGET_BYTES.get(dev.type, KNN_BUDGET_BYTES["cpu"]))
-    copy = train_feats.element_size() if train_feats.device != dev else 0
+    copy = (train_feats.element_size() if train_feats.device != dev else 0) + (
+        4 if train_feats.dtype != torch.float32 else 0)
     plan = knn_plan(n_test, n_train, dim, k, budget, chunk, chunk_train, copy)
     m_c, n_c = plan.chunk_test, plan.chunk_train
     best_w = torch.full((n_test, k), float("-inf"), device=dev)                # running top-k similarities (M, k)
