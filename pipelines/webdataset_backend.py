@@ -597,6 +597,9 @@ class WebDatasetLoader(LoaderBase):
         self._setup(os.fspath(path), views, batch_size, device, seed=seed, rank=rank, world_size=world_size,
                     drop_last=drop_last, train=train, finisher=finisher)
         self.workers, self.shuffle_buffer = int(workers), int(shuffle_buffer)
+        if self.shuffle_buffer < 1 or self.workers < 0:
+            raise ValueError(f"shuffle_buffer must be >= 1 (1: no shuffle within a worker's range) and workers >= 0, "
+                             f"got {shuffle_buffer} and {workers}")
         self.urls = list_shards(self.path)
         index = shard_index(self.urls, threads=max(1, self.workers))
         self.counts = np.array([x["n"] for x in index], np.int64)
