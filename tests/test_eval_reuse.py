@@ -4,14 +4,13 @@ import json
 
 import pytest
 import torch
-
 from conftest import tiny_overrides
 
 
 @pytest.fixture(scope="module")
 def trained(demo_data, tmp_path_factory):
     """A 2-step tiny SimCLR run; its final evaluation passes the run directory and step as the trainer will."""
-    import fastssl.evaluation.online as online
+    from fastssl.evaluation import online
     from fastssl.train import main as train
 
     out = tmp_path_factory.mktemp("reuse")
@@ -47,8 +46,8 @@ def test_trainer_evaluation_reports_its_cost_and_writes_the_cache(trained):
 
 
 def test_fastssl_eval_after_training_extracts_nothing(trained, monkeypatch, capsys):
-    import fastssl.evaluation.offline as offline
     from fastssl.cli import eval as eval_cli
+    from fastssl.evaluation import offline
 
     run, res = trained
 

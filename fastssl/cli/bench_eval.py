@@ -214,7 +214,10 @@ def synthetic(args) -> int:
         kn = out["knn"]
         print(f"eval cost on {device}: {args.n_train} x {args.dim} train / {args.n_val} val features ({dtype}), "
               f"bank {bank_bytes / gib:.2f} GiB")
-        extra = lambda r: "" if r["extra_bytes"] is None else f" (+{r['extra_bytes'] / gib:.2f})"  # noqa: E731
+
+        def extra(r):  # the peak above what the process held before the part
+            return "" if r["extra_bytes"] is None else f" (+{r['extra_bytes'] / gib:.2f})"
+
         print(f"  {f'kNN (k={args.k})':<22}{kn['seconds']:8.2f} s   peak {kn['peak_bytes'] / gib:.2f}{extra(kn)} GiB   "
               f"budget {kn['budget_bytes'] / 2**20:.0f} MiB, blocks {kn['block'][0]} x {kn['block'][1]}   "
               f"top-1 {top1:.2f}")
@@ -235,8 +238,13 @@ def run_dir_comparison(args) -> int:
 
     from fastssl import checkpoint
     from fastssl.evaluation import extract_features
-    from fastssl.evaluation.offline import (cached_features, eval_loaders, feature_meta, fit_linear_probe,
-                                           weights_fingerprint)
+    from fastssl.evaluation.offline import (
+        cached_features,
+        eval_loaders,
+        feature_meta,
+        fit_linear_probe,
+        weights_fingerprint,
+    )
     from fastssl.rundir import environment
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

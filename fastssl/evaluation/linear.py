@@ -14,8 +14,8 @@ import math
 import time
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def linear_protocol(cfg, method, device, num_classes: int, *, epochs: int | None
     device = torch.device(device)
     size = cfg.aug.global_size
     if loaders is None:
-        common = dict(backend=cfg.data.backend, workers=cfg.data.workers, drop_last=False)
+        common = {"backend": cfg.data.backend, "workers": cfg.data.workers, "drop_last": False}
         loaders = {"train": build_loader(cfg.data, [train_view(size)], "train", batch_size, device, seed=seed,
                                          train=True, **common),
                    "val": build_loader(cfg.data, [train_view(size)], "val", 256, device, train=False, **common)}
