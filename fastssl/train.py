@@ -160,6 +160,7 @@ def _train(cfg, acc, device, bf16, threads, out, history, state, lock) -> dict:
     if bar is not None:
         bar.close()
     saver.save_at(run, run.epoch, bi, derived.steps_per_epoch)
+    in_training_eval_s = evaluator.seconds
     final = (evaluator.run(step=run.step) if evaluator.enabled and evaluator.participates and cfg.eval.final
              else None) or {}
     summary: dict = {}
@@ -167,8 +168,10 @@ def _train(cfg, acc, device, bf16, threads, out, history, state, lock) -> dict:
         if final:
             metrics.write(kind="eval", step=run.step, epoch=run.epoch + 1, wall=wall, **eval_values(final))
         summary = make_summary(cfg, derived, window, final, run.knn_init, wall, run.step, bf16, device)
-        summary.update(torch_threads=threads, eval_seconds=evaluator.seconds,
-                       eval_fraction=evaluator.seconds / max(wall, 1e-9))
+        train_s = wall - in_training_eval_s
+        summary.update(torch_threads=threads, train_seconds=train_s, eval_seconds=in_training_eval_s,
+                       eval_fraction=in_training_eval_s / max(train_s, 1e-9),
+                       final_eval_seconds=evaluator.seconds - in_training_eval_s)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     metrics.close()
     stop.preemption.uninstall()
@@ -250,7 +253,9 @@ def make_summary(cfg, derived, window: LogWindow, final, knn_init, wall, step, b
                                   "trained alongside; accuracy on the last 3 logged training windows",
             "rankme": "RankMe (section 3.7.2) of backbone features of the eval split",
             "images_per_second": "training images (global batch) per second of step time, after the first log window",
-            "eval_seconds": "host wall time of every kNN/RankMe evaluation of this run segment (init, periodic, final)",
+            "eval_seconds": "host wall time of this segment's in-training kNN/RankMe evaluations (at init and "
+                            "every eval.every_epochs); eval_fraction is their share of train_seconds (the rest of "
+                            "wall_seconds); final_eval_seconds is the evaluation after the last step",
         },
     }
 

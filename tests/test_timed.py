@@ -16,3 +16,29 @@ def test_timed_dry_run_end_to_end_writes_time_to_accuracy(tmp_path):
     assert (run / "eval.json").exists()
     report = (run / "report" / "report.md").read_text()
     assert "time to" in report.lower()
+    # The estimate made before training projects the training it then measured to within 25%.
+    timed = json.loads((run / "timed.json").read_text())
+    assert 0.75 <= timed["estimate_over_actual_train"] <= 1.25, timed
+
+
+def test_estimate_projects_each_resolution_phase(demo_data):
+    """The estimate times the recipe's phases through the real loader and says what limits each."""
+    from fastssl.config import load_config
+    from fastssl.estimate import estimate, phases_of
+
+    cfg = load_config("configs/demo/simclr.yaml", [
+        f"data.train={demo_data}/train.beton", f"data.val={demo_data}/val.beton", "data.workers=1",
+        "aug.global_size=32", "train.res_start=16", "train.res_step=16", "train.epochs=4", "train.res_end_epoch=0.5",
+        "model.backbone=resnet_tiny", "method.proj_hidden=64", "method.proj_dim=32", "optim.batch_size=32",
+        "eval.every_epochs=2", "eval.final=true", "train.progress=false"])
+    assert [(p.size, p.first_epoch, p.epochs) for p in phases_of(cfg)] == [(16, 0, 1), (32, 1, 3)]
+    est = estimate(cfg, timed=2, eval_batches=1, n_train=1000)
+    steps_per_epoch = 1000 // 32
+    assert [p.steps for p in est.phases] == [steps_per_epoch, 3 * steps_per_epoch]  # projected to n_train
+    for p in est.phases:
+        assert p.step_s > 0 and p.model_step_s > 0 and p.data_step_s > 0 and p.limit in ("data", "model")
+        assert p.projected_s >= p.steps * p.step_s
+    assert est.evals_in_training == 2 and est.eval_each_s > 0 and est.final_eval_s == est.eval_each_s
+    assert est.total_s == pytest.approx(est.train_s + 3 * est.eval_each_s)
+    text = "\n".join(est.lines())
+    assert "train   16 px" in text and "-bound" in text and "total" in text
