@@ -287,7 +287,13 @@ def train_step(core: TrainCore, micro_batches: Iterable, step: int) -> int:
     if done == 0:
         return 0
     if cfg.optim.clip_grad > 0:
-        acc.clip_grad_norm_(core.params, cfg.optim.clip_grad)
+        if cfg.optim.clip_mode == "per_param":  # DINO's utils.clip_gradients: each parameter's own norm
+            from fastssl.grad_clip import clip_gradients
+
+            acc.unscale_gradients()  # a no-op in bf16; needed under an fp16 GradScaler
+            clip_gradients(core.params, cfg.optim.clip_grad, "per_param")
+        else:
+            acc.clip_grad_norm_(core.params, cfg.optim.clip_grad)
     if core.before_opt is not None:
         core.before_opt(step)  # e.g. DINO/SwAV: zero the frozen last layer's / prototypes' grads
     opt.step()

@@ -126,7 +126,7 @@ def test_wheel_in_a_fresh_venv_lists_and_finds_recipes_by_name(installed):
     res = _run([bin_dir / "fastssl-train", "--list-configs"], work, env)  # the console script itself
     assert res.returncode == 0, res.stderr[-3000:]
     listed = {line.split()[0] for line in res.stdout.splitlines()[1:] if line.strip()}
-    shipped = {f"{p.parent.name}/{p.stem}" for p in (ROOT / "configs").glob("*/*.yaml")}
+    shipped = {f"{p.parent.name}/{p.stem}" for p in (ROOT / "configs").glob("*/*.yaml") if not p.stem.startswith("_")}
     assert shipped and shipped == listed, shipped ^ listed  # a recipe group missing from pyproject fails here
 
     res = _run([bin_dir / "python", "-c", CHECKS], work, env)  # the rest in one process (one torch import)
