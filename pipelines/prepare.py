@@ -23,7 +23,6 @@ run with the same parameters reuses the file.
 from __future__ import annotations
 
 import errno
-import hashlib
 import io
 import json
 import logging
