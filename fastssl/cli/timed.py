@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-dir", default="data/imagenet", help="where the .beton files go")
     ap.add_argument("--name", default=None)
     ap.add_argument("--estimate", action="store_true", help="print the projected wall time of the run and stop")
+    ap.add_argument("--project-to", default=None, metavar="TRAIN,VAL",
+                    help="with --estimate: project to this many train,val images (e.g. 1281167,50000 for "
+                         "ImageNet-1k) instead of the given data's counts")
     ap.add_argument("--json", action="store_true", help="with --estimate: also print the estimate as JSON")
     ap.add_argument("--dry-run", action="store_true", help="CPU-sized end-to-end run on the built-in data")
     ap.add_argument("overrides", nargs="*", default=[], help="extra config overrides key.sub=value")
@@ -163,6 +166,12 @@ def main(argv: list[str] | None = None) -> int:
         prepare_s = sum(times.values())
 
     from fastssl.estimate import estimate
+
+    if args.project_to:
+        try:
+            sizes["train"], sizes["val"] = (int(x) for x in args.project_to.split(","))
+        except ValueError:
+            ap.error(f"--project-to {args.project_to!r}: give two counts, TRAIN,VAL (e.g. 1281167,50000)")
 
     print(f"\n=== estimate: {RECIPE}, {epochs} epochs", flush=True)
     t = time.perf_counter()
