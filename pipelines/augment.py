@@ -13,6 +13,14 @@ order per call, a batched op cannot cheaply), grayscale with ``gray_p``,
 Gaussian blur with ``blur_p`` (sigma ~ U(min, max), kernel ~ 10% of the side,
 odd: 23 px at 224 as SimCLR), solarisation with ``solarize_p``, normalisation.
 
+Memory budget (``impl="torch"``, the GPU path): one view's stage, uint8 crops in, normalised
+view out, allocates at most 4x the view's fp32 size (B x 3 x S x S x 4 bytes) at its peak, its
+fp32 crops and its output included, linear in B x S x S: at batch 512 x 224 px a view is 308 MB
+and the stage peaks at about 1.2 GB (measured 3.9x; ``tests/test_augment_memory.py``). The hue
+step is what used to dominate: a stacked (B, 3, 6, H, W) HSV table put the stage near 30x
+(9.2 GB). The ops work in place on the stage's own buffers; views run one after another, so the
+earlier views' outputs are all that adds up.
+
 ``impl``: ``torch`` (the batched float ops above; the GPU path), ``cv2`` (OpenCV on
 uint8 with the same parameters, images in a thread pool: the CPU path, several
 times faster there, ``pipelines/augment_cpu.py``), or ``auto`` (``cv2`` on the CPU
@@ -68,35 +76,73 @@ def _col(t: torch.Tensor) -> torch.Tensor:
     return t.view(-1, 1, 1, 1)
 
 
-def adjust_hue(x: torch.Tensor, hue: torch.Tensor) -> torch.Tensor:
-    """Per-image hue shift (fraction of a turn) through HSV, as torchvision; x in [0, 1], (B, 3, H, W)."""
-    r, g, b = x.unbind(1)
-    maxc, _ = x.max(1)
-    minc, _ = x.min(1)
+def adjust_hue(x: torch.Tensor, hue: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
+    """Per-image hue shift (fraction of a turn) through HSV, as torchvision; x in [0, 1], (B, 3, H, W).
+
+    torchvision's RGB -> HSV -> RGB, with each output channel picked per pixel from (v, p, q, t)
+    by the hue sector i = floor(6 h) (``torch.where``), not from a stacked (B, 3, 6, H, W) table.
+    Every value is computed with the same float operations in the same order as that table
+    formulation (kept as ``_hue_ref`` in ``tests/test_augment_memory.py``), so in fp32 the two agree
+    bit for bit. bf16/fp16 inputs are computed in fp32 and rounded once at the end (within one
+    rounding of the fp32 result).
+
+    Memory: temporaries are (B, H, W) planes, at most five fp32 ones (5/3 of ``x``'s fp32 size)
+    alive at once, plus bool masks; the channels of the result (``x`` itself with ``inplace=True``,
+    else one fp32 copy of it) hold intermediates as they free up.
+    """
+    dtype = x.dtype
+    work = x.float() if dtype != torch.float32 else (x if inplace else x.clone())
+    r, g, b = work.unbind(1)                                  # (B, H, W) views into the result's channels
+    maxc = work.amax(1)                                       # v
+    minc = work.amin(1)
     eqc = maxc == minc
     cr = maxc - minc
-    ones = torch.ones_like(maxc)
-    s = cr / torch.where(eqc, ones, maxc)
-    cr_div = torch.where(eqc, ones, cr)
-    rc, gc, bc = (maxc - r) / cr_div, (maxc - g) / cr_div, (maxc - b) / cr_div
-    hr = (maxc == r) * (bc - gc)
-    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
-    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
-    h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
-    h = torch.remainder(h + hue.view(-1, 1, 1), 1.0)
+    del minc
+    s = cr / torch.where(eqc, 1.0, maxc)                      # saturation
+    cr.masked_fill_(eqc, 1.0)                                 # the divisor of rc, gc, bc
+    del eqc
+    on_r = maxc == r
+    on_g = (maxc == g) & ~on_r
+    rc = torch.sub(maxc, r, out=r).div_(cr)                   # (maxc - r) / cr, into the r channel
+    gc = torch.sub(maxc, g, out=g).div_(cr)
+    bc = torch.sub(maxc, b, out=b).div_(cr)
+    del cr
+    h = torch.sub(bc, gc)                                     # max on r: bc - gc
+    gc.add_(4.0).sub_(rc)                                     # max on b: 4 + gc - rc (in the g channel)
+    rc.add_(2.0).sub_(bc)                                     # max on g: 2 + rc - bc (in the r channel)
+    torch.where(on_g, rc, gc, out=gc)
+    torch.where(on_r, h, gc, out=h)
+    del on_r, on_g
+    h.div_(6.0).add_(1.0).fmod_(1.0)
+    h.add_(hue.to(torch.float32).view(-1, 1, 1)).remainder_(1.0)
     v = maxc
-    i = torch.floor(h * 6.0)
-    f = h * 6.0 - i
-    i = i.to(torch.int64) % 6
-    p = (v * (1.0 - s)).clamp(0.0, 1.0)
-    q = (v * (1.0 - s * f)).clamp(0.0, 1.0)
-    t = (v * (1.0 - s * (1.0 - f))).clamp(0.0, 1.0)
-    mask = i.unsqueeze(1) == torch.arange(6, device=x.device).view(1, -1, 1, 1)  # (B, 6, H, W)
-    a1 = torch.stack((v, q, p, p, t, v), dim=1)
-    a2 = torch.stack((t, v, v, q, p, p), dim=1)
-    a3 = torch.stack((p, p, t, v, v, q), dim=1)
-    a4 = torch.stack((a1, a2, a3), dim=1)  # (B, 3, 6, H, W)
-    return (a4 * mask.unsqueeze(1).to(x.dtype)).sum(2)
+    h.mul_(6.0)
+    i = torch.floor(h)
+    f = h.sub_(i)                                             # 6 h - i
+    i.remainder_(6.0)                                         # sector 0..5 (6 h == 6 wraps to 0, as int64 % 6)
+    t = torch.rsub(f, 1.0).mul_(s).neg_().add_(1.0).mul_(v).clamp_(0.0, 1.0)   # v (1 - s (1 - f))
+    q = f.mul_(s).neg_().add_(1.0).mul_(v).clamp_(0.0, 1.0)                    # v (1 - s f)
+    p = s.neg_().add_(1.0).mul_(v).clamp_(0.0, 1.0)                            # v (1 - s)
+    del f, s
+    # sector:   0  1  2  3  4  5
+    # r:        v  q  p  p  t  v
+    # g:        t  v  v  q  p  p
+    # b:        p  p  t  v  v  q
+    # r and b first: q lives in the g channel's place until g is written (in place, last).
+    r.copy_(p)
+    torch.where(i == 1, q, r, out=r)
+    torch.where(i == 4, t, r, out=r)
+    torch.where((i == 0) | (i == 5), v, r, out=r)
+    b.copy_(p)
+    torch.where(i == 2, t, b, out=b)
+    torch.where((i == 3) | (i == 4), v, b, out=b)
+    torch.where(i == 5, q, b, out=b)
+    torch.where(i == 3, q, p, out=g)                          # q is g's own storage: read before written
+    torch.where((i == 1) | (i == 2), v, g, out=g)
+    torch.where(i == 0, t, g, out=g)
+    if dtype == torch.float32:
+        return work
+    return x.copy_(work) if inplace else work.to(dtype)
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, ksize: int) -> torch.Tensor:
@@ -128,19 +174,26 @@ def blur_kernel_size(size: int) -> int:
 
 
 def apply_view(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Photometric ops on float x in [0, 1], (B, 3, S, S), with per-image params ``p``; returns [0, 1]."""
+    """Photometric ops on float x in [0, 1], (B, 3, S, S), with per-image params ``p``; returns [0, 1].
+
+    ``x`` is left as it is; the work happens in place on two buffers of x's size (the jittered
+    copy, then the result), so the peak stays a small multiple of the view (module docstring).
+    """
     j = _col(p["jitter"])
-    y = (x * _col(p["brightness"])).clamp(0, 1)
+    y = x * _col(p["brightness"])
+    y.clamp_(0, 1)
     m = _gray(y).mean(dim=(2, 3), keepdim=True)
-    y = ((y - m) * _col(p["contrast"]) + m).clamp(0, 1)
+    y.sub_(m).mul_(_col(p["contrast"])).add_(m).clamp_(0, 1)
     g = _gray(y)
-    y = ((y - g) * _col(p["saturation"]) + g).clamp(0, 1)
-    y = adjust_hue(y, p["hue"])
-    x = torch.where(j, y, x)
-    x = torch.where(_col(p["gray"]), _gray(x).expand_as(x), x)
+    y.sub_(g).mul_(_col(p["saturation"])).add_(g).clamp_(0, 1)
+    del g
+    adjust_hue(y, p["hue"], inplace=True)
+    x = torch.where(j, y, x, out=y)                           # from here on x is this function's own buffer
+    torch.where(_col(p["gray"]), _gray(x).expand_as(x), x, out=x)
     blurred = gaussian_blur(x, p["sigma"], blur_kernel_size(x.shape[-1]))
-    x = torch.where(_col(p["blur"]), blurred, x)
-    x = torch.where(_col(p["solarize"]) & (x >= 0.5), 1.0 - x, x)
+    torch.where(_col(p["blur"]), blurred, x, out=x)
+    del blurred
+    torch.where(_col(p["solarize"]) & (x >= 0.5), 1.0 - x, x, out=x)
     return x
 
 
@@ -173,13 +226,15 @@ class Augmenter:
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
 
     def _to_float(self, c: torch.Tensor) -> torch.Tensor:
+        """uint8 crops -> a new fp32 (B, 3, S, S) buffer in [0, 1] (never the caller's: later steps work in place)."""
         c = c.to(self.device, non_blocking=True)
         if c.shape[-1] == 3 and c.shape[1] != 3:
             c = c.permute(0, 3, 1, 2)  # NHWC memory == channels_last NCHW
-        return c.float() / 255.0
+        return c.to(torch.float32, copy=True).div_(255.0)
 
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
-        x = ((x - self.mean) / self.std).to(self.dtype)
+        """Normalise ``x`` (this stage's own buffer: in place) and cast to the views' dtype."""
+        x = x.sub_(self.mean).div_(self.std).to(self.dtype)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()
 
     def __call__(self, crops: list[torch.Tensor], step: int) -> list[torch.Tensor]:
@@ -194,9 +249,9 @@ class Augmenter:
                 x = torch.from_numpy(y).permute(0, 3, 1, 2)  # NHWC memory = channels_last (B, 3, S, S)
                 out.append(x.to(self.dtype) if self.channels_last else x.contiguous().to(self.dtype))
                 continue
-            x = self._to_float(c)
-            x = apply_view(x, sample_params(spec, x.shape[0], g, self.device))
-            out.append(self._finish(x))
+            # No name holds the fp32 crops: apply_view's last reference to them goes once the jitter is merged.
+            params = sample_params(spec, c.shape[0], g, self.device)
+            out.append(self._finish(apply_view(self._to_float(c), params)))
         return out
 
     def normalize_only(self, crops: list[torch.Tensor]) -> list[torch.Tensor]:

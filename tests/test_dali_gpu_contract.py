@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import has_module
 from fastssl.pipelines import dali_backend
 from fastssl.pipelines.dali_backend import _dlpack_device, _rows_to_device, _to_torch
@@ -154,7 +153,9 @@ def test_dlpack_device_of_gpu_stand_in_and_of_a_cuda_array_interface_only_tensor
     assert _dlpack_device(FakeTensorGPU(_crops(), device_id=3)) == (KDL_CUDA, 3)
 
     class CaiOnly:  # an older build's GPU tensor: no DLPack, CUDA array interface and device_id()
-        __cuda_array_interface__ = {}
+        @property
+        def __cuda_array_interface__(self):
+            return {}
 
         def device_id(self):
             return 2
@@ -239,10 +240,9 @@ def test_loader_gpu_batches_with_stand_in_outputs(demo_data, fake_cuda, monkeypa
     """The loader's GPU path end to end: the pipeline runs on torch's current stream (no host sync), its GPU
     crops are taken zero-copy, ids come from the CPU reader output, labels and indices are pinned and
     non-blocking; the stand-in plays the mixed decoder's outputs."""
-    from nvidia.dali.tensors import TensorListCPU
-
     from fastssl.pipelines.loader import build_loader
     from fastssl.pipelines.recipes import preset
+    from nvidia.dali.tensors import TensorListCPU
 
     views = preset("simclr")
     for v in views:

@@ -13,7 +13,6 @@ import time
 
 import pytest
 import torch
-
 from conftest import has_module
 from fastssl.pipelines.ffcv_compat import SlotFences
 
@@ -22,9 +21,7 @@ JOIN = 20.0  # seconds a thread may take to get where the test expects it (a han
 
 
 class FakeEvent:
-    """A CUDA event stand-in: ``synchronize()`` blocks until :meth:`complete` (the copy finished), and is recorded."""
-
-    log: list = []
+    """A CUDA event stand-in: ``synchronize()`` blocks until :meth:`complete` (the copy finished) and counts its calls."""
 
     def __init__(self, name=None, done: bool = True):
         self.name, self._done = name, threading.Event()
@@ -37,9 +34,7 @@ class FakeEvent:
 
     def synchronize(self):
         self.waited += 1
-        FakeEvent.log.append(("wait", self.name))
         assert self._done.wait(JOIN), f"fence {self.name} never completed"
-        FakeEvent.log.append(("done", self.name))
 
 
 def _in_thread(fn, *args):
@@ -141,7 +136,6 @@ def test_slow_consumer_keeping_every_batch_sees_what_a_prompt_one_copied(demo_da
 def test_decoding_thread_waits_for_each_copy_fence(demo_data):
     """The copy fences are waited for by ffcv's thread before each slot is reused, and a fence that has not
     completed holds back exactly the batch that reuses its slot."""
-    FakeEvent.log = []
     L = _ffcv(demo_data, batches_ahead=1)        # 3 slots
     fences = []
 
