@@ -5,17 +5,23 @@ Every back-end crops all views of a sample from ONE decode (geometry:
 photometric stage (``pipelines.augment.Augmenter``) turns them into normalised
 float ``(B, 3, S, S)`` channels_last views. Evaluation loaders (``train=False``)
 yield one centre-cropped view per image in dataset order, normalised only.
+
+On CUDA every back-end's device work for batch b+1 runs on a side stream while the
+caller's step b runs (``pipelines.prefetch``); on the CPU the photometric stage of
+batch b+1 runs on a thread beside it (``LoaderBase._overlapped``).
 """
 from __future__ import annotations
 
+import logging
 import os
-import sys
 from pathlib import Path
 
 import torch
 
 from fastssl.pipelines import Batch, DataError, MissingDataError
 from fastssl.pipelines.crops import EpochContract
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -58,7 +64,7 @@ class LoaderBase(EpochContract):
     the common state (:meth:`_setup`), iteration with the per-batch tail (the photometric
     stage or normalisation, keyed by the global step, then :class:`Batch`), and the record
     of unreadable files: ``skipped`` lists ``(path, reason)``; each epoch that met any
-    prints one warning line naming how many and the first few. Batches stay full: a
+    logs one warning line naming how many and the first few. Batches stay full: a
     back-end replaces an unreadable sample (torch) or leaves the file out of the dataset
     (DALI), never shortens a batch (gathered losses need equal rows on every rank).
     """
@@ -93,26 +99,55 @@ class LoaderBase(EpochContract):
         raise NotImplementedError
 
     overlap_finish: bool | None = None  # None: on when the finisher runs on the CPU (see __iter__)
+    # The device work off the caller's stream (pipelines.prefetch). None: on when the device is CUDA;
+    # True on the CPU runs the same code without streams (tests); False: all of it inside next(), on
+    # the caller's stream (the synchronous arm of an A/B).
+    stream_prefetch: bool | None = None
+    # Batches whose device work is enqueued before the current one is handed over. None: 1 on CUDA,
+    # 0 without streams (no device work to overlap: a batch held ahead would only cost memory).
+    prefetch_ahead: int | None = None
 
     def _finish(self, step: int, raw) -> Batch:
         crops, labels, indices = raw
         views = self.finisher(crops, step) if self.finisher is not None else crops
         return Batch(views=views, labels=labels, indices=indices)
 
+    def _iteration_mode(self) -> str:
+        """``stream`` (prefetch on a side stream; no streams on the CPU), ``thread`` (the finisher of batch
+        b+1 on a thread, CPU), or ``sync`` (everything inside ``next()``)."""
+        stream = self.stream_prefetch
+        if stream is None:
+            stream = self.device.type == "cuda"
+        if stream:
+            return "stream"
+        overlap = self.overlap_finish
+        if overlap is None:
+            overlap = self.finisher is not None and self.device.type == "cpu"
+        return "thread" if overlap else "sync"
+
     def __iter__(self):
         order = self.order(self.epoch)
         nb = len(self)
         base = self.epoch * nb  # deterministic photometric stream: same (seed, epoch, batch) -> same views
         self._epoch_skipped = {}
-        overlap = self.overlap_finish
-        if overlap is None:
-            overlap = self.finisher is not None and self.device.type == "cpu"
+        mode = self._iteration_mode()
         try:
-            if not overlap:
+            if mode == "stream":
+                from fastssl.pipelines.prefetch import SideStream, prefetch
+
+                side = getattr(self, "_side", None)
+                if side is None or side.device != self.device:
+                    side = self._side = SideStream(self.device)
+                ahead = self.prefetch_ahead
+                if ahead is None:
+                    ahead = 1 if side.stream is not None else 0
+                yield from prefetch(self._raw_batches(order, nb), lambda b, raw: self._finish(base + b, raw),
+                                    side, ahead)
+            elif mode == "thread":
+                yield from self._overlapped(base, self._raw_batches(order, nb))
+            else:
                 for b, raw in enumerate(self._raw_batches(order, nb)):
                     yield self._finish(base + b, raw)
-                return
-            yield from self._overlapped(base, self._raw_batches(order, nb))
         finally:
             self._report_skipped()
 
@@ -153,13 +188,9 @@ class LoaderBase(EpochContract):
         root = self.path.rstrip("/") + "/"
         names = ", ".join(f"{p[len(root):] if p.startswith(root) else p} ({r})" for p, r in bad[:first])
         more = f" and {len(bad) - first} more" if len(bad) > first else ""
-        try:
-            print(f"[fastssl] warning: {self.backend} back-end, epoch {self.epoch}, rank {self.rank}: "
-                  f"{len(bad)} unreadable file(s) in {self.path} {self._skip_action}: {names}{more}; "
-                  f"loader.skipped lists them, `fastssl-prepare {self.path} OUT.beton` checks the whole folder",
-                  file=sys.stderr, flush=True)
-        except (ValueError, AttributeError, OSError):  # stderr closed (interpreter shutdown)
-            pass
+        log.warning(f"{self.backend} back-end, epoch {self.epoch}, rank {self.rank}: "
+                    f"{len(bad)} unreadable file(s) in {self.path} {self._skip_action}: {names}{more}; "
+                    f"loader.skipped lists them, `fastssl-prepare {self.path} OUT.beton` checks the whole folder")
 
 
 def _field(cfg, name, default=None):

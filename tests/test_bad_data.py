@@ -191,12 +191,21 @@ def bad_folder(jpeg_data, tmp_path):
     return root, bad
 
 
+def _warned(capfd, caplog):
+    """The loaders' unreadable-file warning lines since the last call: pytest's capture of the log records,
+    or stderr when none reached it (``fastssl.logs.configure`` ran in this process and stopped propagation)."""
+    err = [x for x in capfd.readouterr().err.splitlines() if "unreadable file" in x]
+    logged = [r.getMessage() for r in caplog.records if "unreadable file" in r.getMessage()]
+    caplog.clear()
+    return logged or err
+
+
 def _epoch(L):
     return [(b.indices.clone(), [v.clone() for v in b.views], b.labels.clone()) for b in L]
 
 
 @pytest.mark.parametrize("workers", [0, 1])
-def test_folder_with_unreadable_files_keeps_batches_full(bad_folder, capfd, workers):
+def test_folder_with_unreadable_files_keeps_batches_full(bad_folder, capfd, caplog, workers):
     root, bad = bad_folder
     L = _load(root, backend="torch", bs=20, workers=workers, photometric=False)   # 10 batches: every file is met
     paths = [p for p, _ in L.items]
@@ -210,7 +219,7 @@ def test_folder_with_unreadable_files_keeps_batches_full(bad_folder, capfd, work
             assert not set(idx.tolist()) & bad_ix                       # replaced, not fed
             assert torch.equal(labels, torch.tensor([L.items[i][1] for i in idx.tolist()]))
         assert {p for p, _ in L.skipped} == set(bad) and all(r for _, r in L.skipped)
-        lines = [x for x in capfd.readouterr().err.splitlines() if "unreadable file" in x]
+        lines = _warned(capfd, caplog)
         assert len(lines) == 1, lines                                     # one warning line per epoch
         assert f"epoch {epoch}" in lines[0] and f" {len(bad)} unreadable" in lines[0]
         assert sum(Path(p).name in lines[0] for p in bad) >= 3            # names the first few
@@ -276,14 +285,14 @@ def test_folder_of_only_unreadable_files_is_a_data_error(tmp_path):
 
 
 @pytest.mark.skipif(not _has("nvidia.dali"), reason="DALI missing")
-def test_dali_leaves_unreadable_files_out_and_names_them(bad_folder, capfd, monkeypatch, tmp_path):
+def test_dali_leaves_unreadable_files_out_and_names_them(bad_folder, capfd, caplog, monkeypatch, tmp_path):
     monkeypatch.setenv("FASTSSL_CACHE_DIR", str(tmp_path / "cache"))
     root, bad = bad_folder
     L = _load(root, backend="dali", bs=16, photometric=False)
     assert L.num_samples == 200 - len(bad) and {p for p, _ in L.skipped} == set(bad)
     batches = list(L)
     assert len(batches) == len(L) and all(b.views[0].shape[0] == 16 for b in batches)
-    lines = [x for x in capfd.readouterr().err.splitlines() if "unreadable file" in x]
+    lines = _warned(capfd, caplog)
     assert len(lines) == 1 and "left out" in lines[0]
     again = _load(root, backend="dali", bs=16, photometric=False)      # the cached verdict keeps the reasons
     assert dict(again.skipped) == dict(L.skipped)
