@@ -4,9 +4,10 @@ CPU path: each worker decodes an image ONCE (PIL) and cuts every view from it
 (``pipelines.crops`` geometry, PIL box-resize, flip), returning uint8
 ``(S, S, 3)`` crops; the photometric stage runs batched on the device.
 CUDA path: workers only read file bytes and the JPEG header (for the crop
-geometry); the main process decodes the whole batch with
-``torchvision.io.decode_jpeg(device="cuda")`` and crops + resizes every view on
-the GPU with ``roi_align`` (adaptive sampling = area-averaging, i.e. antialiased).
+geometry); the main process decodes the whole batch in one nvJPEG call
+(:func:`decode_jpegs`: TorchCodec's ``decode_jpeg``, torchvision's where TorchCodec
+is missing) and crops + resizes every view on the GPU with ``roi_align`` (adaptive
+sampling = area-averaging, i.e. antialiased), all on the loader's side stream.
 Non-JPEG files, and JPEGs that do not end with their end-of-image marker (truncated
 ones among them), are decoded by the worker on the CPU.
 
@@ -14,11 +15,12 @@ Unreadable files: batches stay full (gathered losses need equal rows on every ra
 sample whose file cannot be decoded is replaced by a deterministic pick from the same
 rank's shard of the epoch (a hash of seed, epoch and slot), cropped with the slot's own
 random stream; ``Batch.indices`` names the sample actually used. The loader records the
-file in ``skipped``, remembers it (later epochs do not retry it) and prints one warning
+file in ``skipped``, remembers it (later epochs do not retry it) and logs one warning
 line per epoch (``LoaderBase``).
 """
 from __future__ import annotations
 
+import logging
 import sys
 
 import numpy as np
@@ -27,6 +29,9 @@ import torch
 from fastssl.pipelines import DataError
 from fastssl.pipelines.crops import crop_params, sample_key, view_params
 from fastssl.pipelines.loader import LoaderBase
+from fastssl.pipelines.prefetch import to_device
+
+log = logging.getLogger(__name__)
 
 MAX_TRIES = 16          # replacement candidates per unreadable sample before the folder is declared unreadable
 _REPLACE_STREAM = 1 << 20  # "view" numbers of the replacement hash, far from any real view
@@ -162,7 +167,8 @@ def crop_views(images: list[torch.Tensor], geo: torch.Tensor, sizes: list[int],
     """Every view of a batch of decoded images: V x (B, S_v, S_v, 3) uint8, on the images' device.
 
     ``images``: B x (3, H_b, W_b) uint8 (sizes may differ); ``geo``: (B, V, 5) int64 (top, left,
-    crop_h, crop_w, flip). ``roi_align`` with adaptive sampling (one sample per source pixel or
+    crop_h, crop_w, flip), a host tensor (pinned on CUDA hosts: the DataLoader pins it).
+    ``roi_align`` with adaptive sampling (one sample per source pixel or
     more: area averaging, i.e. antialiased) does the crop and resize. The images are padded into
     one (b, 3, H_max + 1, W_max + 1) batch per chunk, so each view size is one ``roi_align`` call
     over all boxes of the chunk instead of one per image (a few launches per batch, not ~B x V:
@@ -170,12 +176,16 @@ def crop_views(images: list[torch.Tensor], geo: torch.Tensor, sizes: list[int],
     column: roi_align clamps samples past an image's last pixel centre to that pixel, and a
     bilinear sample between pixel H-1 and a replicated copy of it gives the same value, so the
     result equals cropping each image alone (tested).
+
+    The boxes, flips and row indices are built on the host from ``geo`` and copied without
+    blocking (:func:`pipelines.prefetch.to_device`): a copy from pageable memory, or indexing a
+    device tensor with a Python list, would make the host wait for the stream this runs on.
     """
     from torchvision.ops import roi_align
 
     B = len(images)
     device = images[0].device
-    g = geo.to(device=device, dtype=torch.float32)                        # (B, V, 5)
+    g = geo.cpu().to(torch.float32)                                       # (B, V, 5), host
     out = [torch.empty(B, s, s, 3, dtype=torch.uint8, device=device) for s in sizes]
     by_size: dict[int, list[int]] = {}
     for v, s in enumerate(sizes):
@@ -191,14 +201,17 @@ def crop_views(images: list[torch.Tensor], geo: torch.Tensor, sizes: list[int],
             x[j, :, :h, w:] = images[k][:, :, w - 1:w]                    # replicate the last column
             x[j, :, h:, :] = x[j, :, h - 1:h, :]                          # ... and the last row (corner too)
         x = x.float()                                                     # (b, 3, mh, mw)
-        idx = torch.tensor(chunk, device=device)
+        rows = torch.tensor(chunk, dtype=torch.int64)                     # (b,) host
+        idx = to_device(rows, device)
+        gc = g[rows]                                                      # (b, V, 5) host
         for s, vs in by_size.items():
-            r = g[idx][:, vs]                                             # (b, k, 5)
-            bi = torch.arange(len(chunk), device=device, dtype=torch.float32)[:, None].expand(-1, len(vs))
+            r = gc[:, vs]                                                 # (b, k, 5) host
+            bi = torch.arange(len(chunk), dtype=torch.float32)[:, None].expand(-1, len(vs))
             boxes = torch.stack([bi, r[..., 1], r[..., 0], r[..., 1] + r[..., 3], r[..., 0] + r[..., 2]], -1)
-            crops = roi_align(x, boxes.reshape(-1, 5), output_size=(s, s), spatial_scale=1.0,
+            boxes = to_device(boxes.reshape(-1, 5), device)               # (b*k, 5)
+            flip = to_device(r[..., 4].reshape(-1).bool(), device).view(-1, 1, 1, 1)
+            crops = roi_align(x, boxes, output_size=(s, s), spatial_scale=1.0,
                               sampling_ratio=-1, aligned=True)            # (b*k, 3, s, s)
-            flip = r[..., 4].reshape(-1).bool().view(-1, 1, 1, 1)
             crops = torch.where(flip, crops.flip(-1), crops)
             crops = crops.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
             crops = crops.reshape(len(chunk), len(vs), s, s, 3)
@@ -207,24 +220,67 @@ def crop_views(images: list[torch.Tensor], geo: torch.Tensor, sizes: list[int],
     return out
 
 
+# torchvision 0.29 deprecates its image decoders in favour of TorchCodec (>= 0.16), whose
+# decode_jpeg takes a list and decodes it in one nvJPEG call on CUDA (the ground this back-end
+# needs; libjpeg on the CPU, the same pixels as torchvision's). TorchCodec is used where it
+# imports; torchvision stays the fallback (the GPU machine's torch 2.11 image has no TorchCodec),
+# with its deprecation warning silenced around this one call until the fallback can go: when
+# TorchCodec is a dependency and its CUDA batch decode has been timed against torchvision's.
+JPEG_DECODER = "auto"  # auto (TorchCodec, else torchvision) | torchcodec | torchvision
+_TV_DEPRECATION = "The image decoding and encoding capabilities of TorchVision are deprecated"
+_torchcodec_decode = None  # TorchCodec's decode_jpeg once imported; False: not importable here
+
+
+def jpeg_decoder() -> str:
+    """The decoder :func:`decode_jpegs` uses: ``torchcodec`` or ``torchvision`` (``JPEG_DECODER`` resolved)."""
+    global _torchcodec_decode
+    if JPEG_DECODER not in ("auto", "torchcodec", "torchvision"):
+        raise ValueError(f"JPEG_DECODER must be auto, torchcodec or torchvision, not {JPEG_DECODER!r}")
+    if JPEG_DECODER == "torchvision":
+        return "torchvision"
+    if _torchcodec_decode is None:
+        try:
+            from torchcodec.decoders import decode_jpeg as tc_decode
+        except Exception as e:  # noqa: BLE001 - missing, or built for another torch (its libraries fail to load)
+            if JPEG_DECODER == "torchcodec":
+                raise ImportError(f"JPEG_DECODER='torchcodec' but torchcodec does not import: {e}") from e
+            log.debug("torchcodec unavailable (%s): torchvision decodes JPEGs", e)
+            tc_decode = False
+        _torchcodec_decode = tc_decode
+    return "torchcodec" if _torchcodec_decode else "torchvision"
+
+
+def decode_jpegs(data: list[torch.Tensor], device) -> list[torch.Tensor]:
+    """JPEG bytes (1-D uint8 host tensors) -> B x (3, H, W) uint8 RGB on ``device``; one batched nvJPEG
+    call on CUDA. A JPEG the decoder refuses raises RuntimeError or ValueError."""
+    device = torch.device(device)
+    if jpeg_decoder() == "torchcodec":
+        return list(_torchcodec_decode(list(data), mode="RGB", device=device))
+    import warnings
+
+    import torchvision.io as tvio
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_TV_DEPRECATION, category=DeprecationWarning)
+        return list(tvio.decode_jpeg(list(data), mode=tvio.ImageReadMode.RGB, device=device))
+
+
 def gpu_decode_and_crop(payloads: list[torch.Tensor], geo: torch.Tensor, sizes: list[int], device) -> list[torch.Tensor]:
     """Decode a batch on the GPU and cut its views: V x (B, S_v, S_v, 3) uint8 on ``device``.
 
     ``payloads``: per image either JPEG bytes (1-D uint8) or a decoded (H, W, 3) uint8 array;
     ``geo``: (B, V, 5) int64 (top, left, crop_h, crop_w, flip).
     """
-    from torchvision.io import ImageReadMode, decode_jpeg
-
     device = torch.device(device)
     jpeg_ix = [k for k, p in enumerate(payloads) if p.dim() == 1]
     images: list[torch.Tensor | None] = [None] * len(payloads)
     if jpeg_ix:  # one batched nvJPEG call; (3, H, W) uint8 each
-        dec = decode_jpeg([payloads[k] for k in jpeg_ix], mode=ImageReadMode.RGB, device=device)
+        dec = decode_jpegs([payloads[k] for k in jpeg_ix], device)
         for k, im in zip(jpeg_ix, dec):
             images[k] = im
     for k, p in enumerate(payloads):
         if images[k] is None:
-            images[k] = p.to(device, non_blocking=True).permute(2, 0, 1)
+            images[k] = to_device(p, device).permute(2, 0, 1)
     return crop_views(images, geo, sizes)
 
 
@@ -262,7 +318,8 @@ class TorchLoader(LoaderBase):
             multiprocessing_context="fork" if (self.workers > 0 and sys.platform.startswith("linux")) else None,
             prefetch_factor=4 if self.workers > 0 else None)
         labelled = self.num_classes is not None
-        nbk = self.device.type == "cuda"
+        # On CUDA this body runs on the loader's side stream (pipelines.prefetch); every copy is
+        # non-blocking from pinned memory, so next() never waits for the GPU.
         for payload, geo, labels, idx, slots, skipped in dl:
             self._note(skipped)
             if payload is None:
@@ -270,13 +327,12 @@ class TorchLoader(LoaderBase):
             if geo is not None:
                 try:
                     crops = gpu_decode_and_crop(payload, geo, self.sizes, self.device)
-                except RuntimeError:  # a JPEG the GPU decoder refuses: decode it (or its replacement) on the CPU
+                except (RuntimeError, ValueError):  # a JPEG the GPU decoder refuses: decode it (or its replacement) on the CPU
                     payload, geo, labels, idx = self._cpu_fallback(payload, geo, labels, idx, slots)
                     crops = gpu_decode_and_crop(payload, geo, self.sizes, self.device)
             else:
-                crops = [c.to(self.device, non_blocking=nbk) for c in payload]
-            yield (crops, labels.to(self.device, non_blocking=nbk) if labelled else None,
-                   idx.to(self.device, non_blocking=nbk))
+                crops = [to_device(c, self.device) for c in payload]
+            yield (crops, to_device(labels, self.device) if labelled else None, to_device(idx, self.device))
 
     def _note(self, skipped) -> None:
         for j, path, reason in skipped:
@@ -291,16 +347,14 @@ class TorchLoader(LoaderBase):
 
     def _cpu_fallback(self, payload, geo, labels, idx, slots):
         """Payloads the GPU decoder refuses, decoded on the CPU here (or replaced, if the CPU cannot either)."""
-        from torchvision.io import ImageReadMode, decode_jpeg
-
         payload, geo, labels, idx = list(payload), geo.clone(), labels.clone(), idx.clone()
         for k, p in enumerate(payload):
             if p.dim() != 1:
                 continue
             try:
-                decode_jpeg([p], mode=ImageReadMode.RGB, device=self.device)
+                decode_jpegs([p], self.device)
                 continue
-            except RuntimeError:
+            except (RuntimeError, ValueError):
                 pass
             got = self.dataset.fetch(int(slots[k]), "rgb", first=int(idx[k]))
             self._note(got[5])

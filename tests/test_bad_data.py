@@ -244,7 +244,7 @@ def test_folder_gpu_path_on_cpu_replaces_unreadable_files(bad_folder, monkeypatc
     decoder refuses is decoded on the CPU instead, and one no decoder reads is replaced."""
     import torchvision.io
 
-    from fastssl.pipelines import prepare
+    from fastssl.pipelines import prepare, torch_backend
     from fastssl.pipelines.torch_backend import TorchLoader
 
     root, bad = bad_folder
@@ -265,6 +265,7 @@ def test_folder_gpu_path_on_cpu_replaces_unreadable_files(bad_folder, monkeypatc
         return real_rgb(path, *a, **k)
 
     monkeypatch.setattr(torchvision.io, "decode_jpeg", decode_jpeg)
+    monkeypatch.setattr(torch_backend, "JPEG_DECODER", "torchvision")  # the decoder patched above, TorchCodec or not
     monkeypatch.setattr(prepare, "load_rgb", load_rgb)
     L = TorchLoader(str(root), _views("dino"), 20, "cpu", workers=0, gpu_decode=True)
     batches = list(L)
