@@ -198,10 +198,13 @@ def knn_scores(train_feats, train_labels, test_feats, num_classes: int, k: int =
     best_w = torch.full((n_test, k), float("-inf"), device=dev)                # running top-k similarities (M, k)
     best_i = torch.zeros((n_test, k), dtype=torch.int64, device=dev)          # their train rows (M, k)
     max_elems = chunks = 0
+    tr = te = None
     for s in range(0, n_train, n_c):
+        del tr  # the previous chunk goes before the next is made: one (n, F) chunk alive at a time
         tr = F.normalize(train_feats[s:s + n_c].to(dev, non_blocking=True).float(), dim=1)   # (n, F)
         chunks += 1
         for q in range(0, n_test, m_c):
+            del te
             te = F.normalize(test_feats[q:q + m_c].to(dev).float(), dim=1)     # (m, F)
             sim = te @ tr.T                                                    # (m, n)
             max_elems = max(max_elems, sim.numel())
@@ -212,6 +215,7 @@ def knn_scores(train_feats, train_labels, test_feats, num_classes: int, k: int =
             top_w, pos = cand_w.topk(k, dim=1)                                 # (m, k), sorted descending
             best_w[q:q + m_c] = top_w
             best_i[q:q + m_c] = cand_i.gather(1, pos)
+    del tr, te
     votes = torch.zeros(n_test, num_classes, device=dev)
     votes.scatter_add_(1, train_labels.to(dev)[best_i].long(), (best_w / temperature).exp())
     if stats is not None:
