@@ -50,6 +50,11 @@ class Registry(Generic[T]):
 
         return deco
 
+    def unregister(self, name: str) -> None:
+        """Forget ``name`` (a method registered for one test, a user's class reloaded in a notebook)."""
+        self._items.pop(name, None)
+        self._meta.pop(name, None)
+
     def _resolve(self, name: str) -> bool:
         if name in self._items:
             return True

@@ -391,3 +391,50 @@ def test_info_nce_queue_runs_the_fused_kernel(monkeypatch):
     queue = torch.randn(10, 16)
     losses.info_nce(z1.float().requires_grad_(), z2.float(), 0.2, queue=queue, impl="triton").backward()
     assert calls == [torch.Size([10, 16])]                         # the queue alone is the column set
+
+
+# ------------------------------------------------------------------------------------------------
+# self-distillation and SwAV (cookbook sections 2.3, 2.4.2): formulas written out, stop-gradients
+# ------------------------------------------------------------------------------------------------
+def test_byol_loss_and_negative_cosine_are_the_papers_and_stop_the_target_gradient():
+    g = torch.Generator().manual_seed(0)
+    p = torch.randn(5, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(5, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    pn, zn = p / p.norm(dim=1, keepdim=True), z / z.norm(dim=1, keepdim=True)
+    want_byol = ((pn - zn) ** 2).sum(1).mean()                   # BYOL eq. 2: ||p/|p| - z/|z|||^2
+    want_simsiam = -(pn * zn).sum(1).mean()                      # SimSiam eq. 1: D(p, z) = -cos
+    got_byol, got_simsiam = losses.byol_loss(p, z), losses.negative_cosine(p, z)
+    assert got_byol.item() == pytest.approx(want_byol.item(), rel=1e-6)
+    assert got_simsiam.item() == pytest.approx(want_simsiam.item(), rel=1e-6)
+    (got_byol + got_simsiam).backward()
+    assert z.grad is None and p.grad is not None and p.grad.abs().sum() > 0   # the target gets no gradient
+    same = torch.randn(4, 3)
+    assert abs(losses.byol_loss(same, 2 * same).item()) < 1e-6
+    assert losses.negative_cosine(same, 2 * same).item() == pytest.approx(-1.0)
+    with pytest.raises(ValueError, match="byol_loss"):
+        losses.byol_loss(torch.randn(4, 3), torch.randn(4, 2))
+
+
+def test_dino_and_swav_losses_average_cross_entropy_over_pairs_of_different_views():
+    g = torch.Generator().manual_seed(1)
+    b, k, n_views = 3, 5, 4
+    targets = [torch.softmax(torch.randn(b, k, generator=g), 1) for _ in range(2)]
+    logp = [torch.log_softmax(torch.randn(b, k, generator=g), 1) for _ in range(n_views)]
+    terms = []
+    for t in range(2):
+        for v in range(n_views):
+            if v != t:                                          # a view never predicts itself
+                terms.append(sum(-(targets[t][i] * logp[v][i]).sum() for i in range(b)) / b)
+    want = sum(terms) / len(terms)                              # 2 x 3 = 6 pairs
+    for fn in (losses.dino_loss, losses.swav_loss):
+        assert fn(targets, logp).item() == pytest.approx(want.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="dino_loss"):
+        losses.dino_loss(targets, logp[:1])
+
+
+def test_sinkhorn_codes_are_distributions_with_equal_prototype_mass():
+    scores = F.normalize(torch.randn(32, 8), dim=1) @ F.normalize(torch.randn(4, 8), dim=1).t()
+    q = losses.sinkhorn(scores, eps=0.05, iters=50)
+    torch.testing.assert_close(q.sum(1), torch.ones(32), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(q.sum(0), torch.full((4,), 8.0), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(losses.sinkhorn(scores + 3.0, 0.05, 3), losses.sinkhorn(scores, 0.05, 3))
