@@ -397,11 +397,12 @@ def _validate_index(i: int):
 
 def validate(paths: list, workers: int, progress: bool = True, max_resolution: int | None = None,
              max_aspect_ratio: float = MAX_ASPECT_RATIO, short_side: int | None = None,
-             fetch=None) -> list[tuple[object, str | None, tuple[int, int]]]:
+             fetch=None, chunk: int = 16) -> list[tuple[object, str | None, tuple[int, int]]]:
     """Decode every image once, in ``workers`` processes; one ``(path, reason or None, (h, w))`` per path, in order.
 
     ``fetch(ref)``: turns each element of ``paths`` into a file, an :class:`Encoded` image or
-    pixels (a source's reader); by default the elements are file paths.
+    pixels (a source's reader); by default the elements are file paths. ``chunk``: consecutive
+    items a worker takes at once (a Parquet row group's rows, so that one worker reads each group).
     """
     global _JOB
     from fastssl.progress import progress as progress_bar
@@ -419,7 +420,7 @@ def validate(paths: list, workers: int, progress: bool = True, max_resolution: i
                 bar.update(1)
         else:
             with mp.get_context("fork").Pool(workers) as pool:
-                for r in pool.imap(_validate_index, range(len(paths)), chunksize=16):
+                for r in pool.imap(_validate_index, range(len(paths)), chunksize=max(1, chunk)):
                     out.append(r)
                     bar.update(1)
     finally:
@@ -663,7 +664,7 @@ class _WriterWatch:
 
 
 def _write_beton(dataset, out: Path, s: WriteSettings, page_size: int, quiet: bool = False,
-                 needed: int | None = None) -> None:
+                 needed: int | None = None, chunk: int = 100) -> None:
     """ffcv ``DatasetWriter`` into ``out`` through a temporary file in the same folder, then rename.
 
     ffcv's writer draws its own tqdm bar (no label, on stderr, even when quiet, ``\r``-joined in a
@@ -688,7 +689,7 @@ def _write_beton(dataset, out: Path, s: WriteSettings, page_size: int, quiet: bo
                 writer_progress(lambda total: progress(total, f"write {out.name}", "img", enabled=not quiet)):
             try:
                 writer.from_indexed_dataset(dataset,
-                                            chunksize=max(1, min(100, len(dataset) // (4 * max(1, s.workers)) or 1)))
+                                            chunksize=max(1, min(chunk, len(dataset) // (4 * max(1, s.workers)) or 1)))
             except _WriterDied:
                 sm = getattr(writer, "metadata_sm", None)
                 if sm is not None and not isinstance(sm, int):  # ffcv's shared memory outlives its processes
@@ -790,8 +791,11 @@ def prepare_source(source, out: str | os.PathLike, settings: WriteSettings | Non
 
     t0 = time.perf_counter()
     _log(f"{source.describe()}; validating with {s.workers} workers", quiet)
+    # Consecutive items per worker task: a source read in blocks (Parquet row groups) says how many.
+    chunk = getattr(source, "read_chunk", None)
     checked = validate([ref for ref, _ in items], s.workers, progress=not quiet, max_resolution=s.max_resolution,
-                       max_aspect_ratio=s.max_aspect_ratio, short_side=s.short_side, fetch=source.fetch)
+                       max_aspect_ratio=s.max_aspect_ratio, short_side=s.short_side, fetch=source.fetch,
+                       chunk=chunk or 16)
     good = [(ref, label) for (ref, label), (_, why, _) in zip(items, checked) if why is None]
     skipped += [(source.name(ref), why) for ref, why, _ in checked if why is not None]
     if not good:
@@ -811,7 +815,8 @@ def prepare_source(source, out: str | os.PathLike, settings: WriteSettings | Non
         raise _disk_full(out, est)
 
     with tempfile.TemporaryDirectory() as fail_dir:
-        _write_beton(_SourceDataset(good, fail_dir, s, source.fetch, source.name), out, s, page, quiet, needed=est)
+        _write_beton(_SourceDataset(good, fail_dir, s, source.fetch, source.name), out, s, page, quiet, needed=est,
+                     chunk=chunk or 100)
         failed = sorted(Path(fail_dir).iterdir())
         if failed:
             out.unlink(missing_ok=True)

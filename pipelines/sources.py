@@ -252,6 +252,10 @@ class ParquetSource(Source):
                     continue
                 raw.append(((si, r), lab, self.name((si, r))))
         self._finish(raw, names, labelled=self.label_column is not None and any(lab is not None for _, lab, _ in raw))
+        # Workers take whole row groups (the median size, at most 1000 rows): each group is then read by one
+        # worker, not by every worker that drew a few of its rows.
+        sizes = [b - a for g in self.row_groups for a, b in zip(g, g[1:])] or [100]
+        self.read_chunk = int(min(1000, max(16, np.median(sizes))))
 
     def _schema(self, si: int):
         import pyarrow.parquet as pq
@@ -307,15 +311,15 @@ class ParquetSource(Source):
             if p.suffix.lower() == ".parquet":
                 f = pq.ParquetFile(p)
                 n = f.metadata.num_rows
-                starts = list(np.cumsum([0] + [f.metadata.row_group(g).num_rows
-                                               for g in range(f.num_row_groups)])[:-1])
+                starts = list(np.cumsum([0] + [f.metadata.row_group(g).num_rows  # each group's first row, then
+                                               for g in range(f.num_row_groups)]))  # the end
                 col = f.read(columns=[self.label_column]).column(0).to_pylist() if self.label_column else [None] * n
                 if self.key_column:  # a nested field alone ("image.path"): the bytes beside it stay unread
                     k = f.read(columns=[self.key_column]).column(0).combine_chunks()
                     keys = (k.field("path") if self.key_column != "__key__" else k).to_pylist()
             else:
                 t = self._arrow_table(si)
-                starts = [0]
+                starts = [0, t.num_rows]
                 col = t.column(self.label_column).to_pylist() if self.label_column else [None] * t.num_rows
                 if self.key_column:
                     k = t.column(self.key_column.split(".")[0]).combine_chunks()
@@ -325,7 +329,7 @@ class ParquetSource(Source):
         except Exception as e:
             raise PrepareError(f"{p}: cannot read it ({type(e).__name__}: {e}): remove the shard or re-export "
                                f"it") from None
-        return col, [int(s) for s in starts], keys
+        return col, [int(x) for x in starts], keys
 
     def _group(self, si: int, r: int):
         """The image column of the row group holding row ``r`` of shard ``si`` (cached) and its first row."""

@@ -275,3 +275,42 @@ def test_stl10_binary(tmp_path):
     order = sorted(range(6), key=lambda i: (f"k{labels[i] - 1}", f"{i:05d}"))
     assert all(np.array_equal(read_image(out, i), read_image(ref, k)) for k, i in enumerate(order))
     assert json.loads(meta_path(out).read_text())["class_counts"] == [1, 1, 1, 1, 1, 0, 0, 0, 0, 1]
+
+
+def test_parquet_paths_links_and_missing_pyarrow(samples, tmp_path, monkeypatch):
+    """Listing and reading only (no .beton): a struct with a path and no bytes, a tar link, no pyarrow."""
+    import sys
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from fastssl.pipelines.prepare import PrepareError, validate
+
+    good = [s for s in samples if s[4]][:3]
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / f"a.{good[0][1]}").write_bytes(good[0][2])
+    (tmp_path / "secret.jpg").write_bytes(good[1][2])
+    image_t = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    cells = [{"bytes": None, "path": f"a.{good[0][1]}"}, {"bytes": None, "path": "../secret.jpg"},
+             {"bytes": good[2][2], "path": f"c.{good[2][1]}"}]
+    pq.write_table(pa.table({"image": pa.array(cells, image_t), "label": [0, 1, 2]}), tmp_path / "files" / "p.parquet")
+    src = open_source(tmp_path / "files" / "p.parquet", label_column="")
+    assert src.classes is None and [lab for _, lab in src.items] == [-1, -1, -1]       # --label-column ''
+    checked = validate([r for r, _ in src.items], 1, progress=False, fetch=src.fetch)
+    assert checked[0][1] is None and checked[2][1] is None
+    assert "outside the shard's folder" in checked[1][1] and "key ../secret.jpg" in src.name(checked[1][0])
+
+    with tarfile.open(tmp_path / "links.tar", "w") as tf:
+        info = tarfile.TarInfo("000.jpg")
+        info.size = len(good[0][2])
+        tf.addfile(info, io.BytesIO(good[0][2]))
+        link = tarfile.TarInfo("001.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tf.addfile(link)
+    src = open_source(tmp_path / "links.tar")
+    assert len(src.items) == 1 and src.skipped == [(f"{tmp_path / 'links.tar'}: 001.jpg",
+                                                    "not a regular file (a link or device)")]
+
+    monkeypatch.setitem(sys.modules, "pyarrow", None)   # as if not installed
+    with pytest.raises(PrepareError, match=r"pip install"):
+        open_source(tmp_path / "files" / "p.parquet")
