@@ -57,7 +57,7 @@ def fit(module: SSLModule, loader, max_steps: int) -> list[float]:
     while module.global_step < max_steps:
         loader.set_epoch(epoch)
         for i, batch in enumerate(loader):
-            def closure():
+            def closure(batch=batch, i=i):                               # called once, by opt.step below
                 opt.zero_grad()
                 loss = module.training_step(batch, i)
                 loss.backward()

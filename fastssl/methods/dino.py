@@ -25,7 +25,7 @@ from fastssl.methods import MethodHooks, register_method
 from fastssl.methods._common import (all_reduce_sum, at_step, ema_update_teachers, embedding_std, epochs_to_steps,
                                      forward_by_resolution, make_teachers, momentum_schedule, resolution_groups,
                                      resolve_backbone)
-from fastssl.models.heads import DINOHead  # noqa: F401  (defined beside the other heads; importable from here too)
+from fastssl.models.heads import DINOHead
 
 
 @dataclass
