@@ -2,7 +2,8 @@
 # The GPU checks for a lent GPU machine, in one call each (the workplace's `device` tool runs this in a
 # copy of the repo; results land in $OUT, default ./gpu-results, at most 8 files). That machine has
 # torch, triton, timm, accelerate and numba but no ffcv, DALI or xformers and no network: ffcv and
-# lightly travel as wheels (run(carry=["dist/wheels", ".whl"]): scripts/build_ffcv_wheel.sh builds ffcv's).
+# lightly travel as wheels (run(carry=["dist/wheels", ".whl"]): scripts/build_ffcv_wheel.sh builds ffcv's for
+# cp311 and cp312, about 9.4 MiB each, with four small pure-Python wheels it needs).
 #
 #   bash scripts/gpu_check.sh               # PART=main: the main job, first (<= 9 min)
 #   PART=step bash scripts/gpu_check.sh     # the second, optional call: CUDA tests, step and peer benchmarks
@@ -35,12 +36,17 @@ if [ "$DRY" = 0 ]; then
   $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$OUT/install.log" 2>&1
   # ffcv (self-contained: its libjpeg-turbo and OpenCV inside the wheel) and its small pure-Python
   # dependencies, then lightly (the peer benchmark's other arm), all without an index.
-  for dir in dist/wheels .whl; do
-    if ls "$dir"/*.whl > /dev/null 2>&1; then
-      $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$dir"/*.whl \
-        >> "$OUT/install.log" 2>&1 && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-    fi
-  done
+  # pip picks the wheel of this machine's Python from dist/wheels (cp311 and cp312 are built); --no-deps
+  # always: ffcv's metadata names opencv-python, and the machine's cv2 is opencv-python-headless.
+  if ls dist/wheels/ffcv-*.whl > /dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site --find-links dist/wheels \
+      ffcv==1.0.2 terminaltables assertpy fastargs pytorch-pfn-extras >> "$OUT/install.log" 2>&1 \
+      && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  if ls .whl/*.whl > /dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+      >> "$OUT/install.log" 2>&1 && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 fi
 # A broken install wastes the whole lease: stop here if fastssl does not import.
