@@ -203,16 +203,8 @@ def _to_torch(tl, device) -> torch.Tensor:
 
 
 def _rows_to_device(rows: np.ndarray, device) -> torch.Tensor:
-    """``(k, B)`` int64 host rows (indices, labels) -> ``device`` in one copy.
+    """``(k, B)`` int64 host rows (indices, labels) -> ``device`` in one copy, pinned and non-blocking on CUDA
+    (:func:`pipelines.prefetch.to_device`: a copy from pageable memory would make the host wait for the stream)."""
+    from fastssl.pipelines.prefetch import to_device
 
-    CUDA: staged in pinned memory and copied with ``non_blocking=True``: a copy from pageable
-    memory makes the host wait for the copy, which is queued behind the previous training step.
-    Torch's caching host allocator hands the pinned block out again only after that copy ran.
-    """
-    t = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64))
-    device = torch.device(device)
-    if device.type != "cuda":
-        return t.to(device)
-    pinned = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    pinned.copy_(t)
-    return pinned.to(device, non_blocking=True)
+    return to_device(torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64)), device)

@@ -25,6 +25,7 @@ from fastssl.pipelines.ffcv_decode import ST_EPOCH, ST_NVIEWS, ST_ROW, ST_SEED, 
 from fastssl.pipelines.ffcv_compat import decoder_base, import_ffcv, make_loader, next_batch, open_beton, start_epoch, \
     stop_epoch
 from fastssl.pipelines.loader import LoaderBase
+from fastssl.pipelines.prefetch import to_device
 
 MAX_VIEWS = 64
 
@@ -207,8 +208,6 @@ class FFCVLoader(LoaderBase):
             rows = out[self._out_image]                     # (B, sum 3 S^2) uint8 in ffcv's slot, pinned on CUDA hosts
             B = rows.shape[0]
             idx = torch.from_numpy(order[b * self.batch_size: b * self.batch_size + B].astype(np.int64))
-            if cuda:  # pinned: a non-blocking copy from pageable memory would wait for the stream (the last step)
-                idx = idx.pin_memory()
             # Every batch leaves ffcv's slot before it is yielded, and the slot goes back with the copy's fence
             # (pipelines.ffcv_compat.SlotFences): CUDA, an async copy whose event the decoding thread waits on
             # before it writes into the slot again; CPU, a copy here (the crops would otherwise be views of the
@@ -222,5 +221,5 @@ class FFCVLoader(LoaderBase):
                 labels = (lab.to(self.device, non_blocking=True) if cuda else lab.clone()).reshape(B).long()
             it.slots.release(slot, self._copy_fence())
             crops = [rows[:, offs[v]:offs[v + 1]].unflatten(1, (s, s, 3)) for v, s in enumerate(self.sizes)]
-            yield crops, labels, idx.to(self.device, non_blocking=True)
+            yield crops, labels, to_device(idx, self.device)  # pinned, non-blocking on CUDA
         self._it = None

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import has_module
-from fastssl.pipelines import dali_backend
 from fastssl.pipelines.dali_backend import _dlpack_device, _rows_to_device, _to_torch
 
 KDL_CUDA = 2
@@ -96,7 +95,8 @@ class _Stream:
 
 @pytest.fixture
 def fake_cuda(monkeypatch):
-    """torch's current CUDA stream (as torch.from_dlpack asks for it) and ``Tensor.to`` towards CUDA, recorded."""
+    """torch's current CUDA stream (as torch.from_dlpack asks for it), ``Tensor.to`` towards CUDA (recorded) and
+    pinning (a mark on the tensor), without a GPU."""
     seen = {"streams": [], "to": []}
     state = {"ptr": 0xBEEF}
 
@@ -114,8 +114,15 @@ def fake_cuda(monkeypatch):
             return self
         return orig_to(self, *args, **kw)
 
+    def pin_memory(self, *a, **kw):
+        t = self.clone()
+        t._fake_pinned = True
+        return t
+
     monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
     monkeypatch.setattr(torch.Tensor, "to", to)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self, *a, **kw: getattr(self, "_fake_pinned", False))
     seen["state"] = state
     return seen
 
@@ -175,21 +182,10 @@ def test_rows_to_device_cpu():
     assert out.dtype == torch.int64 and out.tolist() == rows.tolist()
 
 
-def test_rows_to_device_cuda_is_pinned_and_non_blocking(fake_cuda, monkeypatch):
+def test_rows_to_device_cuda_is_pinned_and_non_blocking(fake_cuda):
     """Labels and indices reach the GPU from pinned memory with a non-blocking copy (no host wait)."""
-    made = []
-    real_empty = torch.empty
-
-    def empty(*shape, pin_memory=False, **kw):
-        t = real_empty(*shape, **kw)
-        t._fake_pinned = pin_memory
-        made.append(pin_memory)
-        return t
-
-    monkeypatch.setattr(dali_backend.torch, "empty", empty)
     rows = np.array([[3, 1, 4, 1], [5, 9, 2, 6]], np.int64)
     out = _rows_to_device(rows, torch.device("cuda", 0))
-    assert made == [True]
     assert fake_cuda["to"] == [{"device": "cuda:0", "non_blocking": True, "pinned": True}]
     assert out.tolist() == rows.tolist()
 
@@ -263,15 +259,7 @@ def test_loader_gpu_batches_with_stand_in_outputs(demo_data, fake_cuda, monkeypa
             made.append(crops)
             return (TensorListCPU(ids), *crops)
 
-    real_empty = torch.empty
-
-    def empty(*shape, pin_memory=False, **kw):
-        t = real_empty(*shape, **kw)
-        t._fake_pinned = pin_memory
-        return t
-
     monkeypatch.setattr(L, "_pipeline", FakePipe)
-    monkeypatch.setattr(dali_backend.torch, "empty", empty)
     order = L.order(0)
     got = list(L._raw_batches(order, 3))
     assert len(got) == 3

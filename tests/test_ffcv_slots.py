@@ -187,3 +187,44 @@ def test_abandoned_pass_then_next_epoch(demo_data):
     fresh = _ffcv(demo_data, batches_ahead=4)
     fresh.set_epoch(1)
     assert len(again) == len(L) and all(torch.equal(u, v) for x, y in zip(again, fresh) for u, v in zip(x, y.views))
+
+
+@needs_ffcv
+def test_cuda_path_queues_the_copies_then_fences_then_yields(demo_data, monkeypatch):
+    """The CUDA path without a GPU (copies recorded, not run): every batch's copies out of the slot are
+    non-blocking and queued before the slot's fence is taken; indices go pinned and non-blocking."""
+    log = []
+    orig_to = torch.Tensor.to
+
+    def to(self, *args, **kw):
+        dev = kw.get("device", args[0] if args else None)
+        if dev is not None and not isinstance(dev, torch.dtype) and torch.device(dev).type == "cuda":
+            log.append(("copy", kw.get("non_blocking", False), getattr(self, "_fake_pinned", False)))
+            return self.clone()                   # "on the GPU": no longer the slot's memory
+        return orig_to(self, *args, **kw)
+
+    def pin_memory(self, *a, **kw):
+        t = self.clone()
+        t._fake_pinned = True
+        return t
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self, *a, **kw: getattr(self, "_fake_pinned", False))
+    L = _ffcv(demo_data, batches_ahead=1)
+    L.device = torch.device("cuda", 0)
+
+    def fence():
+        log.append(("fence",))
+        return FakeEvent()
+
+    L._copy_fence = fence
+    n = 0
+    for _crops, labels, indices in L._raw_batches(L.order(0), 5):
+        n += 1
+        assert log[-1] == ("copy", True, True)      # the indices, from pinned memory
+        assert log[-2] == ("fence",)
+        assert log[-4:-2] == [("copy", True, False)] * 2   # crops and labels, straight from ffcv's slot
+        assert labels.dtype == torch.int64
+        log.clear()
+    assert n == 5
