@@ -114,7 +114,8 @@ class KnnPlan:
     normalised fp32 chunks (m, F) and (n, F) (plus the chunk's device copy when the bank lives
     elsewhere, and its fp32 cast when the bank is bf16/fp16), and the chunk's top-k and its merge
     with the running top-k. The running top-k itself, ``state_bytes`` = M x k x (4 + 8)
-    (values, indices), is the result's size and is counted apart.
+    (values, indices), and the returned scores (M, C) fp32 are the result's size and are
+    counted apart.
     """
 
     chunk_test: int
