@@ -111,7 +111,7 @@ def adjust_hue(x: torch.Tensor, hue: torch.Tensor, *, inplace: bool = False) -> 
     gc.add_(4.0).sub_(rc)                                     # max on b: 4 + gc - rc (in the g channel)
     rc.add_(2.0).sub_(bc)                                     # max on g: 2 + rc - bc (in the r channel)
     torch.where(on_g, rc, gc, out=gc)
-    torch.where(on_r, h, gc, out=h)
+    torch.where(on_r, h, gc, out=h)                           # torchvision's hr + hg + hb (6 x hue, unwrapped)
     del on_r, on_g
     h.div_(6.0).add_(1.0).fmod_(1.0)
     h.add_(hue.to(torch.float32).view(-1, 1, 1)).remainder_(1.0)
@@ -128,7 +128,7 @@ def adjust_hue(x: torch.Tensor, hue: torch.Tensor, *, inplace: bool = False) -> 
     # r:        v  q  p  p  t  v
     # g:        t  v  v  q  p  p
     # b:        p  p  t  v  v  q
-    # r and b first: q lives in the g channel's place until g is written (in place, last).
+    # The result's channels are free again (they held rc, gc, bc); v, p, q, t, i are (B, H, W) temporaries.
     r.copy_(p)
     torch.where(i == 1, q, r, out=r)
     torch.where(i == 4, t, r, out=r)
@@ -137,7 +137,7 @@ def adjust_hue(x: torch.Tensor, hue: torch.Tensor, *, inplace: bool = False) -> 
     torch.where(i == 2, t, b, out=b)
     torch.where((i == 3) | (i == 4), v, b, out=b)
     torch.where(i == 5, q, b, out=b)
-    torch.where(i == 3, q, p, out=g)                          # q is g's own storage: read before written
+    torch.where(i == 3, q, p, out=g)
     torch.where((i == 1) | (i == 2), v, g, out=g)
     torch.where(i == 0, t, g, out=g)
     if dtype == torch.float32:
