@@ -204,8 +204,7 @@ import torch
 import torch.nn as nn
 
 from fastssl import losses
-from fastssl.methods import MethodHooks
-from fastssl.methods._common import resolve_backbone
+from fastssl.methods import MethodHooks, resolve_backbone
 from fastssl.models.heads import ProjectionHead
 
 

@@ -39,7 +39,8 @@ Constructor arguments (the same in every method, so generic code can build any o
 
 - ``backbone``: a name (a fastssl backbone such as ``resnet_tiny`` or any timm model) or an
   ``nn.Module`` mapping (B, 3, H, W) -> (B, F); ``feat_dim`` gives F for a module without a
-  ``num_features`` attribute.
+  ``num_features`` attribute (``resolve_backbone(backbone, feat_dim)`` turns the pair into
+  ``(module, F)``).
 - one keyword argument per key of the method's config dataclass (``method.<key>``), same
   names and defaults (a test checks), so ``from_config`` passes ``cfg.method`` through.
 - ``total_steps`` (methods with per-step schedules, e.g. the EMA momentum's cosine):
@@ -210,7 +211,8 @@ def _resolve_method(registry: Registry, name: str) -> bool:
         try:
             mod = importlib.import_module(mod_name)
         except ModuleNotFoundError as e:
-            if e.name and (mod_name == e.name or mod_name.startswith(e.name + ".")):   # the module itself, not its imports
+            # the user's module (or its package) is missing, not a module it imports
+            if e.name and (mod_name == e.name or mod_name.startswith(e.name + ".")):
                 raise KeyError(f"method {name!r}: no module {mod_name!r} on sys.path (for "
                                f"method.name=package.module:Class, install the package or add its folder to "
                                f"PYTHONPATH)") from None
@@ -266,7 +268,9 @@ def _import_all() -> None:
 
 _import_all()
 
-# The built-in classes by name, for ``fastssl.methods.SimCLR(backbone="resnet18", ...)``.
+# The built-in classes by name, for ``fastssl.methods.SimCLR(backbone="resnet18", ...)``, and the
+# backbone argument's resolver, for methods written outside fastssl.
+from fastssl.methods._common import resolve_backbone  # noqa: E402
 from fastssl.methods.barlow_twins import BarlowTwins  # noqa: E402
 from fastssl.methods.byol import BYOL  # noqa: E402
 from fastssl.methods.dcl import DCL  # noqa: E402
@@ -280,4 +284,4 @@ from fastssl.methods.swav import SwAV  # noqa: E402
 from fastssl.methods.vicreg import VICReg  # noqa: E402
 
 __all__ = ["METHODS", "SSLMethod", "MethodHooks", "register_method", "create_method", "list_methods",
-           "BarlowTwins", "BYOL", "DCL", "DINO", "MAE", "MoCoV3", "NNCLR", "SimCLR", "SimSiam", "SwAV", "VICReg"]
+           "resolve_backbone", "BarlowTwins", "BYOL", "DCL", "DINO", "MAE", "MoCoV3", "NNCLR", "SimCLR", "SimSiam", "SwAV", "VICReg"]
