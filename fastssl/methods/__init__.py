@@ -284,4 +284,5 @@ from fastssl.methods.swav import SwAV  # noqa: E402
 from fastssl.methods.vicreg import VICReg  # noqa: E402
 
 __all__ = ["METHODS", "SSLMethod", "MethodHooks", "register_method", "create_method", "list_methods",
-           "resolve_backbone", "BarlowTwins", "BYOL", "DCL", "DINO", "MAE", "MoCoV3", "NNCLR", "SimCLR", "SimSiam", "SwAV", "VICReg"]
+           "resolve_backbone", "BarlowTwins", "BYOL", "DCL", "DINO", "MAE", "MoCoV3", "NNCLR", "SimCLR", "SimSiam",
+           "SwAV", "VICReg"]

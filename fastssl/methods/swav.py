@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from fastssl import losses
 from fastssl.config import MethodConfig
 from fastssl.methods import MethodHooks, register_method
-from fastssl.methods._common import FeatureQueue, embedding_std, epochs_to_steps, forward_by_resolution, resolve_backbone
+from fastssl.methods._common import (FeatureQueue, embedding_std, epochs_to_steps, forward_by_resolution,
+                                     resolve_backbone)
 from fastssl.models.heads import ProjectionHead
 
 
