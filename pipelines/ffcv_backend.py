@@ -200,26 +200,42 @@ class FFCVLoader(LoaderBase):
         self._it = it
         offs = np.cumsum([0] + [3 * s * s for s in self.sizes])
         cuda = self.device.type == "cuda"
-        for b in range(nb):
-            got = next_batch(it)
-            if got is None:
-                break
-            slot, out = got
-            rows = out[self._out_image]                     # (B, sum 3 S^2) uint8 in ffcv's slot, pinned on CUDA hosts
-            B = rows.shape[0]
-            idx = torch.from_numpy(order[b * self.batch_size: b * self.batch_size + B].astype(np.int64))
-            # Every batch leaves ffcv's slot before it is yielded, and the slot goes back with the copy's fence
-            # (pipelines.ffcv_compat.SlotFences): CUDA, an async copy whose event the decoding thread waits on
-            # before it writes into the slot again; CPU, a copy here (the crops would otherwise be views of the
-            # slot, overwritten batches_ahead + 2 batches later under a caller that keeps them).
-            rows = rows.to(self.device, non_blocking=True) if cuda else rows.clone()
-            labels = None
-            if self.labelled:
-                # Same dtype across the bus (a dtype change would convert on the host into pageable memory,
-                # and a copy from there waits for the stream); int64 on the device.
-                lab = out[self._out_label]
-                labels = (lab.to(self.device, non_blocking=True) if cuda else lab.clone()).reshape(B).long()
-            it.slots.release(slot, self._copy_fence())
-            crops = [rows[:, offs[v]:offs[v + 1]].unflatten(1, (s, s, 3)) for v, s in enumerate(self.sizes)]
-            yield crops, labels, to_device(idx, self.device)  # pinned, non-blocking on CUDA
+        # On the CPU with a finisher the crops stay in ffcv's slot (no copy): LoaderBase's finisher has read a raw
+        # batch before it asks for the next one, so the slot is given back when this generator is resumed. Raw
+        # crops handed to the caller (no finisher) may be kept for any time: copied out.
+        hold = not cuda and self.finisher is not None
+        held = None
+        try:
+            for b in range(nb):
+                if held is not None:
+                    it.slots.release(held)
+                    held = None
+                got = next_batch(it)
+                if got is None:
+                    break
+                slot, out = got
+                rows = out[self._out_image]                 # (B, sum 3 S^2) uint8 in ffcv's slot, pinned on CUDA hosts
+                B = rows.shape[0]
+                idx = torch.from_numpy(order[b * self.batch_size: b * self.batch_size + B].astype(np.int64))
+                # The slot goes back with the copy's fence (pipelines.ffcv_compat.SlotFences): on CUDA an async
+                # copy whose event ffcv's decoding thread waits on before writing into the slot again; on the
+                # CPU a copy here (without one, kept crops would be views of the slot, overwritten
+                # batches_ahead + 2 batches later) or, with a finisher, the slot held as above.
+                if not hold:
+                    rows = rows.to(self.device, non_blocking=True) if cuda else rows.clone()
+                labels = None
+                if self.labelled:
+                    # Same dtype across the bus (a dtype change would convert on the host into pageable memory,
+                    # and a copy from there waits for the stream); int64 on the device.
+                    lab = out[self._out_label]
+                    labels = (lab.to(self.device, non_blocking=True) if cuda else lab.clone()).reshape(B).long()
+                if hold:
+                    held = slot
+                else:
+                    it.slots.release(slot, self._copy_fence())
+                crops = [rows[:, offs[v]:offs[v + 1]].unflatten(1, (s, s, 3)) for v, s in enumerate(self.sizes)]
+                yield crops, labels, to_device(idx, self.device)  # pinned, non-blocking on CUDA
+        finally:
+            if held is not None:
+                it.slots.release(held)
         self._it = None

@@ -133,6 +133,25 @@ def test_slow_consumer_keeping_every_batch_sees_what_a_prompt_one_copied(demo_da
 
 
 @needs_ffcv
+@pytest.mark.parametrize("overlap", [False, True])
+def test_slow_finisher_reads_its_raw_batch_from_the_slot_undisturbed(demo_data, overlap):
+    """On the CPU a finisher reads the crops in ffcv's slot (no copy); the slot is given back only when the
+    next raw batch is asked for. A slow finisher, finishing in next() or on LoaderBase's thread, sees what a
+    prompt copy saw."""
+    prompt = [[v.clone() for v in b.views] for b in _ffcv(demo_data, batches_ahead=8)]
+
+    def slow(crops, step):
+        time.sleep(0.01)                         # the decoding thread runs ahead as far as it may
+        return [c.clone() for c in crops]
+
+    L = _ffcv(demo_data, batches_ahead=1)
+    L.finisher, L.overlap_finish, L.stream_prefetch = slow, overlap, False
+    got = [b.views for b in L]
+    assert len(got) == len(prompt) == 12
+    assert all(torch.equal(u, v) for x, y in zip(prompt, got) for u, v in zip(x, y))
+
+
+@needs_ffcv
 def test_decoding_thread_waits_for_each_copy_fence(demo_data):
     """The copy fences are waited for by ffcv's thread before each slot is reused, and a fence that has not
     completed holds back exactly the batch that reuses its slot."""
