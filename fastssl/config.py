@@ -38,12 +38,14 @@ class ConfigError(ValueError):
 class DataConfig:
     train: str = ""                 # .beton file or image folder (train split)
     val: str = ""                   # .beton file or image folder (kNN / probe evaluation)
-    backend: str = "auto"           # auto | ffcv | dali | torch (auto: ffcv for .beton, torch for folders)
+    backend: str = "auto"           # auto | ffcv | dali | torch | webdataset (auto: ffcv for .beton, webdataset
+                                    # for tar shards, torch for image folders)
     workers: int = 2                # decoding processes/threads
     in_memory: bool = True          # ffcv: keep the .beton in RAM (else OS page cache)
+    shuffle_buffer: int = 1000      # webdataset: samples per worker in the shuffle buffer
 
     def __post_init__(self):
-        _choice("data.backend", self.backend, ("auto", "ffcv", "dali", "torch"))
+        _choice("data.backend", self.backend, ("auto", "ffcv", "dali", "torch", "webdataset"))
 
 
 @dataclass
@@ -596,11 +598,12 @@ def _validate_backend(cfg: Config) -> None:
     import os
 
     from fastssl.pipelines.loader import BACKENDS, resolve_backend
+    from fastssl.pipelines.webdataset_backend import is_shard_spec
 
     _choice("data.backend", cfg.data.backend, BACKENDS)
     for split in ("train", "val"):
         path = getattr(cfg.data, split)
-        if path and os.path.exists(path):
+        if path and (os.path.exists(path) or is_shard_spec(path)):
             try:
                 resolve_backend(path, cfg.data.backend)
             except ValueError as e:

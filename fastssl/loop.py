@@ -55,30 +55,24 @@ class RunState:
 
 
 class MicroBatches:
-    """The next ``n`` batches of the epoch's iterator; ``wait_s`` accumulates the host time inside ``next()``."""
+    """The next ``n`` batches of the epoch's iterator, each fetch timed by ``meter``
+    (:class:`fastssl.pipelines.prefetch.DataWaitMeter`: host time in ``next()`` and the step stream's idle time)."""
 
-    def __init__(self, iterator, n: int):
-        self.iterator, self.n = iterator, n
-        self.wait_s = 0.0
+    def __init__(self, iterator, n: int, meter):
+        self.iterator, self.n, self.meter = iterator, n, meter
 
     def take(self):
         for _ in range(self.n):
-            t = time.perf_counter()
             try:
-                batch = next(self.iterator)
+                batch = self.meter.fetch(self.iterator)
             except StopIteration:
                 return
-            self.wait_s += time.perf_counter() - t
             yield batch
 
     def skip(self, n_batches: int) -> None:
         """Resume mid-epoch: the same batches in the same order, already trained on."""
         for _ in range(n_batches):
             next(self.iterator)
-
-    def read_wait(self) -> float:
-        w, self.wait_s = self.wait_s, 0.0
-        return w
 
 
 class LogWindow:
@@ -89,41 +83,45 @@ class LogWindow:
     the end), when the GPU has long finished that step.
     """
 
-    SUMMARY_KEYS = ("images_per_second", "data_wait", "loss", "linear_top1_online")
+    SUMMARY_KEYS = ("images_per_second", "data_wait", "data_wait_host", "loss", "linear_top1_online")
 
-    def __init__(self, core, metrics, bar, global_batch: int, cfg, cuda: bool):
-        self.core, self.metrics, self.bar = core, metrics, bar
+    def __init__(self, core, metrics, bar, global_batch: int, cfg, cuda: bool, meter):
+        self.core, self.metrics, self.bar, self.meter = core, metrics, bar, meter
         self.global_batch, self.cfg, self.cuda = global_batch, cfg, cuda
-        self.busy_s, self.wait_s, self.steps = 0.0, 0.0, 0
-        self.pending: list = []  # [(record without the values, LogSnapshot)]
+        self.busy_s, self.steps = 0.0, 0
+        self.pending: list = []  # [(record without the values, LogSnapshot, DataWaitWindow, busy seconds)]
         self.totals: dict[str, list] = {}
         self.last_good_checkpoint: Path | None = None
 
-    def add_step(self, busy_s: float, wait_s: float) -> None:
+    def add_step(self, busy_s: float) -> None:
         self.busy_s += busy_s
-        self.wait_s += wait_s
         self.steps += 1
 
     def log_point(self, state: RunState, lr: float, size: int) -> None:
         """Snapshot the device values now (no wait); write the previous point's record."""
         snap = self.core.snapshot_logs()
+        wait = self.meter.window()  # closes the window's fetch events: no sync
         self.flush()
         busy = max(self.busy_s, 1e-9)
         rec = {"kind": "train", "step": state.step, "epoch": state.epoch, "wall": state.wall(), "lr": lr,
-               "images_per_second": self.steps * self.global_batch / busy, "data_wait": self.wait_s / busy,
+               "images_per_second": self.steps * self.global_batch / busy,
                "size": size, "torch_threads": torch.get_num_threads()}
         if self.cuda:
             rec["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        self.pending.append((rec, snap))
-        self.busy_s, self.wait_s, self.steps = 0.0, 0.0, 0
+        self.pending.append((rec, snap, wait, busy))
+        self.busy_s, self.steps = 0.0, 0
 
     def flush(self) -> None:
         """Write every pending record (waits only for their copies); a non-finite loss raises."""
         while self.pending:
-            rec, snap = self.pending.pop(0)
+            rec, snap, wait, busy = self.pending.pop(0)
             vals, bad = self.core.resolve_logs(snap)
             self.check_finite(bad)
-            rec = {**rec, **vals}
+            # The GPU is past this window's last fetch (its snapshot resolved): reading its events waits for nothing.
+            # data_wait: the step stream idle for want of a batch (comparable across back-ends); data_wait_host:
+            # host time inside next(). On the CPU they are the same.
+            w = wait.resolve()
+            rec = {**rec, **vals, "data_wait": w["data_wait_device"] / busy, "data_wait_host": w["data_wait_host"] / busy}
             self.metrics.write(**rec)
             if self.bar is not None:
                 self.bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.3g}",

@@ -83,6 +83,7 @@ def train(cfg: Config, trust_checkpoint: bool = False) -> dict:
 
 def _train(cfg, acc, device, bf16, threads, out, history, state, lock) -> dict:
     from fastssl.engine import TrainCore, train_step
+    from fastssl.pipelines.prefetch import DataWaitMeter
     from fastssl.progress import first_step, progress
 
     rank, world = acc.process_index, acc.num_processes
@@ -101,7 +102,8 @@ def _train(cfg, acc, device, bf16, threads, out, history, state, lock) -> dict:
     # A bar on a terminal; otherwise a line per log_every steps (train.progress=false: none). Rank 0 only.
     bar = progress(derived.run_steps, "train", "step", enabled=cfg.train.progress and acc.is_main_process,
                    initial=run.step, every=cfg.train.log_every)
-    window = LogWindow(core, metrics, bar, derived.global_batch, cfg, device.type == "cuda")
+    meter = DataWaitMeter(device)
+    window = LogWindow(core, metrics, bar, derived.global_batch, cfg, device.type == "cuda", meter)
     saver = Checkpointer(history, core, acc, window, derived.total_steps, to_dict(cfg))
     evaluator = Evaluator(cfg, core, make_loader, device, loader.num_classes, out, acc.is_main_process)
     if evaluator.enabled and evaluator.participates and cfg.eval.final and run.knn_init is None:
@@ -121,9 +123,13 @@ def _train(cfg, acc, device, bf16, threads, out, history, state, lock) -> dict:
         size = progressive_size(run.epoch, cfg.train.epochs, cfg.train.res_start, cfg.aug.global_size,
                                 cfg.train.res_end_epoch, cfg.train.res_step)
         loader.set_epoch(run.epoch, global_size=size if cfg.train.res_start else None)
-        batches = MicroBatches(iter(loader), cfg.optim.accum_steps)
         bi = batch0 if run.epoch == epoch0 else 0
-        batches.skip(bi * cfg.optim.accum_steps)
+        skip = bi * cfg.optim.accum_steps
+        if skip and hasattr(loader, "skip_batches"):  # skips without decoding (webdataset back-end)
+            loader.skip_batches(skip)
+            skip = 0
+        batches = MicroBatches(iter(loader), cfg.optim.accum_steps, meter)
+        batches.skip(skip)
         while bi < derived.steps_per_epoch and run.step < derived.run_steps:
             t0 = time.perf_counter()
             with first_step(cfg.model.backbone, bar, enabled=compiling and cfg.train.progress):
@@ -133,7 +139,7 @@ def _train(cfg, acc, device, bf16, threads, out, history, state, lock) -> dict:
                 break
             run.step += 1
             bi += 1
-            window.add_step(time.perf_counter() - t0, batches.read_wait())
+            window.add_step(time.perf_counter() - t0)
             logged = run.step % cfg.train.log_every == 0 or run.step == derived.run_steps \
                 or bi == derived.steps_per_epoch
             if logged:
@@ -246,6 +252,7 @@ def make_summary(cfg, derived, window: LogWindow, final, knn_init, wall, step, b
         "images_per_second": window.mean("images_per_second"),
         "wall_seconds": wall,
         "data_wait_fraction": window.mean("data_wait"),
+        "data_wait_host_fraction": window.mean("data_wait_host"),
         "final_loss": losses[-1],
         "protocol": {
             "knn": knn_protocol,
@@ -253,6 +260,9 @@ def make_summary(cfg, derived, window: LogWindow, final, knn_init, wall, step, b
                                   "trained alongside; accuracy on the last 3 logged training windows",
             "rankme": "RankMe (section 3.7.2) of backbone features of the eval split",
             "images_per_second": "training images (global batch) per second of step time, after the first log window",
+            "data_wait_fraction": "share of step time the step's CUDA stream sat idle waiting for a batch (CUDA "
+                                  "events; on the CPU, host time in the loader); data_wait_host_fraction: host time "
+                                  "inside the loader's next()",
             "eval_seconds": "host wall time of this segment's in-training kNN/RankMe evaluations (at init and "
                             "every eval.every_epochs); eval_fraction is their share of train_seconds (the rest of "
                             "wall_seconds); final_eval_seconds is the evaluation after the last step",

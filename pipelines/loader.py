@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-BACKENDS = ("auto", "ffcv", "torch", "dali")
+BACKENDS = ("auto", "ffcv", "torch", "dali", "webdataset")
 
 
 class Normalize:
@@ -198,11 +198,21 @@ def _field(cfg, name, default=None):
 
 
 def resolve_backend(path: str, backend: str) -> str:
-    """``auto``: ffcv for a ``.beton`` (torch if ffcv is missing: impossible, it needs ffcv), torch for a folder."""
+    """``auto``: ffcv for a ``.beton``, webdataset for tar shards, torch for an image folder."""
     if backend not in BACKENDS:
         from fastssl.registry import closest
 
         raise ValueError(f"unknown data back-end {backend!r}: {closest(backend, list(BACKENDS))}")
+    from fastssl.pipelines.webdataset_backend import is_shard_spec
+
+    if is_shard_spec(path):  # tar shards: a .tar, a folder of them, a glob or brace pattern, pipe:CMD
+        if backend in ("auto", "webdataset", "torch"):
+            return "webdataset"
+        raise DataError(f"{path} names webdataset tar shards: backend=webdataset (or auto) reads them, not "
+                        f"{backend}; or convert them with `fastssl-prepare {path} OUT.beton`")
+    if backend == "webdataset":
+        raise DataError(f"backend=webdataset reads tar shards (a .tar, a folder of them, a glob or brace "
+                        f"pattern, pipe:CMD), but {path} is none of these")
     is_beton = str(path).endswith(".beton") or (Path(path).is_file())
     if backend == "auto":
         return "ffcv" if is_beton else "torch"
@@ -236,7 +246,9 @@ def build_loader(data_cfg, aug_views, split: str, batch_size: int, device, *, se
     if not path:
         raise DataError(f"data.{split} is empty: give a .beton file or an image folder")
     path = os.fspath(path)
-    if not os.path.exists(path):
+    from fastssl.pipelines.webdataset_backend import is_shard_spec
+
+    if not is_shard_spec(path) and not os.path.exists(path):  # a shard pattern is no path: list_shards names a gap
         where = f"data.{split}={path}" if named else path
         raise MissingDataError(f"{where} does not exist: give a .beton file (`fastssl-prepare SRC OUT.beton`) or an "
                                f"image folder; `fastssl-prepare synthetic DIR` writes the built-in data")
@@ -257,10 +269,21 @@ def build_loader(data_cfg, aug_views, split: str, batch_size: int, device, *, se
     if kind == "ffcv":
         from fastssl.pipelines.ffcv_compat import import_ffcv
 
-        import_ffcv()  # torch's thread count survives ffcv's import; a missing ffcv names its install
+        try:
+            import_ffcv()  # torch's thread count survives ffcv's import; a missing ffcv names its install
+        except ImportError as e:
+            if backend != "auto":
+                raise
+            raise ImportError(f"{e}; or train from the image folder the .beton was made from (data.{split}=FOLDER: "
+                              f"the torch back-end, decoding on the GPU)") from None
         from fastssl.pipelines.ffcv_backend import FFCVLoader
 
         return FFCVLoader(path, views, batch_size, device, in_memory=in_memory, area_resize=area_resize, **common)
+    if kind == "webdataset":
+        from fastssl.pipelines.webdataset_backend import WebDatasetLoader
+
+        return WebDatasetLoader(path, views, batch_size, device,
+                                shuffle_buffer=int(_field(data_cfg, "shuffle_buffer", 1000)), **common)
     if kind == "dali":
         from fastssl.pipelines.dali_backend import DALILoader
 

@@ -415,7 +415,7 @@ def test_prepare_skips_and_names_each_hostile_case(hostile_folder, tmp_path, cap
     root, expect = hostile_folder
     out = tmp_path / "out.beton"
     assert main([str(root), str(out), "--workers", "1", "--max-resolution", "32"]) == 0
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().err  # fastssl-prepare's log lines (fastssl.logs: stderr)
     meta = json.loads(meta_path(out).read_text())
     reasons = {Path(s["path"]).name: s["reason"] for s in meta["skipped"]}
     assert set(reasons) == set(expect), reasons
