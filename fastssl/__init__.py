@@ -14,12 +14,13 @@ itself loads neither torch nor any optional package):
   ``create_method("simclr", backbone="resnet18")``; ``list_methods()``; ``register_method``.
   A method's ``forward(views, step)`` returns ``{"loss", "features", ...logged scalars}``; call
   ``after_step(step)`` after each optimizer step (EMA teachers, centres, queues).
-- ``train``: the trainer behind ``fastssl-train``; ``load_config`` / ``Config`` build its config.
+- ``train(data=..., method=..., backbone=..., out=..., config=..., **overrides)``: trains as ``fastssl-train``
+  does and returns the run directory and its summary (``fastssl.train.fit``); ``load_config`` / ``Config``
+  build a config for ``fastssl.train.train(cfg)``.
 """
 from __future__ import annotations
 
 import importlib
-import types
 from typing import Any
 
 __version__ = "0.1.0"
@@ -73,20 +74,10 @@ def list_backbones() -> list[str]:
     return BACKBONES.names()
 
 
-class _CallableModule(types.ModuleType):
-    """``fastssl.train`` is both the trainer's module and, called, its ``train`` function."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.train(*args, **kwargs)
-
-
 def _train_module():
-    mod = importlib.import_module("fastssl.train")
-    if not callable(getattr(mod, "train", None)):
-        raise AttributeError("fastssl.train(...) is not available in this version: run `fastssl-train` instead")
-    if not isinstance(mod, _CallableModule):
-        mod.__class__ = _CallableModule
-    return mod
+    # fastssl/train.py makes itself callable on import (its module class calls ``fit``), so
+    # ``fastssl.train(...)`` works whichever of ``import fastssl.train`` or this lookup came first.
+    return importlib.import_module("fastssl.train")
 
 
 def __getattr__(name: str) -> Any:

@@ -33,7 +33,8 @@ def environment(device: torch.device) -> dict:
 
     env = {"python": platform.python_version(), "platform": platform.platform(), "device": str(device),
            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
-    for pkg in ("torch", "torchvision", "timm", "accelerate", "numpy", "numba", "triton", "ffcv", "nvidia-dali-cuda120", "fastssl"):
+    for pkg in ("torch", "torchvision", "timm", "accelerate", "numpy", "numba", "triton", "ffcv", "nvidia-dali-cuda130",
+                "nvidia-dali-cuda120", "pyarrow", "torchcodec", "fastssl"):
         try:
             env[pkg] = md.version(pkg)
         except md.PackageNotFoundError:

@@ -38,7 +38,7 @@ if [ ! -f "$STAMP" ]; then
   "$VENV/bin/python" -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
   # ffcv builds from source against the system headers above; numpy/numba
   # come in through the project's own pins.
-  "$VENV/bin/python" -m pip install -q --no-build-isolation -e ".[ffcv,dali,test]"
+  "$VENV/bin/python" -m pip install -q --no-build-isolation -e ".[ffcv,dali,formats,test]"
   rm -f "$VENV"/.fastssl-setup-*
   touch "$STAMP"
 fi

@@ -5,4 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export TRITON_INTERPRET=1
+# Lint first (a few seconds): pyproject.toml's [tool.ruff] rules.
+.venv/bin/python -m ruff check --quiet .
 exec .venv/bin/python -m pytest -q "$@"

@@ -11,7 +11,6 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import socket
 
-import pytest
 import torch
 import torch.multiprocessing as mp
 

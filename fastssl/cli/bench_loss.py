@@ -74,7 +74,8 @@ def measure(loss: str, impl: str, n: int, d: int, dtype: str, device: str, repea
     z1 = torch.randn(n, d, generator=g).to(dev, DTYPES[dtype]).requires_grad_()
     z2 = (0.5 * z1.detach().float() + torch.randn(n, d, generator=g).to(dev)).to(DTYPES[dtype]).requires_grad_()
     fn = loss_fn(loss, impl)
-    import fastssl.kernels.contrastive, fastssl.kernels.covariance  # noqa: F401  (imports outside the measurement)
+    import fastssl.kernels.contrastive  # noqa: F401  (imports outside the measurement)
+    import fastssl.kernels.covariance  # noqa: F401
     small = torch.randn(4, d, device=dev, dtype=DTYPES[dtype], requires_grad=True)
     fn(small, small.detach() + 1).backward()                          # first-call library set-up, not measured
     out = {"loss": loss, "impl": impl, "batch": n, "dim": d, "dtype": dtype, "device": device}
