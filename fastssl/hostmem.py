@@ -4,7 +4,7 @@ glibc serves every allocation above its mmap threshold (at most 32 MB) with a fr
 returns it with ``munmap`` when freed. A CPU training step allocates and frees its large activations
 every step (ResNet-18 at 96 px, batch 256: the first convolution's output alone is 151 MB), so each
 step page-faults all of them in again and the kernel zeroes every page: 340,000 minor faults and
-1.2 s of system time per 6 s step on cpu2 (BENCHMARKS.md, "Issue 12, session 8").
+1.2 s of system time per 6 s step on cpu2 (BENCHMARKS.md, "Step on the CPU").
 
 ``mallopt(M_MMAP_MAX, 0)`` serves large blocks from the heap, and ``M_TRIM_THRESHOLD`` at its
 maximum keeps freed heap memory for the next step. The heap grows for the first few steps, until

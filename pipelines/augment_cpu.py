@@ -1,6 +1,6 @@
 """The photometric stage on the CPU: OpenCV on uint8, images in parallel threads.
 
-Float torch ops are slow on a few CPU cores (issue 4 measured batched jitter +
+Float torch ops are slow on a few CPU cores (measured: batched jitter +
 blur at 224 px at ~140 views/s eager on 2 cores); OpenCV's SIMD uint8 kernels
 do the same work several times faster and release the GIL, so a small thread
 pool runs the images of a batch in parallel. This is the no-GPU fallback of
@@ -112,7 +112,7 @@ class BufferPool:
     A fresh float32 batch of 64 views at 224 px is 38 MB: above glibc's mmap threshold, so each was
     mapped, page-faulted in by the threads writing it (the kernel zeroing every page) and unmapped
     when the caller dropped it. That was 0.5 of the stage's 1.4 ms per view on one thread (cpu2,
-    BENCHMARKS.md "Issue 12, session 8"). A buffer is handed out again only when the pool's own
+    BENCHMARKS.md "Step on the CPU"). A buffer is handed out again only when the pool's own
     reference is the last one (``sys.getrefcount``): every tensor or array made from it holds one,
     so a caller that keeps a batch keeps it intact, and the pool allocates another instead.
     """

@@ -1,5 +1,5 @@
-"""Bad data files (issue 14.4): one-line DataErrors naming the file and the fix; image folders with
-unreadable files keep every batch full and name what they skipped (issue 13.6)."""
+"""Bad data files: one-line DataErrors naming the file and the fix; image folders with
+unreadable files keep every batch full and name what they skipped."""
 from __future__ import annotations
 
 import shutil

@@ -1,4 +1,4 @@
-"""``fastssl-bench accuracy`` (issue 12): both arms train the same steps, and one protocol evaluates them."""
+"""``fastssl-bench accuracy``: both arms train the same steps, and one protocol evaluates them."""
 import json
 
 import pytest

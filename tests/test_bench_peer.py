@@ -104,7 +104,7 @@ def test_peer_lightly_arm_bf16_autocasts_the_forward():
 
 @pytest.mark.cuda
 def test_bench_peer_smoke_on_cuda_bf16(tmp_path, capsys):
-    """The GPU recipe of the peer benchmark (issue 12: 224 px, ResNet-50, bf16) in its smoke sizes."""
+    """The GPU recipe of the peer benchmark (224 px, ResNet-50, bf16) in its smoke sizes."""
     pytest.importorskip("lightly")
     import torch
 

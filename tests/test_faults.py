@@ -1,4 +1,4 @@
-"""Nothing lost (issue 14): a real SIGTERM mid-run, resume=auto, checkpoint history and fallback, one writer."""
+"""Nothing lost: a real SIGTERM mid-run, resume=auto, checkpoint history and fallback, one writer."""
 import json
 import os
 import signal

@@ -220,7 +220,7 @@ def test_cuda_fp32_run(jpeg_data, tmp_path):
 
 @pytest.mark.slow
 def test_gpu_recipe_on_the_cpu_through_resume_eval_and_export(demo_data, tmp_path, capsys):
-    """Issue 13.4: configs/demo/simclr_gpu_recipe.yaml (bf16 autocast, inductor compile, channels_last) on the
+    """configs/demo/simclr_gpu_recipe.yaml (bf16 autocast, inductor compile, channels_last) on the
     CPU: train, checkpoint, resume step for step, fastssl-eval and fastssl-export load what it wrote."""
     from fastssl.checkpoint import load
     from fastssl.cli.eval import main as eval_main

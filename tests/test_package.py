@@ -1,4 +1,4 @@
-"""fastssl as an installed package, away from the source tree (issue 15.4).
+"""fastssl as an installed package, away from the source tree.
 
 The wheel is built from a copy of the sources (the checkout's own ``build/`` may hold stale
 files), installed into a fresh virtual environment in a temporary folder, and its commands run

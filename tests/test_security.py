@@ -1,4 +1,4 @@
-"""Issue 18: loading a checkpoint, a feature cache or a config runs no code; hostile images cannot exhaust memory.
+"""Loading a checkpoint, a feature cache or a config runs no code; hostile images cannot exhaust memory.
 
 Every hostile file here carries a payload that, if ever unpickled or constructed,
 creates a marker folder (``os.makedirs``): each test checks the marker is absent.

@@ -93,7 +93,7 @@ def test_non_finite_loss_stops_naming_the_step(demo_data, tmp_path, monkeypatch,
 
 
 def test_steps_run_with_the_threads_the_trainer_chose(demo_data, tmp_path):
-    """Issue 12: importing ffcv set torch's threads to 1, after the trainer had chosen its count, so every
+    """Importing ffcv set torch's threads to 1, after the trainer had chosen its count, so every
     CPU run computed on one thread. In a fresh process (ffcv not yet imported), the count read inside
     each training step equals the trainer's choice (cores // processes), and env.json / metrics say so."""
     import os

@@ -9,10 +9,10 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "loader": "data loading: images/s of ready views per back-end (issue: pipelines)",
+    "loader": "data loading: images/s of ready views per back-end",
     "loss": "loss kernels: forward+backward time and peak memory per implementation",
     "step": "training steps/s of a method on synthetic tensors (no data loading)",
-    "eval": "linear probe on cached features against re-extracting features every probe epoch",
+    "eval": "evaluation cost: kNN and the cached probe on ImageNet-shaped synthetic features; on a run, cached probe against re-extraction",
     "peer": "end-to-end pretraining (SimCLR, DINO) against lightly's loop, and the bare model's limit",
     "accuracy": "kNN top-1 after the same steps as lightly's loop on the built-in data, one protocol",
     "prepare": "fastssl-prepare's images/s (and per core) from a folder, Parquet and webdataset shards of the same images",

@@ -22,7 +22,7 @@ as the memory bank, val split queried), weighted kNN (``eval.knn_k``, ``eval.knn
 cookbook section 3.7.1). The fastssl arm's own end-of-run kNN must equal this re-evaluation
 (reported as ``fastssl_self_reported``), which checks that the protocol is the trainer's.
 
-Goal (issue 12): fastssl's kNN top-1 at most 2 points below lightly's, mean over seeds.
+Goal: fastssl's kNN top-1 at most 2 points below lightly's, mean over seeds.
 """
 from __future__ import annotations
 

@@ -233,7 +233,7 @@ def measure(backend: str, stage: str, data: str, recipe: str, batch_size: int, w
     ours = backend not in ("lightly", "baseline")
     # In a fastssl-train process the photometric stage's per-image buffers come back from the heap;
     # on glibc's defaults they were unmapped and page-faulted in again each batch (SimCLR 224 px: 50-60k
-    # faults and 0.25 s of system time per 8 batches; BENCHMARKS.md, issue 12, session 11).
+    # faults and 0.25 s of system time per 8 batches; BENCHMARKS.md, "Loader").
     in_effect = apply_host_alloc(host_alloc if ours else "system", torch.device(device))
 
     from fastssl.pipelines.recipes import AugConfig
@@ -402,7 +402,7 @@ def device_error(device: str) -> str | None:
 
 
 def step_goal(results: list[dict], step_json: str | Path) -> dict:
-    """Issue 4's GPU goal: the torch back-end's SimCLR ``full`` stage (GPU decode on CUDA) delivers at least the
+    """The GPU goal: the torch back-end's SimCLR ``full`` stage (GPU decode on CUDA) delivers at least the
     images/s of the ResNet-50 SimCLR bf16 step (case ``simclr_rn50_bf16_compiled`` of ``fastssl-bench step``)."""
     loader = next((r["images_per_second"] for r in results if r["recipe"] == "simclr"
                    and r["backend"] == "torch" and r["stage"] == "full"), None)

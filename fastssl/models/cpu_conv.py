@@ -21,7 +21,7 @@ CPU whose oneDNN has a fast kernel (AVX-512, AMX) keeps it. A rewrite must be 15
 oneDNN (:func:`choose`). The choices are kept on disk per machine (CPU model, torch version,
 threads; :func:`cache_path`), so every later run of that machine takes the same ones without
 timing: run-to-run choices made from noisy timings had moved whole steps by 5-13% (BENCHMARKS.md,
-issue 12, sessions 9 and 11). The input gradient, forward and bias stay oneDNN's. Only plain 2-D
+"Step on the CPU"). The input gradient, forward and bias stay oneDNN's. Only plain 2-D
 convolutions (groups 1, dilation 1, fp32, channels_last input) take this path; anything else calls
 ``F.conv2d``.
 """
@@ -155,7 +155,7 @@ def _pick(key, g, x, w, stride, padding, rounds: int = 5, margin: float = 0.15) 
     first step) hits all of them; the best of each is compared (:func:`choose`). Without the margin,
     best-of-2 blocks picked differently run to run on cpu2 (ResNet-18, 96 px): 64 channels at
     24 x 24 once went to the GEMM, about twice as slow there, a 13% slower step for the whole run
-    (BENCHMARKS.md, issue 12, session 9).
+    (BENCHMARKS.md, "Step on the CPU").
     """
     dkey = _disk_key(key)
     hit = _read_disk().get(dkey)
