@@ -54,6 +54,8 @@ class Estimate:
     eval_each_s: float = 0.0      # one kNN evaluation (features of train + val, then kNN)
     evals_in_training: int = 0    # at init and every eval.every_epochs epochs
     final_eval_s: float = 0.0
+    linear_eval_s: float = 0.0    # the papers' linear protocol afterwards (frozen backbone, 90 epochs)
+    linear_epochs: int = 0
     measured_s: float = 0.0       # what the estimate itself took
 
     @property
@@ -62,6 +64,7 @@ class Estimate:
 
     @property
     def total_s(self) -> float:
+        """Prepare, training with its evaluations and the final kNN; the linear protocol is reported apart."""
         return self.prepare_s + self.train_s + self.eval_each_s * self.evals_in_training + self.final_eval_s
 
     def to_dict(self) -> dict:
@@ -88,6 +91,9 @@ class Estimate:
         if self.final_eval_s:
             out.append(f"  final evaluation    {_hms(self.final_eval_s)}")
         out.append(f"  total               {_hms(self.total_s)}")
+        if self.linear_eval_s:
+            out.append(f"  then, linear eval   {_hms(self.linear_eval_s)}  (the papers' protocol: {self.linear_epochs} "
+                       f"epochs of the frozen backbone over the train split; not in the total)")
         return out
 
 
@@ -124,12 +130,13 @@ class _Clock:
 
 
 def estimate(cfg, timed: int = 3, eval_batches: int = 2, prepare_s: float = 0.0,
-             n_train: int | None = None, n_val: int | None = None) -> Estimate:
+             n_train: int | None = None, n_val: int | None = None, linear_epochs: int = 0) -> Estimate:
     """Time the recipe on the present device and project the run (see the module docstring).
 
     ``timed``: steps per measurement; ``prepare_s``: the projected cost of writing the data first.
     ``n_train``/``n_val``: the full run's image counts when ``cfg.data`` points at a sample of it
-    (default: the sizes of ``cfg.data``). The core and loader are throwaways: no run directory, no checkpoint.
+    (default: the sizes of ``cfg.data``). ``linear_epochs``: project the papers' linear protocol too
+    (that many passes of the frozen backbone's forward over the train split, at the timed eval rate). The core and loader are throwaways: no run directory, no checkpoint.
     """
     from fastssl.config import derive
     from fastssl.engine import TrainCore, make_accelerator, train_step, use_bf16
@@ -194,8 +201,11 @@ def estimate(cfg, timed: int = 3, eval_batches: int = 2, prepare_s: float = 0.0,
         every = cfg.eval.every_epochs
         periodic = len([e for e in range(1, cfg.train.epochs) if every and e % every == 0])
         result.evals_in_training = periodic + (1 if cfg.eval.final else 0)
-        result.eval_each_s = _time_eval(core, make_loader, views, cfg, clock, eval_batches, n_train, n_val)
+        result.eval_each_s, per_image = _time_eval(core, make_loader, views, cfg, clock, eval_batches, n_train, n_val)
         result.final_eval_s = result.eval_each_s if cfg.eval.final else 0.0
+        if linear_epochs:
+            result.linear_epochs = linear_epochs
+            result.linear_eval_s = per_image * (n_train or loader.num_samples) * linear_epochs
     result.measured_s = time.perf_counter() - t_start
     acc.end_training()
     return result
@@ -223,7 +233,7 @@ class _Feed:
 
 
 def _time_eval(core, make_loader, views, cfg, clock: _Clock, batches: int, n_train: int | None = None,
-               n_val: int | None = None) -> float:
+               n_val: int | None = None) -> tuple[float, float]:
     """One kNN evaluation, projected: feature extraction rate x (train + val images), plus a kNN on a bank
     of the timed features repeated to the run's size (the same matmul and top-k work)."""
     from fastssl.compile import eager
@@ -263,7 +273,7 @@ def _time_eval(core, make_loader, views, cfg, clock: _Clock, batches: int, n_tra
     knn_top1(bank.repeat(reps, 1), bank_labels, bank[:min(len(bank), n_val)], bank_labels[:min(len(bank), n_val)],
              num_classes=int(bank_labels.max()) + 1, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature)
     knn_s = (clock.now() - t) * (n_train / (len(bank) * reps)) * (n_val / min(len(bank), n_val))
-    return per_image * (n_train + n_val) + knn_s
+    return per_image * (n_train + n_val) + knn_s, per_image
 
 
 def _embed(method, batch) -> torch.Tensor:

@@ -14,7 +14,8 @@
 #   (b) write N photo-like JPEGs (ImageNet-like, 400x350 px) and time fastssl-prepare on them per core;
 #   (c) fastssl-timed --estimate for imagenet/simclr_rn50 at batch 512 (the projected 100-epoch run);
 #   (d) a short real fastssl-timed run through the whole flow (prepare, progressive resolution, compile,
-#       kNN on the GPU, offline evaluation, report), through ffcv when its wheel installed, then through
+#       kNN on the GPU, offline evaluation with the quick cached probe (the papers' 90-epoch linear
+#       protocol is projected in (c)), report), through ffcv when its wheel installed, then through
 #       the torch back-end (no ffcv);
 #   (e) fastssl-bench eval: kNN and the probe at 1.28 M x 2048 features on the GPU.
 # One overall deadline: each step gets min(its own limit, time left), so the call fits the device
@@ -119,11 +120,11 @@ PYEOF
   # (d) the whole flow, short: through ffcv (when its wheel is here), then the torch back-end.
   if [ "$HAVE_FFCV" = 1 ]; then
     run timed_ffcv 200 $PY -m fastssl.cli.timed "$WORK/imagenet" --epochs "$EPOCHS" --data-dir "$WORK/betons" \
-      --out "$WORK/runs" --name timed-ffcv $DEV "${SMALL[@]}" data.backend=ffcv
+      --out "$WORK/runs" --name timed-ffcv --linear-protocol cached $DEV "${SMALL[@]}" data.backend=ffcv
     cp "$WORK/runs/timed-ffcv/timed.json" "$OUT/timed_ffcv_record.json" 2>/dev/null
   fi
   run timed_torch 200 $PY -m fastssl.cli.timed "$WORK/imagenet" --epochs "$EPOCHS" --data-dir "$WORK/betons-unused" \
-    --out "$WORK/runs" --name timed-torch $DEV "${SMALL[@]}" data.backend=torch
+    --out "$WORK/runs" --name timed-torch --linear-protocol cached $DEV "${SMALL[@]}" data.backend=torch
   # (e) evaluation at ImageNet scale on synthetic features.
   run eval_bench 90 $PY -m fastssl.cli.bench eval "${EVAL_SIZE[@]}" --json
 else
