@@ -41,11 +41,14 @@ class DataConfig:
     backend: str = "auto"           # auto | ffcv | dali | torch | webdataset (auto: ffcv for .beton, webdataset
                                     # for tar shards, torch for image folders)
     workers: int = 2                # decoding processes/threads
+    worker_timeout: float = 300     # torch back-end: seconds a DataLoader worker may take for one batch before the
+                                    # run stops naming it (exit 7); 0 waits forever
     in_memory: bool = True          # ffcv: keep the .beton in RAM (else OS page cache)
     shuffle_buffer: int = 1000      # webdataset: samples per worker in the shuffle buffer
 
     def __post_init__(self):
         _choice("data.backend", self.backend, ("auto", "ffcv", "dali", "torch", "webdataset"))
+        _range("data.worker_timeout", self.worker_timeout, 0, None)
 
 
 @dataclass
@@ -148,6 +151,9 @@ class TrainConfig:
                                     # several comma-separated (tensorboard,wandb)
     strategy: str = "ddp"           # several processes: ddp (replicated model, DistributedDataParallel) | fsdp (FSDP2:
                                     # parameters, gradients and optimizer states sharded; ViT blocks one unit each)
+    collective_timeout: float = 300  # several processes: seconds without a finished step before the run stops naming
+                                    # the rank that hangs (exit 6; fastssl.faults.Watchdog); 0 turns the watchdog off
+    first_step_timeout: float = 1800  # ... for the first step of a process, which compiles (torch.compile, autotune)
 
     def __post_init__(self):
         self.log_with = _trackers("train.log_with", self.log_with)
@@ -169,6 +175,8 @@ class TrainConfig:
             raise ConfigError(f"train.resume={self.resume!r} is not valid: expected true/false/auto")
         self.resume = words[r]
         _range("train.keep_checkpoints", self.keep_checkpoints, 1, None)
+        _range("train.collective_timeout", self.collective_timeout, 0, None)
+        _range("train.first_step_timeout", self.first_step_timeout, 0, None)
 
 
 @dataclass
