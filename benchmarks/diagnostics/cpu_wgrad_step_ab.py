@@ -6,10 +6,16 @@ The ``fastssl-bench peer`` fastssl arm's model and batch (SimCLR, ResNet-18, 96 
 fp32; random views). The first step times every candidate on every convolution shape, as
 ``train.cpu_conv_wgrad=auto`` does (into a throw-away cache directory). From those same timings,
 three sets of choices are made: oneDNN's everywhere; the fastest of oneDNN's and the GEMM
-(sessions 8-10's candidates); the fastest of all (``gemm``, ``conv``, ``conv_nchw``). The step then
+(the candidates before the forward-convolution rewrite); the fastest of all (``gemm``, ``conv``,
+``conv_nchw``, what ``auto`` chooses from). The step then
 runs blocks of K steps under each set, in rotating order over N rounds, so machine drift hits all
 alike. Reports images/s and CPU ms per image of each set, their ratios, and the per-shape choices
 and timings.
+
+What it shows: whether ``train.cpu_conv_wgrad=auto`` pays on this CPU, free of the 5-15%
+spread between fresh processes. On cpu2 (2026-11-27, ``--rounds 6``:
+``benchmarks/results/cpu_wgrad_step_ab_s11.json``) all four candidates ran the step 1.045x
+faster than oneDNN-or-GEMM and 1.106x faster than oneDNN alone (BENCHMARKS.md, "Step on the CPU").
 """
 from __future__ import annotations
 

@@ -8,6 +8,10 @@ numba compilations over 0.3 s (numba's ``numba:compile`` events, inclusive of wh
 inside), so a change to the decoder or to ffcv's import shows where the seconds went. The first run
 after the decode kernel's source changes compiles it (``pipelines/ffcv_decode.py``) and writes numba's
 disk cache; later runs load it.
+
+What it shows: the seconds a new training or evaluation process waits before ffcv's first batch.
+On cpu2 (2026-11-27, the demo's loader, numba's cache warm: ``benchmarks/results/ffcv_startup_cpu2.json``)
+import ffcv 0.18 s, build the loader 0.21 s, first batch 2.37 s (BENCHMARKS.md, "Loader").
 """
 from __future__ import annotations
 
