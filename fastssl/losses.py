@@ -44,7 +44,7 @@ def _has_triton() -> bool:
 def _impl(impl, x: torch.Tensor, family: str = "contrastive") -> str:
     """The implementation a loss runs: ``impl`` if given, else the one measured faster on the GPU.
 
-    H200, 2026-11-26 (BENCHMARKS.md, "GPU, second contact"): the fused contrastive kernel is 4.2x eager
+    H200, 2026-11-26 (BENCHMARKS.md, "Losses"): the fused contrastive kernel is 4.2x eager
     NT-Xent in bf16 but 0.42x in fp32 (its fp32 ``tl.dot`` is IEEE, no tensor cores), where the
     chunked torch path is 1.2x faster than the kernel; for the covariance losses the torch Gram path
     beat the Triton kernel in bf16 (Barlow 8.2 vs 9.0 ms, VICReg 7.7 vs 9.2 ms at 2048 x 8192) and by

@@ -112,7 +112,7 @@ class BufferPool:
     A fresh float32 batch of 64 views at 224 px is 38 MB: above glibc's mmap threshold, so each was
     mapped, page-faulted in by the threads writing it (the kernel zeroing every page) and unmapped
     when the caller dropped it. That was 0.5 of the stage's 1.4 ms per view on one thread (cpu2,
-    BENCHMARKS.md "Step on the CPU"). A buffer is handed out again only when the pool's own
+    CHANGELOG.md, 2026-11-27). A buffer is handed out again only when the pool's own
     reference is the last one (``sys.getrefcount``): every tensor or array made from it holds one,
     so a caller that keeps a batch keeps it intact, and the pool allocates another instead.
     """

@@ -316,7 +316,7 @@ def measure(backend: str, stage: str, data: str, recipe: str, batch_size: int, w
         n_first += nf
     # After the first batch: what a long epoch sustains, without the start-up a short timed pass
     # cannot amortise (on the H200, 15-batch passes of the GPU-decode loader spent ~8 ms of CPU
-    # per image; BENCHMARKS.md, "GPU, second contact"). None when a pass had one batch.
+    # per image; BENCHMARKS.md, "Loader", GPU decode). None when a pass had one batch.
     steady = (images - n_first) / rest if images > n_first and rest > 0 else None
     return {"backend": backend, "recipe": recipe, "stage": stage, "views": len(views), "size": size,
             "batch_size": batch_size, "workers": workers, "images": images, "seconds": round(wall, 3),
