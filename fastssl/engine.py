@@ -98,7 +98,7 @@ class TrainCore:
         self.loss_sum = torch.zeros((), device=self.device)
         self.log_sums: dict[str, torch.Tensor] = {}
         self.probe_correct = torch.zeros((), device=self.device)
-        self.probe_seen = 0      # host int: label counts are known without a sync
+        self.probe_seen = torch.zeros((), device=self.device)  # labelled rows: a device count (unlabelled ones are -1)
         self.n_micro = 0
 
     def snapshot_logs(self) -> "LogSnapshot":
@@ -116,7 +116,7 @@ class TrainCore:
         keys = sorted(self.log_sums)
         # One vector: [loss, log terms..., probe hits, probe count] -> one all-reduce.
         vec = torch.stack([self.loss_sum.float()] + [self.log_sums[k].float() for k in keys]
-                          + [self.probe_correct.float(), torch.tensor(float(self.probe_seen), device=self.device)])
+                          + [self.probe_correct.float(), self.probe_seen.float()])
         world = self.acc.num_processes
         if world > 1:
             import torch.distributed as dist
@@ -279,9 +279,9 @@ def train_step(core: TrainCore, micro_batches: Iterable, step: int) -> int:
             if k not in ("loss", "features") and torch.is_tensor(v) and v.ndim == 0:
                 core.log_sums[k] = core.log_sums.get(k, 0) + v.detach().float()
         if core.probe is not None and batch.labels is not None:
-            _, correct = core.probe.step(outd["features"].float(), batch.labels)
+            _, correct, labelled = core.probe.step(outd["features"].float(), batch.labels)
             core.probe_correct += correct
-            core.probe_seen += batch.labels.shape[0]
+            core.probe_seen += labelled
         core.n_micro += 1
         done += 1
     if done == 0:

@@ -165,6 +165,20 @@ def knn_plan(num_test: int, num_train: int, dim: int, k: int, budget_bytes: int,
     return KnnPlan(m, n, _block_bytes(m, n, dim, k, copy_bytes), 12 * num_test * k, int(budget_bytes))
 
 
+def labelled_rows(feats: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(feats, labels)`` without the rows whose label is below 0 (unlabelled: STL-10's unlabeled split, a flat folder).
+
+    One host sync (whether any row is unlabelled), at evaluation time only; a fully labelled
+    bank is returned as it is (no copy). Mirrors solo-learn's online kNN, which keeps only
+    ``targets != -1`` (solo/methods/base.py, ``training_step``).
+    """
+    keep = labels >= 0
+    if bool(keep.all()):
+        return feats, labels
+    keep = keep.to(feats.device)
+    return feats[keep], labels.to(feats.device)[keep]
+
+
 @torch.no_grad()
 def knn_scores(train_feats, train_labels, test_feats, num_classes: int, k: int = 20, temperature: float = 0.07,
                chunk: int | None = None, *, chunk_train: int | None = None, budget_bytes: int | None = None,
@@ -186,10 +200,12 @@ def knn_scores(train_feats, train_labels, test_feats, num_classes: int, k: int =
     """
     dev = torch.device(device) if device is not None else (
         test_feats.device if test_feats.device.type == "cuda" else train_feats.device)
+    train_feats, train_labels = labelled_rows(train_feats, train_labels)
     n_test, dim = test_feats.shape
     n_train = train_feats.shape[0]
     if n_train == 0:
-        raise ValueError("kNN needs a non-empty train feature bank (0 train features were given)")
+        raise ValueError("kNN needs a non-empty train feature bank (0 labelled train features were given; "
+                         "labels below 0 mark unlabelled images)")
     k = min(k, n_train)
     budget = int(budget_bytes if budget_bytes is not None else KNN_BUDGET_BYTES.get(dev.type, KNN_BUDGET_BYTES["cpu"]))
     copy = (train_feats.element_size() if train_feats.device != dev else 0) + (
@@ -228,7 +244,12 @@ def knn_scores(train_feats, train_labels, test_feats, num_classes: int, k: int =
 
 def knn_top1(train_feats, train_labels, test_feats, test_labels, num_classes: int, k: int = 20,
              temperature: float = 0.07, **kw) -> float:
-    """kNN top-1 accuracy in percent (``kw``: :func:`knn_scores`'s chunking, budget, device, stats)."""
+    """kNN top-1 accuracy in percent (``kw``: :func:`knn_scores`'s chunking, budget, device, stats).
+
+    Rows labelled below 0 (unlabelled) are left out on both sides: the bank votes with its
+    labelled rows only, and the accuracy is over the labelled test rows.
+    """
+    test_feats, test_labels = labelled_rows(test_feats, test_labels)
     scores = knn_scores(train_feats, train_labels, test_feats, num_classes, k, temperature, **kw)
     return 100.0 * (scores.argmax(1) == test_labels.to(scores.device)).float().mean().item()
 
@@ -244,8 +265,12 @@ def rankme(z: torch.Tensor, eps: float = 1e-7) -> float:
 class OnlineLinearProbe(nn.Module):
     """A linear head on *detached* features, trained by its own optimizer at every training step.
 
-    ``step(feats, labels) -> (loss, correct)`` as device tensors (no host sync): the trainer
-    sums ``correct`` and reads it when it logs. Its gradients never reach the backbone.
+    ``step(feats, labels) -> (loss, correct, labelled)`` as device tensors (no host sync): the
+    trainer sums ``correct`` and ``labelled`` and reads them when it logs. Its gradients never
+    reach the backbone. Rows labelled below 0 (unlabelled images, e.g. STL-10's unlabeled split)
+    are masked out of the loss and of both counts, so the accuracy is over labelled rows only; a
+    batch without any labelled row gives a zero loss (no NaN). solo-learn's online classifier
+    does the same with ``cross_entropy(..., ignore_index=-1)`` (solo/methods/base.py).
     """
 
     def __init__(self, feat_dim: int, num_classes: int, lr: float = 0.1):
@@ -257,14 +282,18 @@ class OnlineLinearProbe(nn.Module):
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         return self.head(self.norm(feats))
 
-    def step(self, feats: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(self, feats: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # Masks, not boolean indexing: selecting the labelled rows would need their count on the host.
+        valid = labels >= 0
+        labelled = valid.sum()
         with torch.enable_grad(), torch.autocast(feats.device.type, enabled=False):
             logits = self(feats.detach().float())
-            loss = F.cross_entropy(logits, labels)
+            per_row = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
+            loss = (per_row * valid).sum() / labelled.clamp(min=1)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
-        return loss.detach(), (logits.detach().argmax(1) == labels).sum()
+        return loss.detach(), ((logits.detach().argmax(1) == labels) & valid).sum(), labelled
 
     def state_dict(self, *args, **kwargs):
         sd = super().state_dict(*args, **kwargs)
