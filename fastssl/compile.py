@@ -18,7 +18,7 @@ raised so that every size of a run gets its own graph instead of falling back to
 """
 from __future__ import annotations
 
-import sys
+import logging
 import warnings
 
 import torch
@@ -27,6 +27,8 @@ import torch.nn as nn
 # Distinct input shapes a run may compile before dynamo gives up (its default is 8):
 # progressive resolution 160->224 in steps of 32 is 3 sizes, x2 views sizes for DINO.
 RECOMPILE_LIMIT = 32
+
+logger = logging.getLogger(__name__)
 
 
 def _is_compiler_error(e: BaseException) -> bool:
@@ -40,9 +42,9 @@ def compile_module(module: nn.Module, *, dynamic: bool | None = False, backend="
 
     If compilation fails (at the first call, or later with a compiler error such as a
     recompile that breaks), prints one warning naming the error and runs eager.
-    ``log``: callable taking the message (default: stderr).
+    ``log``: callable taking the message (default: this module's logger, as a warning).
     """
-    log = log or (lambda msg: print(msg, file=sys.stderr))
+    log = log or logger.warning
     try:
         import torch._dynamo as dynamo
 
@@ -54,7 +56,7 @@ def compile_module(module: nn.Module, *, dynamic: bool | None = False, backend="
     try:
         compiled = torch.compile(module._call_impl, dynamic=dynamic, backend=backend, mode=mode)
     except Exception as e:  # noqa: BLE001 - e.g. no compiler on this platform
-        log(f"[fastssl] torch.compile of the {name} is unavailable ({type(e).__name__}: {e}); running eager")
+        log(f"torch.compile of the {name} is unavailable ({type(e).__name__}: {e}); running eager")
         return module
     state = {"calls": 0, "failed": False}
 
@@ -68,7 +70,7 @@ def compile_module(module: nn.Module, *, dynamic: bool | None = False, backend="
                 raise  # a real error of the model, not of the compiler: do not hide it
             state["failed"] = True
             module.compile_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            log(f"[fastssl] torch.compile of the {name} failed ({module.compile_error}); running eager "
+            log(f"torch.compile of the {name} failed ({module.compile_error}); running eager "
                 f"(set train.compile=off to skip compiling)")
             return module._call_impl(*args, **kwargs)
         state["calls"] += 1

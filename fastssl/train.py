@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -22,14 +23,16 @@ import numpy as np
 import torch
 
 from fastssl import checkpoint as ckpt_io
-from fastssl.faults import (PREEMPTED_EXIT_CODE, CheckpointHistory, Preempted, Preemption, RunLock, RunLocked,
-                            config_differences)
+from fastssl.faults import (PREEMPTED_EXIT_CODE, CheckpointHistory, Preempted, Preemption, RunFault, RunLock,
+                            RunLocked, config_differences, environmental_fault, last_good_checkpoint)
 from fastssl.config import Config, ConfigError, all_keys, derive, load_config, save_config, to_dict
 from fastssl.loop import (Checkpointer, Evaluator, LogWindow, MicroBatches, NonFiniteLoss, RunState,  # noqa: F401
-                          StopSignal)
+                          StopSignal, out_of_memory, start_watchdog)
 from fastssl.metrics_log import MetricsLog
 from fastssl.rundir import cpu_threads, environment, pick_device, run_dir_for  # noqa: F401 (public here too)
 from fastssl.schedules import progressive_size
+
+logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -61,8 +64,7 @@ def train(cfg: Config, trust_checkpoint: bool = False) -> dict:
     history = CheckpointHistory(out / "checkpoints", cfg.train.keep_checkpoints)
     resume = cfg.train.resume != "false" and history.exists()
     if cfg.train.resume == "true" and not resume and acc.is_main_process:
-        print(f"[fastssl] train.resume=true but {out / 'checkpoints'} holds no checkpoint: starting a new run",
-              file=sys.stderr)
+        logger.warning(f"train.resume=true but {out / 'checkpoints'} holds no checkpoint: starting a new run")
     state = None
     if resume:  # read (and checked) before any work: a config mismatch fails at once
         state, from_path = history.load_latest(trust=trust_checkpoint)
@@ -75,13 +77,15 @@ def train(cfg: Config, trust_checkpoint: bool = False) -> dict:
     lock = RunLock(out)
     if acc.is_main_process:
         lock.acquire()  # a second run with this train.name fails here, before it writes anything
+    dog = start_watchdog(cfg, out, rank, acc.num_processes)  # several processes: a rank that hangs ends the job
     try:
-        return _train(cfg, acc, device, bf16, threads, out, history, state, lock)
+        return _train(cfg, acc, device, bf16, threads, out, history, state, lock, dog)
     finally:
+        dog.stop()
         lock.release()
 
 
-def _train(cfg, acc, device, bf16, threads, out, history, state, lock) -> dict:
+def _train(cfg, acc, device, bf16, threads, out, history, state, lock, dog) -> dict:
     from fastssl.engine import TrainCore, train_step
     from fastssl.pipelines.prefetch import DataWaitMeter
     from fastssl.progress import first_step, progress
@@ -104,8 +108,10 @@ def _train(cfg, acc, device, bf16, threads, out, history, state, lock) -> dict:
                    initial=run.step, every=cfg.train.log_every)
     meter = DataWaitMeter(device)
     window = LogWindow(core, metrics, bar, derived.global_batch, cfg, device.type == "cuda", meter)
-    saver = Checkpointer(history, core, acc, window, derived.total_steps, to_dict(cfg))
+    saver = Checkpointer(history, core, acc, window, derived.total_steps, to_dict(cfg), watchdog=dog)
     evaluator = Evaluator(cfg, core, make_loader, device, loader.num_classes, out, acc.is_main_process)
+    evaluator.watchdog = dog
+    dog.on_fire = lambda line: metrics.write(kind="error", step=run.step, rank=rank, message=line)
     if evaluator.enabled and evaluator.participates and cfg.eval.final and run.knn_init is None:
         run.knn_init = evaluator.run()
         if run.knn_init is not None:
@@ -117,6 +123,8 @@ def _train(cfg, acc, device, bf16, threads, out, history, state, lock) -> dict:
     compiling = core.compiled  # the first step compiles (lazily): announced and timed (host time, no sync)
     epoch0, batch0 = run.epoch, run.batch_in_epoch
     bi, size = batch0, cfg.aug.global_size
+    step0 = run.step
+    dog.set_phase("train")
     for run.epoch in range(epoch0, cfg.train.epochs):
         if run.step >= derived.run_steps:  # resumed a finished run
             break
@@ -132,12 +140,20 @@ def _train(cfg, acc, device, bf16, threads, out, history, state, lock) -> dict:
         batches.skip(skip)
         while bi < derived.steps_per_epoch and run.step < derived.run_steps:
             t0 = time.perf_counter()
-            with first_step(cfg.model.backbone, bar, enabled=compiling and cfg.train.progress):
-                consumed = train_step(core, batches.take(), run.step)
+            oom = None
+            try:
+                with first_step(cfg.model.backbone, bar, enabled=compiling and cfg.train.progress):
+                    consumed = train_step(core, batches.take(), run.step)
+            except torch.OutOfMemoryError as e:
+                oom = str(e)  # handled below, once the traceback (and the step's activations) is gone
+            if oom is not None:
+                raise out_of_memory(oom, cfg, core, saver, run, run.epoch, bi, derived.steps_per_epoch, size,
+                                    run.step == step0, out)
             compiling = False
             if consumed == 0:
                 break
             run.step += 1
+            dog.beat(run.step)
             bi += 1
             window.add_step(time.perf_counter() - t0)
             logged = run.step % cfg.train.log_every == 0 or run.step == derived.run_steps \
@@ -202,6 +218,8 @@ class LoaderFactory:
         # A loader library may change the process's thread count (ffcv's import sets 1): the steps
         # run with the count chosen for the run, which env.json and every metrics line record.
         torch.set_num_threads(self.threads)
+        if hasattr(loader, "worker_timeout"):  # torch back-end: a hung DataLoader worker ends the run (exit 7)
+            loader.worker_timeout = self.cfg.data.worker_timeout
         return loader
 
 
@@ -379,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     ap.add_argument("--help", "-h", action="store_true", help="show this help and every config key")
     args, rest = ap.parse_known_args(argv)
+    from fastssl.logs import configure
+
+    configure()  # the library's log lines: plain `fastssl: ...` on stderr (FASTSSL_QUIET=1: warnings only)
     if args.list_configs:
         from fastssl.recipes import describe, list_recipes, recipes_dir
 
@@ -440,6 +461,16 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as e:
         print(f"fastssl-train: {e}", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
+    except RunFault as e:  # a full disk (4), out of memory (5), a loader worker (7): one line, named in faults.py
+        e.last_good = e.last_good or last_good_checkpoint(run_dir_for(cfg))
+        print(f"fastssl-train: {e}", file=sys.stderr)
+        return e.exit_code
+    except (OSError, RuntimeError) as e:  # the same faults met where fastssl had no handler of its own
+        fault = environmental_fault(e, run_dir_for(cfg))
+        if fault is None:
+            raise
+        print(f"fastssl-train: {fault}", file=sys.stderr)
+        return fault.exit_code
     if summary:
         print_summary(summary, run_dir_for(cfg))
     return 0
