@@ -13,7 +13,7 @@ only tensors and containers and refuses any other global
 states, which Python and numpy give as tuples holding a numpy array, are stored
 as lists and tensors (:func:`rng_state`). :func:`save_atomic` checks the file it
 wrote before renaming it, so a checkpoint that would need pickle is never
-published. Checkpoints written before issue 18 (numpy arrays in the RNG state) or by
+published. Checkpoints of older fastssl versions (numpy arrays in the RNG state) or of
 other tools open only with ``trust=True`` (the CLIs' ``--trust-checkpoint``),
 which is ``torch.load(weights_only=False)``: full pickle, which can run any code
 the file carries, the same opt-in torch >= 2.6, timm and Hugging Face
@@ -53,17 +53,37 @@ class CorruptCheckpointError(CheckpointError):
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to ``path.tmp``, check it loads with ``weights_only=True``, then rename.
 
-    Readers never see a half-written file, and a state that would need pickle to load
+    Readers never see a half-written file. A full disk (ENOSPC, EDQUOT) removes the partial
+    ``.tmp`` and raises :class:`fastssl.faults.DiskFull` naming the path and the bytes needed; the
+    previous checkpoint is untouched. A state that would need pickle to load
     (a callable, a numpy array, a custom class) raises ``TypeError`` naming what it
     holds, here at save time instead of at the next resume; the previous checkpoint stays.
     """
+    from fastssl import fault_injection
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    f = None
+    try:
+        with open(tmp, "wb") as raw:
+            inner = raw
+            if fault_injection.PLAN is not None and fault_injection.fire("enospc", "save"):
+                inner = fault_injection.FillsUp(raw, what=f"checkpoint {path.name}")
+            f = _WriteErrors(inner)
+            torch.save(obj, f)
+            raw.flush()
+            os.fsync(raw.fileno())
+    except (OSError, RuntimeError) as e:
+        # torch.save turns an error of the file's write() into a RuntimeError ("unexpected pos"):
+        # the OSError that _WriteErrors saw says what it was.
+        cause = e if isinstance(e, OSError) else (f.error if f is not None else None)
+        tmp.unlink(missing_ok=True)
+        from fastssl.faults import SPACE_ERRNOS, DiskFull
+
+        if isinstance(cause, OSError) and cause.errno in SPACE_ERRNOS:
+            raise DiskFull(path, state_nbytes(obj), "checkpoint") from None
+        raise
     # Reads only the pickle record, never the tensor data: about a millisecond per save.
     unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(tmp)
     if unsafe:
@@ -71,6 +91,45 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
         raise TypeError(f"refusing to write {path}: it would need pickle to load ({', '.join(unsafe)}); "
                         f"store tensors and plain types (dict, list, str, int, float, bool, None)")
     os.replace(tmp, path)
+
+
+class _WriteErrors:
+    """A file's ``write`` that remembers the ``OSError`` it raised (torch.save reports only a RuntimeError)."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def state_nbytes(obj) -> int:
+    """Bytes of the tensors in a (nested) state dict: about what its checkpoint file takes."""
+    seen, total = set(), 0
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if torch.is_tensor(x):
+            try:
+                key = (x.untyped_storage().data_ptr(), x.device)
+                size = x.untyped_storage().nbytes()
+            except (RuntimeError, NotImplementedError):
+                key, size = id(x), x.numel() * x.element_size()
+            if key not in seen:
+                seen.add(key)
+                total += size
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+    return total
 
 
 # ----------------------------------------------------------------------------- RNG states as tensors and lists

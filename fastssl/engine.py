@@ -21,6 +21,7 @@ from typing import Iterable
 
 import torch
 
+from fastssl import fault_injection
 from fastssl.config import Config, Derived
 from fastssl.schedules import cosine
 
@@ -265,12 +266,20 @@ def train_step(core: TrainCore, micro_batches: Iterable, step: int) -> int:
             g["weight_decay"] = float(core.wd_sched[step])
     micro = cfg.optim.accum_steps
     done = 0
+    if fault_injection.PLAN is not None and fault_injection.fire("hang", "step", at=step + 1):
+        import os
+        import signal
+
+        os.kill(os.getpid(), signal.SIGSTOP)  # a rank that stops answering (FASTSSL_FAULT=hang@rankR:step:N)
     for mi, batch in enumerate(micro_batches):
         # Gradients are all-reduced once per optimizer step, on the last micro-batch.
         sync = contextlib.nullcontext() if mi == micro - 1 else acc.no_sync(model)
         with sync, acc.autocast():
             outd = model(batch.views, step)
             loss = outd["loss"] / micro
+        if fault_injection.PLAN is not None and mi == 0 and fault_injection.fire("oom", "step", at=step + 1):
+            raise torch.OutOfMemoryError("CUDA out of memory (injected: FASTSSL_FAULT=oom@step). Tried to allocate "
+                                         "2.00 GiB")
         acc.backward(loss)
         ld = outd["loss"].detach()
         core.loss_sum += ld
@@ -309,9 +318,11 @@ def make_accelerator(cfg: Config, device: torch.device):
     TensorBoard writes under ``<run dir>/tensorboard/`` (:class:`fastssl.metrics_log.MetricsLog`
     starts them and mirrors ``metrics.jsonl`` to them).
     """
+    from datetime import timedelta
+
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
 
     from fastssl.config import trackers
     from fastssl.rundir import run_dir_for
@@ -326,6 +337,14 @@ def make_accelerator(cfg: Config, device: torch.device):
     # it, autograd's contiguous gradients meet buckets laid out NHWC and DDP warns on every run that the
     # strides do not match ("may impair performance") and copies them.
     ddp = DistributedDataParallelKwargs(gradient_as_bucket_view=True)
+    handlers = [ddp]
+    if cfg.train.collective_timeout > 0:
+        # The process group's own timeout, fixed at init, is the backstop behind fastssl.faults.Watchdog (which
+        # names the rank and knows which waits are excused): long enough for the longest excused wait, a first
+        # step that compiles on a slower rank; gloo then raises, NCCL aborts the process (its default
+        # TORCH_NCCL_ASYNC_ERROR_HANDLING=3 since torch 2.2). Without it: torch's 10 min (NCCL) or 30 min (gloo).
+        t = max(cfg.train.first_step_timeout, cfg.train.collective_timeout) + cfg.train.collective_timeout
+        handlers.append(InitProcessGroupKwargs(timeout=timedelta(seconds=t)))
     return Accelerator(mixed_precision="bf16" if use_bf16(cfg, device) else "no", cpu=device.type != "cuda",
-                       log_with=trackers(cfg) or None, project_config=project, kwargs_handlers=[ddp])
+                       log_with=trackers(cfg) or None, project_config=project, kwargs_handlers=handlers)
 

@@ -151,11 +151,19 @@ class LogWindow:
 
 
 class Checkpointer:
-    """Saves the run through :class:`fastssl.faults.CheckpointHistory` (atomic, the last ``keep``)."""
+    """Saves the run through :class:`fastssl.faults.CheckpointHistory` (atomic, the last ``keep``).
 
-    def __init__(self, history, core, acc, window: LogWindow, total_steps: int, config: dict):
+    A write that fails on rank 0 (a full disk: :class:`fastssl.faults.DiskFull`) stops every rank:
+    the run does not go on without checkpoints, since the next pre-emption or crash would then lose
+    everything since the last one, and the disk that refused the checkpoint also holds metrics.jsonl.
+    The previous checkpoint stays whole (atomic write), and the error names it.
+    """
+
+    def __init__(self, history, core, acc, window: LogWindow, total_steps: int, config: dict, watchdog=None):
         self.history, self.core, self.acc, self.window = history, core, acc, window
         self.total_steps, self.config = total_steps, config
+        self.watchdog = watchdog  # fastssl.faults.Watchdog: a save is no hang
+        self.saved_step: int | None = None
         window.last_good_checkpoint = history.last
 
     @property
@@ -166,17 +174,113 @@ class Checkpointer:
         """Every rank calls it (RNG states are gathered; FSDP gathers the shards); rank 0 writes."""
         self.window.flush()
         self.window.check_finite()  # never overwrite the last good checkpoint with a diverged model
-        rngs = gather_rng(self.acc)
-        states = self.core.state_dict()
-        if self.acc.is_main_process:
-            self.history.save({**states, **state.to_checkpoint(epoch, batch_in_epoch),
-                               "total_steps": self.total_steps, "rng": rngs, "config": self.config}, state.step)
-        self.acc.wait_for_everyone()
+        with excused(self.watchdog, "save"):
+            rngs = gather_rng(self.acc)
+            states = self.core.state_dict()
+            failed = None
+            if self.acc.is_main_process:
+                try:
+                    self.history.save({**states, **state.to_checkpoint(epoch, batch_in_epoch),
+                                       "total_steps": self.total_steps, "rng": rngs, "config": self.config},
+                                      state.step)
+                except Exception as e:  # noqa: BLE001 - told to every rank below, then raised
+                    failed = e
+            self._agree(failed)
+        self.saved_step = state.step
+
+    def _agree(self, failed: BaseException | None) -> None:
+        """In place of a barrier: every rank learns whether rank 0's write failed, and all stop if it did."""
+        from fastssl.faults import DiskFull, last_good_checkpoint
+
+        code = 0 if failed is None else 1 if isinstance(failed, DiskFull) else 2
+        if self.acc.num_processes > 1:
+            import torch.distributed as dist
+
+            flag = torch.tensor([code], device=self.acc.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            code = int(flag.item())
+        if failed is not None:
+            raise failed
+        if code == 1:
+            raise DiskFull(self.history.folder, None, "rank 0's checkpoint",
+                           last_good=last_good_checkpoint(self.history.folder.parent))
+        if code:
+            raise RuntimeError(f"rank 0 failed to write a checkpoint in {self.history.folder} (its own error says why)")
 
     def save_at(self, state: RunState, epoch: int, bi: int, steps_per_epoch: int) -> None:
         """Save at batch ``bi`` of ``epoch``; a finished epoch is saved as the start of the next one."""
         end = bi >= steps_per_epoch
         self.save(state, epoch + 1 if end else epoch, 0 if end else bi)
+
+
+def excused(watchdog, phase: str):
+    """``watchdog.excused(phase)``, or nothing when there is no watchdog."""
+    import contextlib
+
+    return watchdog.excused(phase) if watchdog is not None else contextlib.nullcontext()
+
+
+def out_of_memory(text: str, cfg, core, saver: Checkpointer, run: RunState, epoch: int, bi: int,
+                  steps_per_epoch: int, size: int | None, first: bool, run_dir: Path):
+    """After ``torch.OutOfMemoryError`` (its message ``text``) in step ``run.step + 1``: free the failed step's
+    memory and, where it is safe, save the state after the last completed step; returns the
+    :class:`fastssl.faults.OutOfMemory` to raise. Call it outside the ``except`` block: the exception's
+    traceback holds the failed step's activations until that block ends.
+
+    The step failed before ``opt.step()``, so weights and optimizer state are those of step ``run.step``
+    (BatchNorm running statistics may hold the failed forward; the RNG states have moved on). One process
+    saves them unless they are already on disk (the first step of a run or a resumed segment). With several
+    processes nothing is written: a peer may sit inside a collective of the failed step, and the gathers of a
+    save would meet it there; the last good checkpoint on disk is named instead.
+    """
+    import gc
+
+    from fastssl.faults import last_good_checkpoint, oom_message
+
+    device = core.device
+    core.opt.zero_grad(set_to_none=True)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    saved = False
+    if not first and core.acc.num_processes == 1 and saver.saved_step != run.step:
+        try:
+            saver.save_at(run, epoch, bi, steps_per_epoch)
+            saved = True
+        except Exception as e:  # noqa: BLE001 - the out-of-memory line below is the error to report
+            log.warning(f"could not write a checkpoint after running out of memory ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''})")
+    checkpoint = last_good_checkpoint(run_dir)  # the step-numbered name of what was just written, if it was
+    return oom_message(cfg, run.step + 1, first, size, device, checkpoint, saved, text)
+
+
+class _NoWatchdog:
+    """One process (nothing to wait for) or ``train.collective_timeout=0``: the loop's calls do nothing."""
+
+    on_fire = None
+
+    def beat(self, step: int) -> None:
+        pass
+
+    def set_phase(self, phase: str) -> None:
+        pass
+
+    def excused(self, phase: str):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def stop(self) -> None:
+        pass
+
+
+def start_watchdog(cfg, run_dir: Path, rank: int, world: int):
+    """A started :class:`fastssl.faults.Watchdog` for a run of several processes, else a do-nothing stand-in."""
+    if world < 2 or cfg.train.collective_timeout <= 0:
+        return _NoWatchdog()
+    from fastssl.faults import Watchdog
+
+    return Watchdog(run_dir, rank, world, cfg.train.collective_timeout, cfg.train.first_step_timeout).start()
 
 
 def gather_rng(acc) -> list:
@@ -208,6 +312,7 @@ class Evaluator:
         self.enabled = bool((cfg.eval.final or cfg.eval.every_epochs) and cfg.data.val and num_classes)
         self.participates = is_main or core.sharded
         self._loaders: list = []
+        self.watchdog = None  # fastssl.faults.Watchdog: an evaluation is no hang (its peers wait in the next collective)
         self.seconds = 0.0  # all evaluations of this segment, host wall time
 
     def due(self, epochs_done: int, end_of_epoch: bool, finished: bool) -> bool:
@@ -225,6 +330,10 @@ class Evaluator:
 
     def run(self, max_val: int = 0, step: int | None = None) -> dict | None:
         """One evaluation; ``step`` given (the final one) also caches the features for ``fastssl-eval``."""
+        with excused(self.watchdog, "eval"):
+            return self._run(max_val, step)
+
+    def _run(self, max_val: int = 0, step: int | None = None) -> dict | None:
         from fastssl.evaluation.online import evaluate_knn
 
         method = self.core.eval_method()

@@ -9,14 +9,21 @@ flat ``section.key`` dict), then every ``train`` and ``eval`` record's numbers a
 record's step as ``train/<name>`` and ``eval/<name>`` (the random-init evaluation is
 ``eval/...`` at step 0). The JSON line is always written first; a tracker that fails in the
 middle of a run is reported once and dropped, and the run goes on.
+
+A full disk stops the run: the half-written line is cut off (the file ends with whole lines)
+and :class:`fastssl.faults.DiskFull` names the file; the checkpoint that would follow could not
+be written there either.
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
-import sys
+import threading
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 PROJECT = "fastssl"  # W&B project / MLflow experiment (WANDB_PROJECT, MLFLOW_EXPERIMENT_NAME override it)
 
@@ -70,8 +77,10 @@ class MetricsLog:
     def __init__(self, path: Path, enabled: bool, cfg=None, acc=None):
         self.enabled = enabled
         self.cfg, self.acc = cfg, acc
+        self.path = Path(path)
         self.f = open(path, "a") if enabled else None
         self.tracking = False
+        self._lock = threading.Lock()  # the hang watchdog's thread may write its error line
         if enabled and cfg is not None and acc is not None:
             self._start_trackers(Path(path).parent)
 
@@ -103,8 +112,8 @@ class MetricsLog:
         try:
             self.acc.log(values, step=int(rec["step"]))
         except Exception as e:  # noqa: BLE001 - a tracker (a network, a full disk) never stops the run
-            print(f"[fastssl] warning: experiment tracker failed ({type(e).__name__}: {e}); stopped mirroring to "
-                  f"trackers, {self.f.name if self.f else 'metrics.jsonl'} goes on", file=sys.stderr, flush=True)
+            log.warning(f"experiment tracker failed ({type(e).__name__}: {e}); stopped mirroring to trackers, "
+                        f"{self.f.name if self.f else 'metrics.jsonl'} goes on")
             self.tracking = False
 
     def _finish_trackers(self) -> None:
@@ -115,7 +124,7 @@ class MetricsLog:
             try:
                 t.finish()
             except Exception as e:  # noqa: BLE001
-                print(f"[fastssl] warning: closing tracker {getattr(t, 'name', t)} failed: {e}", file=sys.stderr)
+                log.warning(f"closing tracker {getattr(t, 'name', t)} failed: {e}")
         self.acc.trackers.clear()
         self.tracking = False
 
@@ -123,11 +132,47 @@ class MetricsLog:
 
     def write(self, **rec) -> None:
         if self.f:
-            self.f.write(json.dumps(rec) + "\n")
-            self.f.flush()
+            line = json.dumps(rec) + "\n"
+            with self._lock:
+                self._append(line)
             self._mirror(rec)
             if rec.get("kind") == "error":  # the run stops with an exception: end the trackers' runs now
                 self._finish_trackers()
+
+    def _append(self, line: str) -> None:
+        from fastssl import fault_injection
+
+        start = self.f.tell()
+        try:
+            if fault_injection.PLAN is not None and fault_injection.fire("enospc", "metrics"):
+                self.f.write(line[: len(line) // 2])
+                self.f.flush()
+                raise fault_injection.enospc("metrics.jsonl")
+            self.f.write(line)
+            self.f.flush()
+        except OSError as e:
+            from fastssl.faults import DiskFull, is_disk_full
+
+            if not is_disk_full(e):
+                raise
+            self._cut(start)
+            raise DiskFull(self.path, len(line.encode()), "metrics.jsonl") from None
+
+    def _cut(self, size: int) -> None:
+        """Drop a half-written line: what the buffer still holds, and what reached the file past ``size``."""
+        f, self.f = self.f, None
+        try:
+            f.close()   # its flush may fail again on the full disk; the buffer goes with the object
+        except OSError:
+            pass
+        try:
+            os.truncate(self.path, size)
+        except OSError:
+            pass
+        try:
+            self.f = open(self.path, "a")
+        except OSError:
+            self.f = None
 
     def close(self) -> None:
         if self.f:

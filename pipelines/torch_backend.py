@@ -26,6 +26,7 @@ import sys
 import numpy as np
 import torch
 
+from fastssl import fault_injection
 from fastssl.pipelines import DataError
 from fastssl.pipelines.crops import crop_params, sample_key, view_params
 from fastssl.pipelines.loader import LoaderBase
@@ -77,6 +78,8 @@ class FolderViews(torch.utils.data.Dataset):
         return int(self.shard[key % len(self.shard)])
 
     def __getitem__(self, i: int):
+        if fault_injection.PLAN is not None:
+            fault_injection.worker_fault(i)  # FASTSSL_FAULT=die@worker:I / hang@worker:I (tests)
         return self.fetch(i, "bytes" if self.gpu_decode else "crops")
 
     def fetch(self, slot: int, mode: str, first: int | None = None):
@@ -288,6 +291,7 @@ class TorchLoader(LoaderBase):
     """Iterable of :class:`Batch` over an image folder; see :func:`pipelines.loader.build_loader`."""
 
     backend = "torch"
+    worker_timeout: float = 0.0  # seconds a worker may take for a batch (the trainer sets data.worker_timeout); 0: forever
 
     def __init__(self, path: str, views, batch_size: int, device, *, seed: int = 0, rank: int = 0,
                  world_size: int = 1, drop_last: bool = True, workers: int = 2, train: bool = True,
@@ -316,11 +320,14 @@ class TorchLoader(LoaderBase):
             ds, batch_sampler=batches, num_workers=self.workers, collate_fn=_collate,
             pin_memory=self.device.type == "cuda", persistent_workers=False,
             multiprocessing_context="fork" if (self.workers > 0 and sys.platform.startswith("linux")) else None,
-            prefetch_factor=4 if self.workers > 0 else None)
+            prefetch_factor=4 if self.workers > 0 else None, timeout=self.worker_timeout if self.workers > 0 else 0)
         labelled = self.num_classes is not None
+        from fastssl.faults import watched_batches
+
         # On CUDA this body runs on the loader's side stream (pipelines.prefetch); every copy is
-        # non-blocking from pinned memory, so next() never waits for the GPU.
-        for payload, geo, labels, idx, slots, skipped in dl:
+        # non-blocking from pinned memory, so next() never waits for the GPU. A worker that dies or
+        # exceeds worker_timeout ends the run with one line naming it and the samples it held.
+        for payload, geo, labels, idx, slots, skipped in watched_batches(dl, batches, self.items, self.worker_timeout):
             self._note(skipped)
             if payload is None:
                 self._unreadable()

@@ -147,3 +147,176 @@ def test_queues_resume_exactly(demo_data, tmp_path, method, extra):
     assert [r["step"] for r in b] == list(range(1, 9)) == [r["step"] for r in a]
     for ra, rb in zip(a[3:], b[3:]):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5, abs=1e-6), (method, ra["step"])
+
+
+# ----------------------------------------------------------------------------- injected faults (FASTSSL_FAULT)
+# Each fault once, in process, on the tiny run: the exit code, the one line, what is left on disk and that the
+# run then finishes. tests/test_chaos.py does the same in fresh processes through the environment variable.
+
+from fastssl import fault_injection  # noqa: E402
+from fastssl.faults import (DISK_FULL_EXIT_CODE, LOADER_WORKER_EXIT_CODE, OUT_OF_MEMORY_EXIT_CODE,  # noqa: E402
+                            RANK_HUNG_EXIT_CODE, Watchdog)
+
+
+@pytest.fixture
+def fault():
+    """``fault("enospc@save:2")`` arms the switch for this test; it is off again afterwards."""
+    yield fault_injection.configure
+    fault_injection.configure(None)
+
+
+def one_line(err: str) -> str:
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("fastssl-train:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    return lines[0]
+
+
+def test_fault_switch_grammar():
+    f = fault_injection.parse("enospc@save:3, hang@rank1:step:4,oom@step,die@worker:17")
+    assert [(x.kind, x.site, x.n, x.rank) for x in f] == [("enospc", "save", 3, None), ("hang", "step", 4, 1),
+                                                         ("oom", "step", 1, None), ("die", "worker", 17, None)]
+    assert fault_injection.parse("") is None and fault_injection.parse(None) is None
+    for bad in ("enospc@step:3", "oom", "oom@step:x", "boom@save:1", "hang@rank1:step:4:5"):
+        with pytest.raises(ValueError, match="FASTSSL_FAULT"):
+            fault_injection.parse(bad)
+    try:
+        fault_injection.configure("enospc@save:2,oom@rank3:step:1")
+        assert [fault_injection.fire("enospc", "save") for _ in range(4)] == [False, True, False, False]
+        assert not fault_injection.fire("oom", "step", at=1)          # another rank's fault (RANK unset: 0)
+    finally:
+        fault_injection.configure(None)
+    assert fault_injection.PLAN is None and not fault_injection.fire("enospc", "save")
+
+
+def test_checkpoint_disk_full_stops_keeps_the_previous_and_resume_finishes(demo_data, tmp_path, capsys, fault):
+    """The second checkpoint write meets a full disk: exit 4, one line naming the file, the bytes needed and the
+    last good checkpoint; no partial file; the first checkpoint loads; resume=auto then finishes the run."""
+    from fastssl.checkpoint import load
+
+    args = ["--config", "configs/demo/simclr.yaml"] + tiny_overrides(
+        demo_data, tmp_path, **{"train.max_steps": 4, "train.ckpt_every_steps": 2, "train.resume": "auto"})
+    fault("enospc@save:2")
+    assert main(args) == DISK_FULL_EXIT_CODE
+    line = one_line(capsys.readouterr().err)
+    folder = tmp_path / "t" / "checkpoints"
+    assert "no space left" in line and str(folder / "ckpt-000000004.pt") in line and "needed" in line
+    assert f"last good checkpoint: {folder / 'ckpt-000000002.pt'}" in line and "train.resume=auto" in line
+    assert sorted(p.name for p in folder.iterdir()) == ["ckpt-000000002.pt", "last.pt"]   # no .tmp left
+    assert load(folder / "last.pt")["step"] == 2
+    fault(None)
+    assert main(args) == 0
+    assert load(folder / "last.pt")["step"] == 4 and [r["step"] for r in metrics(tmp_path / "t")][-2:] == [3, 4]
+
+
+def test_metrics_disk_full_stops_with_whole_lines(demo_data, tmp_path, capsys, fault):
+    args = ["--config", "configs/demo/simclr.yaml"] + tiny_overrides(demo_data, tmp_path, **{"train.max_steps": 5})
+    fault("enospc@metrics:3")
+    assert main(args) == DISK_FULL_EXIT_CODE
+    line = one_line(capsys.readouterr().err)
+    path = tmp_path / "t" / "metrics.jsonl"
+    assert f"no space left on the disk of {path} (metrics.jsonl)" in line and "last good checkpoint: none" in line
+    text = path.read_text()
+    assert text.endswith("\n") and len([json.loads(x) for x in text.splitlines()]) == 2   # the half line is gone
+
+
+def test_out_of_memory_mid_run_saves_the_last_step_and_names_the_fix(demo_data, tmp_path, capsys, fault):
+    """An out-of-memory step 3 (before its optimizer step): the state after step 2 is written, the line names the
+    step, the checkpoint and what to change; the run then resumes from that checkpoint."""
+    from fastssl.checkpoint import load
+
+    args = ["--config", "configs/demo/simclr.yaml"] + tiny_overrides(
+        demo_data, tmp_path, **{"train.max_steps": 4, "train.ckpt_every_epochs": 1000})
+    fault("oom@step:3")
+    assert main(args) == OUT_OF_MEMORY_EXIT_CODE
+    line = one_line(capsys.readouterr().err)
+    folder = tmp_path / "t" / "checkpoints"
+    assert "out of GPU memory at step 3" in line and "optim.accum_steps=2" in line and "optim.batch_size" in line
+    assert f"wrote {folder / 'ckpt-000000002.pt'}" in line and "train.resume=true" in line
+    assert load(folder / "last.pt")["step"] == 2
+    fault(None)
+    assert main(args + ["--resume"]) == 0
+    assert [r["step"] for r in metrics(tmp_path / "t")][-2:] == [3, 4]
+
+
+def test_out_of_memory_at_the_first_step_writes_nothing(demo_data, tmp_path, capsys, fault):
+    args = ["--config", "configs/demo/simclr.yaml"] + tiny_overrides(demo_data, tmp_path, **{"train.max_steps": 2})
+    fault("oom@step:1")
+    assert main(args) == OUT_OF_MEMORY_EXIT_CODE
+    line = one_line(capsys.readouterr().err)
+    assert "out of GPU memory at the first step of this run (step 1)" in line and "peak not measured" in line
+    assert "last good checkpoint: none (no checkpoint yet)" in line and "optim.accum_steps=2" in line
+    assert not list((tmp_path / "t" / "checkpoints").glob("*.pt"))
+
+
+def test_export_disk_full_leaves_nothing(demo_data, tmp_path, capsys, fault):
+    from fastssl.cli.export import main as export_main
+
+    assert main(["--config", "configs/demo/simclr.yaml"] + tiny_overrides(demo_data, tmp_path,
+                                                                         **{"train.max_steps": 1})) == 0
+    out = tmp_path / "x" / "b.safetensors"
+    fault("enospc@export")
+    assert export_main([str(tmp_path / "t"), "--out", str(out)]) == DISK_FULL_EXIT_CODE
+    err = capsys.readouterr().err
+    assert f"no space left on the disk of {out} (export)" in err and "export again" in err
+    assert not list(out.parent.iterdir())
+
+
+@pytest.mark.parametrize("kind", ["die", "hang"])
+def test_loader_worker_death_or_hang_is_one_line(demo_data, tmp_path, capsys, fault, kind):
+    """A torch-back-end worker killed (as by the OOM killer) or stuck: exit 7, one line naming the worker."""
+    args = ["--config", "configs/demo/simclr.yaml"] + tiny_overrides(
+        demo_data, tmp_path, **{"data.train": demo_data / "train", "data.val": "", "data.backend": "torch",
+                                "train.max_steps": 6, "data.worker_timeout": 5})   # one epoch: every sample
+    fault(f"{kind}@worker:7")
+    assert main(args) == LOADER_WORKER_EXIT_CODE
+    line = one_line(capsys.readouterr().err)
+    assert "data-loader worker" in line and "pid" in line and "train.resume=auto" in line
+    if kind == "die":
+        assert "died" in line and "SIGKILL" in line
+    else:
+        assert "sent nothing for 5 s (data.worker_timeout)" in line and "samples" in line
+
+
+def _beat(folder, rank, step, phase="train", age=0.0):
+    folder.mkdir(parents=True, exist_ok=True)
+    p = folder / f"rank-{rank:05d}"
+    p.write_text(json.dumps({"rank": rank, "step": step, "phase": phase, "pid": 100 + rank, "host": "h"}))
+    t = time.time() - age
+    os.utime(p, (t, t))
+
+
+def test_watchdog_names_the_silent_rank_and_excuses_a_busy_one(tmp_path):
+    dog = Watchdog(tmp_path, rank=0, world=3, timeout=10, first_timeout=60, last_good=lambda: "ckpt-7.pt")
+    dog.step, dog.phase = 4, "train"
+    _beat(tmp_path / "heartbeat", 1, 4)
+    _beat(tmp_path / "heartbeat", 2, 3, age=100)          # stopped: its file is 100 s old
+    line = dog.diagnose(12)
+    assert line.startswith("rank 2 stopped responding (no heartbeat for 100 s; its last step 3, pid 102 on h)")
+    assert "rank 0 waited 12 s after step 4" in line and "last good checkpoint: ckpt-7.pt" in line
+    assert f"exit {RANK_HUNG_EXIT_CODE}" in line
+    _beat(tmp_path / "heartbeat", 2, 4, phase="eval")     # alive and evaluating: the wait is excused
+    assert dog.diagnose(12) is None
+    _beat(tmp_path / "heartbeat", 2, 3)                   # alive, one step behind, stuck
+    assert dog.diagnose(12).startswith("rank(s) 2 made no progress past step 3")
+
+
+def test_watchdog_thread_fires_when_steps_stop(tmp_path):
+    """The thread notices that no step finished within the timeout and calls its exit with code 6."""
+    import threading
+
+    codes, done = [], threading.Event()
+
+    def fake_exit(code):
+        codes.append(code)
+        done.set()
+
+    lines = []
+    dog = Watchdog(tmp_path, rank=0, world=2, timeout=0.5, first_timeout=0.5, exit=fake_exit,
+                   on_fire=lines.append, last_good=lambda: "none")
+    _beat(tmp_path / "heartbeat", 1, 0, age=1000)
+    dog.start()
+    dog.set_phase("train")
+    assert done.wait(120), "the watchdog never fired"
+    dog.stop()
+    assert codes == [RANK_HUNG_EXIT_CODE] and lines[0].startswith("rank 1 stopped responding")
+    assert not (tmp_path / "heartbeat" / "rank-00000").exists()

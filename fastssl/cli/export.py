@@ -32,6 +32,9 @@ from, and the call that loads it. Formats:
 * ``auto`` (default): torchvision for torchvision ResNets, timm for ViTs and other timm
   models, native otherwise.
 
+Exit status: 0 written, 2 bad input (checkpoint, format), 4 the disk is full (the partial
+file is removed; the line names the space needed).
+
 After writing, the file is loaded back the way the JSON says and its features are compared
 with the run's own ``method.embed`` on random images (``verified`` in the JSON;
 ``--no-verify`` skips it). The checkpoint is read with ``weights_only=True``;
@@ -43,6 +46,7 @@ import argparse
 import hashlib
 import inspect
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -239,8 +243,8 @@ def _load(path: Path, device: str, trust: bool):
     if "trust" in inspect.signature(checkpoint.load_for_eval).parameters:
         return checkpoint.load_for_eval(path, device, trust=trust)
     if trust:
-        print("fastssl-export: note: this fastssl's load_for_eval has no trust option; --trust-checkpoint ignored",
-              file=sys.stderr)
+        logging.getLogger(__name__).warning("this fastssl's load_for_eval has no trust option; --trust-checkpoint "
+                                            "ignored")
     return checkpoint.load_for_eval(path, device)
 
 
@@ -302,24 +306,69 @@ def export(path: str | Path, fmt: str = "auto", out: str | Path | None = None, *
     else:
         state = _state(backbone)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    if as_pt:
-        torch.save(state, tmp)
-    else:
-        from safetensors.torch import save_file
-
-        save_file(state, str(tmp), metadata={"format": "pt", "fastssl_export": fmt})  # timm/HF read "format"
-    tmp.replace(out)
+    _write_weights(state, out, as_pt, fmt)
     from fastssl import __version__
 
     meta.update(weights=out.name, weights_format="pt" if as_pt else "safetensors", sha256=_sha256(out),
                 load=_load_snippet(fmt, out.name, meta), fastssl_version=__version__)
     json_path = out.with_suffix(".json")
-    json_path.write_text(json.dumps(meta, indent=2) + "\n")
+    _write_json(json_path, meta, out)
     if verify:
         meta["verified"] = _verify(out, method, image_size)
-        json_path.write_text(json.dumps(meta, indent=2) + "\n")
+        _write_json(json_path, meta, out)
     return out
+
+
+def _write_weights(state: dict, out: Path, as_pt: bool, fmt: str) -> None:
+    """The weights through ``out.tmp`` and a rename; a full disk removes the partial file and raises DiskFull."""
+    from fastssl import fault_injection
+    from fastssl.checkpoint import state_nbytes
+    from fastssl.faults import DiskFull, is_disk_full
+
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        if fault_injection.PLAN is not None and fault_injection.fire("enospc", "export"):
+            tmp.write_bytes(b"\0" * 4096)  # what reached the disk before it filled
+            raise fault_injection.enospc("export")
+        if as_pt:
+            torch.save(state, tmp)
+        else:
+            from safetensors.torch import save_file
+
+            save_file(state, str(tmp), metadata={"format": "pt", "fastssl_export": fmt})  # timm/HF read "format"
+    except (OSError, RuntimeError) as e:
+        tmp.unlink(missing_ok=True)
+        # torch.save and safetensors report a failed write as RuntimeError/SafetensorError text: ask the disk.
+        if is_disk_full(e) or _no_room(out, state_nbytes(state)) or "No space left" in str(e):
+            raise DiskFull(out, state_nbytes(state), "export", fix="export again") from None
+        raise
+    tmp.replace(out)
+
+
+def _no_room(out: Path, needed: int) -> bool:
+    import shutil
+
+    try:
+        return shutil.disk_usage(out.parent).free < needed
+    except OSError:
+        return False
+
+
+def _write_json(json_path: Path, meta: dict, weights: Path) -> None:
+    """The JSON beside the weights; on a full disk both go (weights without their JSON cannot be loaded)."""
+    from fastssl.faults import DiskFull, is_disk_full
+
+    text = json.dumps(meta, indent=2) + "\n"
+    tmp = json_path.with_name(json_path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(json_path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if not is_disk_full(e):
+            raise
+        weights.unlink(missing_ok=True)
+        raise DiskFull(json_path, len(text), "export metadata", fix="export again") from None
 
 
 @torch.no_grad()
@@ -358,10 +407,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from fastssl.checkpoint import CheckpointError
     from fastssl.config import ConfigError
+    from fastssl.faults import DISK_FULL_EXIT_CODE, DiskFull
+    from fastssl.logs import configure
 
+    configure()
     try:
         out = export(args.path, args.format, args.out, pt=args.pt, trust=args.trust_checkpoint,
                      verify=not args.no_verify)
+    except DiskFull as e:  # the checkpoint it reads is untouched: the one line says where the space ran out
+        print(f"fastssl-export: error: {e}", file=sys.stderr)
+        return DISK_FULL_EXIT_CODE
     except (FileNotFoundError, CheckpointError, ConfigError, ExportError) as e:
         print(f"fastssl-export: error: {e}", file=sys.stderr)
         return 2
