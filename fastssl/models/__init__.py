@@ -1,4 +1,4 @@
-"""Backbones (timm, plus a tiny CPU-sized ResNet) and heads.
+"""Backbones (timm, CIFAR-stem ResNets, tiny CPU-sized ResNets) and heads.
 
 ``create_backbone(model_cfg) -> (module, feat_dim)``: the module maps
 (B, 3, H, W) -> (B, feat_dim) pooled features, at any input size.
@@ -67,6 +67,32 @@ def _timm_resnet(name: str):
 
 for _n in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet200"):
     register_backbone(_n)(_timm_resnet(_n))
+
+# solo-learn's CIFAR stem (solo/methods/base.py, BaseMethod.__init__, when data.dataset is cifar10/cifar100):
+#   conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=2, bias=False); maxpool = nn.Identity()
+# padding=2 is solo-learn's (a 32 px image becomes 34 px, and the last stage's map 5x5); lightly's
+# ResNetGenerator (lightly/models/resnet.py) pads by 1 (4x4). The CIFAR recipes replicate solo-learn's tables.
+CIFAR_STEM_PADDING = 2
+
+
+def _cifar_resnet(name: str):
+    def build(model_cfg) -> tuple[nn.Module, int]:
+        # timm's ResNet with only the stem's conv replaced and its max-pool removed: every other module and
+        # state-dict key is timm's (bn1, layer1-4 unchanged), so checkpoints, FSDP wrapping and the native
+        # export treat it as the ImageNet model with a 3x3 conv1 (64 x 3 x 3 x 3).
+        net, dim = _timm_resnet(name)(model_cfg)
+        stem = net.conv1
+        net.conv1 = nn.Conv2d(3, stem.out_channels, kernel_size=3, stride=1, padding=CIFAR_STEM_PADDING, bias=False)
+        net.maxpool = nn.Identity()
+        return net, dim
+
+    build.__doc__ = (f"timm's {name} with solo-learn's CIFAR stem (3x3 conv, stride 1, padding "
+                     f"{CIFAR_STEM_PADDING}; no max-pool), for 32-96 px images.")
+    return build
+
+
+for _n in ("resnet18", "resnet50"):
+    register_backbone(f"{_n}_cifar")(_cifar_resnet(_n))
 
 
 def create_backbone(model_cfg) -> tuple[nn.Module, int]:
