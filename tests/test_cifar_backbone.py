@@ -65,11 +65,19 @@ def test_a_simclr_step_on_resnet18_cifar_trains(one_torch_thread):
     assert not torch.equal(before, m.backbone.conv1.weight)
 
 
-def test_export_picks_the_native_format():
-    from fastssl.cli.export import pick_format
+def test_export_round_trips_in_the_native_format(tmp_path):
+    from fastssl.cli.export import load_backbone, main as export_main, pick_format
+    from test_export import _method_checkpoint, _run_features
 
     net, _ = create_backbone(ModelConfig(backbone="resnet18_cifar"))
-    assert pick_format("auto", "resnet18_cifar", net) == "native"
+    assert pick_format("auto", "resnet18_cifar", net) == "native"  # timm/torchvision build another stem by name
+    run = _method_checkpoint(tmp_path, ["model.backbone=resnet18_cifar", "aug.global_size=32",
+                                        "method.proj_hidden=32", "method.proj_dim=16"])
+    out = tmp_path / "rn18c.safetensors"
+    assert export_main([str(run), "--out", str(out), "--no-verify"]) == 0
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(load_backbone(out)(x), _run_features(run, x), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("path", SMALL_RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
