@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fastssl.evaluation import extract_features, knn_scores, rankme
+from fastssl.evaluation import extract_features, knn_scores, labelled_rows, rankme
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,8 @@ def evaluate(cfg, method, step: int, run_dir: str | Path, knn: bool = True, line
                                        lambda ld=ld, split=split: extract_features(
                                            method.embed, ld, device,
                                            progress=f"features {split}" if progress else None))
-    (tx, ty), (vx, vy) = feats["train"], feats["val"]
+    # Unlabelled images (label -1: STL-10's unlabeled split, a flat folder) vote in no kNN and train no probe.
+    (tx, ty), (vx, vy) = labelled_rows(*feats["train"]), labelled_rows(*feats["val"])
     seconds = {"features": _synced(device) - t_all}
     num_classes = int(max(ty.max(), vy.max())) + 1
     k = k or cfg.eval.knn_k
