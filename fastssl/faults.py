@@ -531,10 +531,12 @@ class Watchdog:
         return self
 
     def stop(self) -> None:
+        """End the thread; the file then says ``exited``, so that peers still waiting blame this rank at once."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
-        (self.dir / f"rank-{self.rank:05d}").unlink(missing_ok=True)
+        self.phase = "exited"
+        self._write()
 
     # ------------------------------------------------------------------ the thread
 
@@ -596,7 +598,7 @@ class Watchdog:
         beats = self.heartbeats()
         me = self.rank
         others = {r: b for r, b in beats.items() if r != me}
-        silent = sorted(r for r, b in others.items() if b["age"] > self.timeout)
+        silent = sorted(r for r, b in others.items() if b["age"] > self.timeout or b.get("phase") == "exited")
         if not silent and any(b.get("phase") in self.EXCUSED for b in others.values()):
             return None
         missing = sorted(set(range(self.world)) - set(beats))
@@ -604,8 +606,11 @@ class Watchdog:
         if silent:
             r = silent[0]
             b = others[r]
-            blame = (f"rank {r} stopped responding (no heartbeat for {b['age']:.0f} s; its last step {b.get('step')}, "
-                     f"pid {b.get('pid')} on {b.get('host')})")
+            # "recorded": the thread writes at most once per poll, so a rank may have finished one step more
+            how = ("exited (its own output says why" if b.get("phase") == "exited" else
+                   f"stopped responding (no heartbeat for {b['age']:.0f} s")
+            blame = (f"rank {r} {how}; its last recorded step {b.get('step')}, pid {b.get('pid')} on "
+                     f"{b.get('host')})")
             if len(silent) > 1:
                 blame += f" and {len(silent) - 1} more rank(s): {', '.join(map(str, silent[1:8]))}"
         elif others and min(b.get("step", 0) for b in beats.values()) < self.step:

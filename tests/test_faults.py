@@ -291,7 +291,7 @@ def test_watchdog_names_the_silent_rank_and_excuses_a_busy_one(tmp_path):
     _beat(tmp_path / "heartbeat", 1, 4)
     _beat(tmp_path / "heartbeat", 2, 3, age=100)          # stopped: its file is 100 s old
     line = dog.diagnose(12)
-    assert line.startswith("rank 2 stopped responding (no heartbeat for 100 s; its last step 3, pid 102 on h)")
+    assert line.startswith("rank 2 stopped responding (no heartbeat for 100 s; its last recorded step 3, pid 102 on h)")
     assert "rank 0 waited 12 s after step 4" in line and "last good checkpoint: ckpt-7.pt" in line
     assert f"exit {RANK_HUNG_EXIT_CODE}" in line
     _beat(tmp_path / "heartbeat", 2, 4, phase="eval")     # alive and evaluating: the wait is excused
@@ -319,4 +319,8 @@ def test_watchdog_thread_fires_when_steps_stop(tmp_path):
     assert done.wait(120), "the watchdog never fired"
     dog.stop()
     assert codes == [RANK_HUNG_EXIT_CODE] and lines[0].startswith("rank 1 stopped responding")
-    assert not (tmp_path / "heartbeat" / "rank-00000").exists()
+    # a rank that ends says so: a peer still waiting blames it without waiting for its file to age
+    assert json.loads((tmp_path / "heartbeat" / "rank-00000").read_text())["phase"] == "exited"
+    peer = Watchdog(tmp_path, rank=1, world=2, timeout=10, first_timeout=10, last_good=lambda: "none")
+    peer.step, peer.phase = 3, "train"
+    assert peer.diagnose(11).startswith("rank 0 exited (its own output says why; its last recorded step 0")
