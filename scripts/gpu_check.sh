@@ -131,7 +131,8 @@ else
   # PART=step: the kernel and CUDA tests, then the step and the peer benchmarks.
   export TRITON_INTERPRET=$DRY
   run pytest_cuda 150 $PY -m pytest -q -m cuda -p no:cacheprovider tests
-  run step 150 $PY -m fastssl.cli.bench step --suite gpu --quick --cases "${STEP_CASES:-simclr_rn50_bf16_compiled}"
+  run step 200 $PY -m fastssl.cli.bench step --suite gpu --quick \
+    --cases "${STEP_CASES:-simclr_rn50_bf16_compiled,simclr_rn50_b512_photometric}"
   PEER_DATA=$WORK/peer
   $PY -c "import sys; from fastssl.cli.bench_loader import make_imagenet_like as m; m(sys.argv[1], 8000, workers=16, beton=False)" \
     "$PEER_DATA" > /dev/null 2>> "$OUT/errors.log"
