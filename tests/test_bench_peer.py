@@ -1,7 +1,8 @@
 """``fastssl-bench peer`` in its smoke mode: the JSON contract (no timings asserted).
 
 Each arm runs in its own process; ratios are quotients of the reported images/s; losses are finite; both
-sides train the same backbone (parameter count); the stage table has every stage.
+sides train the same backbone (parameter count); the stage table has every stage; lightly-tuned differs from
+lightly only in compile and channels_last, and is the headline's reference when it ran.
 """
 import json
 import math
@@ -10,18 +11,22 @@ import os
 import pytest
 
 
-def _check(out: dict, method: str) -> None:
-    from fastssl.cli.bench_peer import ARMS
+def _check(out: dict, method: str, want_arms=None) -> None:
+    from fastssl.cli.bench_peer import CPU_ARMS
 
     r = out["methods"][method]
     arms = r["arms"]
-    assert set(arms) == set(ARMS)
+    assert set(arms) == set(want_arms or CPU_ARMS)
     pids = [p for a in arms.values() for p in a["pids"]] + [s["pid"] for s in r["stages_fastssl_rounds"]]
     assert len(set(pids)) == len(pids) and os.getpid() not in pids          # a fresh process per arm and round
     ips = {k: a["images_per_second"] for k, a in arms.items()}
     assert all(v > 0 for v in ips.values())
     rt = r["ratios"]
     assert rt["fastssl_over_lightly"] == pytest.approx(ips["fastssl"] / ips["lightly"], rel=2e-3)
+    ref = "lightly-tuned" if "lightly-tuned" in arms else "lightly"
+    assert r["headline"]["against"] == ref and out["headline"][method] == r["headline"]
+    assert r["headline"]["value"] == pytest.approx(ips["fastssl"] / ips[ref], rel=2e-3)
+    assert len(r["headline"]["rounds"]) == out["settings"]["rounds"]
     assert rt["bare"] == max(("bare-fastssl", "bare-lightly"), key=ips.get)
     for arm in ("fastssl", "lightly"):
         assert rt[f"{arm}_over_bare"] == pytest.approx(ips[arm] / ips[rt["bare"]], rel=2e-3)
@@ -32,7 +37,7 @@ def _check(out: dict, method: str) -> None:
         for rd in r["rounds"]:
             losses = rd[arm]["losses"]
             assert all(math.isfinite(x) for x in losses)
-            want = settings["warmup"] + settings["steps"] if arm in ("lightly", "fastssl") else \
+            want = settings["warmup"] + settings["steps"] if arm in ("lightly", "lightly-tuned", "fastssl") else \
                 settings["bare_warmup"] + settings["bare_steps"]
             assert len(losses) == want
     # The same backbone on both sides: torchvision's resnet18 without fc and timm's without its classifier.
@@ -42,18 +47,34 @@ def _check(out: dict, method: str) -> None:
     assert all(v > 0 for a in ("lightly", "fastssl") for v in arms[a]["cpu_ms_per_image"].values())
     assert arms["fastssl"]["command"].startswith("python -m fastssl.train ")
     assert f"| {method} | fastssl |" in out["table"]
+    if "lightly-tuned" in arms:
+        _check_tuned_settings(arms["lightly"]["settings"], arms["lightly-tuned"]["settings"])
+        assert arms["lightly-tuned"]["params"] == arms["lightly"]["params"]
+
+
+def _check_tuned_settings(plain: dict, tuned: dict) -> None:
+    """lightly-tuned is the lightly arm plus compile and channels_last: every other recorded setting is equal."""
+    differ = {k for k in plain.keys() | tuned.keys() if plain.get(k) != tuned.get(k)}
+    assert differ == {"channels_last", "compile", "compile_options"}
+    assert plain["channels_last"] is False and plain["compile"] == [] and plain["compile_options"] is None
+    assert tuned["channels_last"] is True and "model.forward" in tuned["compile"]
+    assert tuned["compile_options"]["dynamic"] is False
 
 
 def test_bench_peer_smoke_simclr(demo_data, capsys, tmp_path):
-    pytest.importorskip("lightly")
+    """All five arms, each in its own process; lightly-tuned compiles with Dynamo's eager backend (the code path,
+    not inductor's minutes on a CPU)."""
+    pytest.importorskip("lightly", reason="the peer benchmark's other arm: pip install 'fastssl[peer]'")
     from fastssl.cli.bench import main
+    from fastssl.cli.bench_peer import ARMS
 
     rc = main(["peer", "--smoke", "--data", str(demo_data), "--methods", "simclr", "--threads", "1", "--json",
-               "--out", str(tmp_path / "peer.json")])
+               "--arms", ",".join(ARMS), "--compile-backend", "eager", "--out", str(tmp_path / "peer.json")])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert json.loads((tmp_path / "peer.json").read_text())["methods"].keys() == {"simclr"}
-    _check(out, "simclr")
+    _check(out, "simclr", ARMS)
+    assert out["methods"]["simclr"]["arms"]["lightly-tuned"]["settings"]["compile_options"]["backend"] == "eager"
     fl = out["methods"]["simclr"]["arms"]["fastssl"]["command"]
     for kv in ("optim.name=sgd", "optim.lr=0.06", "method.temperature=0.5", "aug.views.1.brightness=0.8",
                "model.backbone=resnet18", "train.log_every=1"):
@@ -62,18 +83,29 @@ def test_bench_peer_smoke_simclr(demo_data, capsys, tmp_path):
 
 @pytest.mark.slow
 def test_bench_peer_smoke_dino(demo_data, capsys):
-    pytest.importorskip("lightly")
+    """DINO with every arm over two interleaved rounds, 3 local views (lightly's DINOTransform and fastssl's
+    aug.num_local alike)."""
+    pytest.importorskip("lightly", reason="the peer benchmark's other arm: pip install 'fastssl[peer]'")
     from fastssl.cli.bench import main
+    from fastssl.cli.bench_peer import ARMS
 
-    assert main(["peer", "--smoke", "--data", str(demo_data), "--methods", "dino", "--threads", "1", "--json"]) == 0
+    assert main(["peer", "--smoke", "--data", str(demo_data), "--methods", "dino", "--threads", "1", "--json",
+                 "--arms", ",".join(ARMS), "--compile-backend", "eager", "--local-views", "3", "--rounds", "2"]) == 0
     out = json.loads(capsys.readouterr().out)
-    _check(out, "dino")
+    _check(out, "dino", ARMS)
+    arms = out["methods"]["dino"]["arms"]
+    assert "aug.num_local=3" in arms["fastssl"]["command"]
+    assert len(arms["lightly"]["settings"]["transform"]["views"]) == 2 + 3
+    assert arms["lightly-tuned"]["settings"]["compile"] == ["model.forward", "model.forward_teacher"]
+    # interleaved: the second round runs the arms in the reverse order (each in a fresh process: _check)
+    r1, r2 = ([rd[a]["started_at"] for a in ARMS] for rd in out["methods"]["dino"]["rounds"])
+    assert r1 == sorted(r1) and r2 == sorted(r2, reverse=True) and max(r1) < min(r2)
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "vit_small_patch16"])
 def test_peer_arms_build_the_same_backbone_and_projector_width(arch):
-    """At every --arch the lightly arm (torchvision) and fastssl (timm) train backbones of one size, and the
-    projector is as wide as the features (lightly's SimCLRProjectionHead(512, 512, 128) / 2048-2048-128)."""
+    """At every --arch the lightly arm (torchvision's ResNets, timm's ViT) and fastssl train backbones of one size,
+    and the projector is as wide as the features (lightly's SimCLRProjectionHead(512, 512, 128) / 2048-2048-128)."""
     pytest.importorskip("lightly")
     from fastssl.cli.bench_peer import FEATURE_DIM, LightlyArm, proj_hidden
     from fastssl.config import load_config
@@ -85,6 +117,52 @@ def test_peer_arms_build_the_same_backbone_and_projector_width(arch):
     assert dim == FEATURE_DIM[arch] == proj_hidden(arch) == arm.model.projection_head.layers[0].in_features
     with pytest.raises(ValueError, match="resnet50"):
         proj_hidden("vit_small")
+
+
+@pytest.mark.parametrize("method", ["simclr", "dino"])
+def test_lightly_tuned_is_the_lightly_arm_compiled_and_channels_last(method):
+    """The tuned arm's recorded settings equal the lightly arm's but for compile and channels_last; its weights
+    are channels_last and what the loop calls is compiled (DINO: the student's forward and the teacher's)."""
+    pytest.importorskip("lightly", reason="the peer benchmark's other arm: pip install 'fastssl[peer]'")
+    import torch
+
+    from fastssl.cli.bench_peer import LightlyArm
+
+    plain, tuned = LightlyArm(method), LightlyArm(method, tuned=True)
+    _check_tuned_settings(plain.settings, tuned.settings)
+    assert tuned.settings["compile_options"]["backend"] == "inductor"
+    assert tuned.settings["compile"] == (["model.forward"] if method == "simclr" else
+                                         ["model.forward", "model.forward_teacher"])
+    conv = next(m for m in tuned.model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert tuned.model._compiled_call_impl is not None and plain.model._compiled_call_impl is None
+    assert tuned.params() == plain.params()
+
+
+def test_headline_is_fastssl_over_lightly_tuned_when_it_ran():
+    """With lightly-tuned among the arms the headline quotient is fastssl over it (the others stay as ratios);
+    without it, over the lightly arm."""
+    from fastssl.cli.bench_peer import _headline, _table, summarise
+
+    def arm(ips, loss=6.0):
+        return {"images_per_second": ips, "losses": [loss, loss - 0.1], "pid": 1, "steps": 2, "params": {"backbone": 1}}
+
+    rounds = [{"lightly": arm(10.0), "lightly-tuned": arm(20.0), "fastssl": arm(30.0), "bare-lightly": arm(40.0),
+               "bare-fastssl": arm(50.0)},
+              {"lightly-tuned": arm(25.0), "lightly": arm(10.0), "fastssl": arm(25.0), "bare-lightly": arm(40.0),
+               "bare-fastssl": arm(50.0)}]
+    r = summarise("simclr", rounds, [])
+    assert r["headline"] == {"ratio": "fastssl_over_lightly_tuned", "against": "lightly-tuned",
+                             "value": pytest.approx(27.5 / 22.5, abs=1e-4), "rounds": [1.5, 1.0]}
+    assert r["ratios"]["fastssl_over_lightly"] == pytest.approx(2.75, abs=1e-4)
+    assert r["ratios"]["fastssl_over_bare"] == pytest.approx(0.55, abs=1e-4)
+    assert r["ratios"]["lightly_tuned_over_bare"] == pytest.approx(0.45, abs=1e-4)
+    res = {"methods": {"simclr": r}}
+    row = next(line for line in _table(res).splitlines() if "| fastssl |" in line)
+    assert "| 1.22 | 2.75 | 0.55 |" in row
+    assert _headline(res) == "simclr: fastssl / lightly-tuned = 1.22x (rounds: 1.50, 1.00)"
+    plain = summarise("simclr", [{k: v for k, v in rd.items() if k != "lightly-tuned"} for rd in rounds], [])
+    assert plain["headline"]["against"] == "lightly" and "fastssl_over_lightly_tuned" not in plain["ratios"]
 
 
 def test_peer_lightly_arm_bf16_autocasts_the_forward():

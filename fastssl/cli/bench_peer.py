@@ -4,10 +4,15 @@
     fastssl-bench peer --smoke --data DIR --json          # tiny sizes: checks the code paths (a test runs it)
 
 With the defaults (ResNet-18, 96 px, batch 128, 12 timed steps) one round of SimCLR's four
-arms took 6 minutes on two idle cores (two rounds: 740 s), DINO's about twice that.
+CPU arms took 6 minutes on two idle cores (two rounds: 740 s), DINO's about twice that.
 
 Arms, per method (SimCLR, DINO), each a fresh process, over interleaved rounds (the arm
-order alternates between rounds, so a slow drift of a shared machine hits every arm alike):
+order alternates between rounds, so a slow drift of a shared machine hits every arm alike).
+The headline is fastssl's images/s over lightly-tuned's when that arm ran (over lightly's
+otherwise): compile and channels_last are two lines any lightly user can add, so the quotient
+against the tuned arm is what the data path (and the method's implementation) alone is worth.
+Default arms: all five with ``--device cuda``; on the CPU all but lightly-tuned (inductor's
+compile takes minutes there and gains little), which ``--arms`` adds.
 
 - ``lightly``: lightly's documented plain-PyTorch loop (its examples/pytorch/simclr.py and
   dino.py): torchvision ``resnet18`` with ``fc`` removed, ``SimCLRProjectionHead(512, 512,
@@ -15,7 +20,16 @@ order alternates between rounds, so a slow drift of a shared machine hits every 
   ``DINOProjectionHead(512, 512, 64, 2048)``, ``DINOLoss(output_dim=2048,
   warmup_teacher_temp_epochs=5)``, Adam(lr 1e-3), cosine EMA momentum 0.996 -> 1 and the
   last layer frozen in epoch 0; data: ``LightlyDataset(folder, SimCLRTransform /
-  DINOTransform)`` in a DataLoader (shuffle, drop_last, ``--workers``).
+  DINOTransform)`` in a DataLoader (shuffle, drop_last, ``--workers``). ``--arch
+  vit_small_patch16``: timm's ``vit_small_patch16_224(num_classes=0, dynamic_img_size=True)``
+  (lightly's ViT-S/16 DINO benchmark's backbone; the CLS token, 384 features), the same
+  21.7 M parameters as fastssl's. ``--local-views``: DINO's local crops on both sides.
+- ``lightly-tuned``: the ``lightly`` arm plus the two lines a careful user adds, nothing else:
+  ``model.to(memory_format=torch.channels_last)`` (and channels_last inputs) and
+  ``torch.compile`` in place of what the loop calls (SimCLR's model; DINO's student forward
+  and ``forward_teacher``), with the trainer's options (``dynamic=False``; backend
+  ``--compile-backend``). Each lightly arm records its ``settings``: they differ in
+  ``channels_last``, ``compile`` and ``compile_options`` only (a test checks it).
 - ``fastssl``: ``fastssl-train`` (``python -m fastssl.train``) with the matching settings:
   same photos (the ffcv ``.beton`` made from the folder, or the folder with
   ``--backend torch``), timm ``resnet18`` (the same 11.2 M backbone parameters), the same
@@ -61,7 +75,11 @@ import time
 from pathlib import Path
 
 METHODS = ("simclr", "dino")
-ARMS = ("lightly", "fastssl", "bare-fastssl", "bare-lightly")
+ARMS = ("lightly", "lightly-tuned", "fastssl", "bare-fastssl", "bare-lightly")
+# The CPU default leaves lightly-tuned out: inductor takes minutes per shape on a few cores and gains
+# little there (see engine.cpu_weight_gradients); the arm answers a GPU question. --arms adds it.
+CPU_ARMS = ("lightly", "fastssl", "bare-fastssl", "bare-lightly")
+LIGHTLY_ARMS = ("lightly", "lightly-tuned")
 LIGHTLY_SIMCLR = {"temperature": 0.5, "lr": 0.06, "proj_dim": 128}   # NTXentLoss(), SGD(lr=0.06)
 LIGHTLY_DINO = {"hidden": 512, "bottleneck": 64, "out_dim": 2048, "lr": 1e-3, "teacher_temp": 0.04,
                 "momentum": 0.996, "warmup_teacher_temp_epochs": 5, "freeze_last_layer": 1}
@@ -110,7 +128,10 @@ def local_size_for(size: int) -> int:
     return max(16, round(size * 96 / 224))
 
 
-FEATURE_DIM = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
+FEATURE_DIM = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "vit_small_patch16": 384}
+# The lightly arm's ViT: timm's, as lightly's own ViT-S/16 DINO benchmark builds it (dynamic_img_size for the
+# 96 px local crops); num_classes=0 leaves the CLS-token features, what its example's dino_vits16 returns.
+TIMM_VIT = {"vit_small_patch16": "vit_small_patch16_224"}
 
 
 def proj_hidden(arch: str) -> int:
@@ -131,20 +152,27 @@ def _count(params) -> int:
 class LightlyArm:
     """lightly's documented SimCLR / DINO example: model, criterion, optimizer and one training step."""
 
-    def __init__(self, method: str, device: str = "cpu", arch: str = "resnet18", precision: str = "fp32"):
+    def __init__(self, method: str, device: str = "cpu", arch: str = "resnet18", precision: str = "fp32",
+                 tuned: bool = False, compile_backend: str = "inductor", compile_mode: str | None = None):
         import copy
 
         import torch
         import torchvision
         from torch import nn
 
-        self.method, self.device = method, device
+        self.method, self.device, self.tuned = method, device, tuned
         # bf16 as a lightly user gets it (Lightning's precision="bf16-mixed" is autocast): the loop's
         # forward passes and loss under torch.autocast, parameters and optimizer in fp32.
         self.autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
-        resnet = getattr(torchvision.models, arch)()
-        feat = resnet.fc.in_features  # 512 (resnet18) / 2048 (resnet50)
-        backbone = nn.Sequential(*list(resnet.children())[:-1])
+        if arch in TIMM_VIT:
+            import timm
+
+            backbone = timm.create_model(TIMM_VIT[arch], num_classes=0, dynamic_img_size=True)
+            feat = backbone.num_features  # 384
+        else:
+            resnet = getattr(torchvision.models, arch)()
+            feat = resnet.fc.in_features  # 512 (resnet18) / 2048 (resnet50)
+            backbone = nn.Sequential(*list(resnet.children())[:-1])
         if method == "simclr":
             from lightly.loss import NTXentLoss
             from lightly.models.modules import SimCLRProjectionHead
@@ -196,6 +224,26 @@ class LightlyArm:
         else:
             raise ValueError(f"no lightly loop for method {method!r} (have {METHODS})")
         self.model.train()
+        # lightly-tuned: the two lines a careful user adds to the example, nothing else. channels_last weights
+        # (and inputs, in step); torch.compile of what the loop calls, with the options fastssl's trainer uses
+        # (dynamic=False: DINO's two crop sizes get a static graph each rather than one dynamic graph).
+        self.compiled: list[str] = []
+        self.compile_options = {"dynamic": False, "backend": compile_backend, "mode": compile_mode}
+        self.memory_format = torch.channels_last if tuned else torch.preserve_format  # preserve: .to()'s default
+        if tuned:
+            self.model.to(memory_format=torch.channels_last)
+            self.model.compile(**self.compile_options)  # in place: forward (SimCLR's model, DINO's student)
+            self.compiled.append("model.forward")
+            if method == "dino":
+                self.model.forward_teacher = torch.compile(self.model.forward_teacher, **self.compile_options)
+                self.compiled.append("model.forward_teacher")
+        self.settings = {"method": method, "arch": arch, "device": device, "precision": precision,
+                         "model": type(self.model).__name__, "backbone": type(backbone).__name__,
+                         "criterion": repr(self.criterion), "optimizer": type(self.optimizer).__name__,
+                         "optimizer_defaults": {k: v for k, v in self.optimizer.defaults.items()
+                                                if isinstance(v, (int, float, str, bool, type(None), tuple))},
+                         "channels_last": tuned, "compile": self.compiled,
+                         "compile_options": self.compile_options if tuned else None}
 
     def params(self) -> dict:
         return {"backbone": _count(self.backbone.parameters()),
@@ -205,10 +253,11 @@ class LightlyArm:
         """One step of lightly's example loop; returns the detached loss."""
         import torch
 
-        m, dev = self.model, self.device
+        m, dev, fmt = self.model, self.device, self.memory_format
         nb = torch.device(dev).type == "cuda"
         if self.method == "simclr":
-            x0, x1 = views[0].to(dev, non_blocking=nb), views[1].to(dev, non_blocking=nb)
+            x0 = views[0].to(dev, non_blocking=nb, memory_format=fmt)
+            x1 = views[1].to(dev, non_blocking=nb, memory_format=fmt)
             with self.autocast:
                 z0 = m(x0)
                 z1 = m(x1)
@@ -221,7 +270,7 @@ class LightlyArm:
             momentum_val = cosine_schedule(epoch, epochs, LIGHTLY_DINO["momentum"], 1)
             update_momentum(m.student_backbone, m.teacher_backbone, m=momentum_val)
             update_momentum(m.student_head, m.teacher_head, m=momentum_val)
-            views = [view.to(dev, non_blocking=nb) for view in views]
+            views = [view.to(dev, non_blocking=nb, memory_format=fmt) for view in views]
             global_views = views[:2]
             with self.autocast:
                 teacher_out = [m.forward_teacher(view) for view in global_views]
@@ -273,21 +322,47 @@ def profile_lightly_stages(paths: list[str], transform) -> dict:
     return {k: round(1000 * v / max(1, len(paths)), 3) for k, v in acc.items()}
 
 
-def arm_lightly(spec: dict) -> dict:
+def _describe_transform(transform) -> dict:
+    """The transform's class and its views' ops by name (its repr holds object addresses: differs per process)."""
+    views = []
+    for vt in transform.transforms:
+        comp = getattr(vt, "transform", vt)
+        views.append([type(op).__name__ for op in (getattr(comp, "transforms", None) or [comp])])
+    return {"class": type(transform).__name__, "views": views}
+
+
+def lightly_transform_for(spec: dict):
+    """lightly's transform for the arm: its SimCLRTransform / DINOTransform at our sizes (``local_views`` local crops)."""
+    if spec["method"] == "dino":
+        from lightly.transforms import DINOTransform
+
+        return DINOTransform(global_crop_size=spec["size"], local_crop_size=spec["local_size"],
+                             n_local_views=spec.get("local_views", 6))
+    from fastssl.cli.bench_loader import lightly_transform
+
+    return lightly_transform(spec["method"], spec["size"], spec["local_size"])
+
+
+def lightly_arm_for(spec: dict, tuned: bool) -> LightlyArm:
+    return LightlyArm(spec["method"], spec["device"], spec["arch"], spec["precision"], tuned=tuned,
+                      compile_backend=spec.get("compile_backend", "inductor"), compile_mode=spec.get("compile_mode"))
+
+
+def arm_lightly(spec: dict, tuned: bool = False) -> dict:
+    """The lightly arm (``tuned``: lightly-tuned, the same loop compiled and channels_last)."""
     import torch
     from lightly.data import LightlyDataset
-
-    from fastssl.cli.bench_loader import lightly_transform
 
     torch.manual_seed(spec["seed"])
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
-    arm = LightlyArm(spec["method"], spec["device"], spec["arch"], spec["precision"])
-    transform = lightly_transform(spec["method"], spec["size"], spec["local_size"])
+    arm = lightly_arm_for(spec, tuned)
+    transform = lightly_transform_for(spec)
     dataset = LightlyDataset(spec["folder"], transform=transform)
     # pin_memory on a GPU: what a tuned lightly user sets (its example leaves it off).
-    dataloader = torch.utils.data.DataLoader(dataset, batch_size=spec["batch"], shuffle=True, drop_last=True,
-                                             num_workers=spec["workers"], pin_memory=spec["device"] == "cuda")
+    loader_kw = {"batch_size": spec["batch"], "shuffle": True, "drop_last": True, "num_workers": spec["workers"],
+                 "pin_memory": spec["device"] == "cuda"}
+    dataloader = torch.utils.data.DataLoader(dataset, **loader_kw)
     total = spec["warmup"] + spec["steps"]
     spe = len(dataloader)
     epochs = math.ceil(total / spe)
@@ -317,7 +392,11 @@ def arm_lightly(spec: dict) -> dict:
     out = {"images_per_second": images / sum(timed), "losses": losses, "steps": len(losses),
            "data_wait_fraction": sum(wait_s[spec["warmup"]:]) / sum(timed), "steps_per_epoch": spe,
            "params": arm.params(), "torch_threads": torch.get_num_threads(),
-           "main_process_cpu_ms_per_image": 1000 * (cpu1 - cpu0) / images}
+           "main_process_cpu_ms_per_image": 1000 * (cpu1 - cpu0) / images,
+           # What this arm ran with, to compare the two lightly arms key by key.
+           "settings": {**arm.settings, "dataloader": loader_kw, "transform": _describe_transform(transform),
+                        "warmup": spec["warmup"], "steps": spec["steps"], "seed": spec["seed"],
+                        "threads": spec["threads"]}}
     if spec.get("profile_images"):
         root = Path(spec["folder"])
         paths = [str(root / f) for f in sorted(dataset.get_filenames())[: spec["profile_images"]]]
@@ -333,7 +412,7 @@ def arm_bare_lightly(spec: dict) -> dict:
     torch.manual_seed(spec["seed"])
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
-    arm = LightlyArm(spec["method"], spec["device"], spec["arch"], spec["precision"])
+    arm = lightly_arm_for(spec, False)
     views = _fixed_views(spec)
     spe = max(1, spec.get("steps_per_epoch", 10**9))
     total = spec["bare_warmup"] + spec["bare_steps"]
@@ -345,7 +424,7 @@ def _fixed_views(spec: dict, channels_last: bool = False) -> list:
     import torch
 
     g = torch.Generator().manual_seed(0)
-    sizes = [spec["size"]] * 2 + ([spec["local_size"]] * 6 if spec["method"] == "dino" else [])
+    sizes = [spec["size"]] * 2 + ([spec["local_size"]] * spec.get("local_views", 6) if spec["method"] == "dino" else [])
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return [torch.randn(spec["batch"], 3, s, s, generator=g).contiguous(memory_format=fmt).to(spec["device"])
             for s in sizes]
@@ -396,6 +475,7 @@ def fastssl_overrides(spec: dict) -> list[str]:
     else:
         c = LIGHTLY_DINO
         # Adam = AdamW without weight decay; the DINO preset's jitter equals lightly's DINOTransform's.
+        kv["aug.num_local"] = spec.get("local_views", 6)
         kv.update({"method.hidden": c["hidden"], "method.bottleneck": c["bottleneck"], "method.out_dim": c["out_dim"],
                    "method.head_layers": 3, "method.head_bn": "false", "method.momentum": c["momentum"],
                    "method.momentum_end": 1.0, "method.teacher_temp": c["teacher_temp"],
@@ -481,7 +561,8 @@ def arm_stages_fastssl(spec: dict) -> dict:
                                  "photometric": round(1000 * photometric / max(1, n_phot), 3)}}
 
 
-ARM_FUNCS = {"lightly": arm_lightly, "bare-lightly": arm_bare_lightly, "bare-fastssl": arm_bare_fastssl,
+ARM_FUNCS = {"lightly": arm_lightly, "lightly-tuned": lambda spec: arm_lightly(spec, tuned=True),
+             "bare-lightly": arm_bare_lightly, "bare-fastssl": arm_bare_fastssl,
              "stages-fastssl": arm_stages_fastssl}
 
 
@@ -513,7 +594,7 @@ def run_arm(arm: str, spec: dict, workdir: Path, tag: str) -> dict:
     else:
         out = json.loads(result.read_text())
     # The 1-minute load average before and after: others' work on a shared machine shows here.
-    out.update({"pid": p.pid, "process_seconds": round(wall, 2),
+    out.update({"pid": p.pid, "started_at": round(time.time() - wall, 3), "process_seconds": round(wall, 2),
                 "loadavg_1min": [round(load0, 2), round(os.getloadavg()[0], 2)], "code_commit": code})
     trained = spec["batch"] * out.get("steps", 0)
     if trained:
@@ -546,8 +627,9 @@ def summarise(method: str, rounds: list[dict], stages: list[dict]) -> dict:
         cpu = [x["cpu_ms_per_image"] for x in per if x.get("cpu_ms_per_image")]
         if cpu:
             a["cpu_ms_per_image"] = {k: _median([c.get(k) for c in cpu]) for k in cpu[0]}
-        if "command" in per[0]:
-            a["command"] = per[0]["command"]
+        for k in ("command", "settings"):
+            if k in per[0]:
+                a[k] = per[0][k]
         arms[arm] = a
     if "fastssl" in arms and stages:
         st = {k: _median([s["cpu_ms_per_image"][k] for s in stages]) for k in stages[0]["cpu_ms_per_image"]}
@@ -559,17 +641,27 @@ def summarise(method: str, rounds: list[dict], stages: list[dict]) -> dict:
         arms["fastssl"]["params"] = arms["bare-fastssl"]["params"]   # the same config, built the same way
     ips = {k: v["images_per_second"] for k, v in arms.items()}
     ratios = {}
-    if "fastssl" in ips and "lightly" in ips:
-        ratios["fastssl_over_lightly"] = ips["fastssl"] / ips["lightly"]
-        ratios["fastssl_over_lightly_rounds"] = [round(r["fastssl"]["images_per_second"] / r["lightly"]["images_per_second"], 3)
-                                                 for r in rounds]
+    for ref in LIGHTLY_ARMS:
+        if "fastssl" in ips and ref in ips:
+            key = "fastssl_over_" + ref.replace("-", "_")
+            ratios[key] = ips["fastssl"] / ips[ref]
+            ratios[key + "_rounds"] = [round(r["fastssl"]["images_per_second"] / r[ref]["images_per_second"], 3)
+                                       for r in rounds]
+    # The headline: fastssl against lightly as a careful user runs it (compiled, channels_last) when that arm
+    # ran, so the quotient is the data path's and not the two lines lightly's example leaves out.
+    ref = next((x for x in LIGHTLY_ARMS[::-1] if x in ips), None)
+    headline = None
+    if "fastssl" in ips and ref:
+        key = "fastssl_over_" + ref.replace("-", "_")
+        headline = {"ratio": key, "against": ref, "value": round(ratios[key], 4),
+                    "rounds": ratios[key + "_rounds"]}
     bares = {k: v for k, v in ips.items() if k.startswith("bare-")}
     if bares:
         best = max(bares, key=bares.get)
         ratios["bare"] = best
-        for arm in ("fastssl", "lightly"):
+        for arm in ("fastssl", *LIGHTLY_ARMS):
             if arm in ips:
-                ratios[f"{arm}_over_bare"] = ips[arm] / bares[best]
+                ratios[f"{arm.replace('-', '_')}_over_bare"] = ips[arm] / bares[best]
                 if f"bare-{arm}" in ips:
                     ratios[f"{arm}_over_own_bare"] = ips[arm] / ips[f"bare-{arm}"]
     ratios = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in ratios.items()}
@@ -578,12 +670,13 @@ def summarise(method: str, rounds: list[dict], stages: list[dict]) -> dict:
                   "main_process_cpu_ms_per_image", "summary_images_per_second"):
             if isinstance(a.get(k), float):
                 a[k] = round(a[k], 4)
-    return {"method": method, "arms": arms, "ratios": ratios, "rounds": rounds, "stages_fastssl_rounds": stages}
+    return {"method": method, "headline": headline, "arms": arms, "ratios": ratios, "rounds": rounds,
+            "stages_fastssl_rounds": stages}
 
 
 def _table(res: dict) -> str:
-    lines = ["| method | arm | images/s (rounds) | x lightly | x bare | first -> last loss | "
-             "CPU ms/image: decode / crop / photometric / model |", "|---|---|---|---|---|---|---|"]
+    lines = ["| method | arm | images/s (rounds) | x lightly-tuned | x lightly | x bare | first -> last loss | "
+             "CPU ms/image: decode / crop / photometric / model |", "|---|---|---|---|---|---|---|---|"]
     for m, r in res["methods"].items():
         ips = {k: v["images_per_second"] for k, v in r["arms"].items()}
         bare = ips.get(r["ratios"].get("bare"))
@@ -596,11 +689,22 @@ def _table(res: dict) -> str:
                 st = f"{c['decode']:.2f} / {c['crop']:.2f} / {c['photometric']:.2f} / {model}"
             else:
                 st = f"- / - / - / {model}"
-            xl = f"{ips[arm] / ips['lightly']:.2f}" if "lightly" in ips else "-"
+            xs = [f"{ips[arm] / ips[ref]:.2f}" if ref in ips else "-" for ref in ("lightly-tuned", "lightly")]
             xb = f"{ips[arm] / bare:.2f}" if bare else "-"
             lines.append(f"| {m} | {arm} | {ips[arm]:.1f} ({', '.join(f'{x:.1f}' for x in a['images_per_second_rounds'])}) "
-                         f"| {xl} | {xb} | {a['first_loss']:.3f} -> {a['last_loss']:.3f} | {st} |")
+                         f"| {xs[0]} | {xs[1]} | {xb} | {a['first_loss']:.3f} -> {a['last_loss']:.3f} | {st} |")
     return "\n".join(lines)
+
+
+def _headline(res: dict) -> str:
+    """One line per method: fastssl's images/s over the headline arm's, with the rounds."""
+    out = []
+    for m, r in res["methods"].items():
+        h = r.get("headline")
+        if h:
+            out.append(f"{m}: fastssl / {h['against']} = {h['value']:.2f}x "
+                       f"(rounds: {', '.join(f'{x:.2f}' for x in h['rounds'])})")
+    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -611,7 +715,8 @@ def main(argv: list[str] | None = None) -> int:
                          "(--n photo-like 400x350 JPEGs, as fastssl-bench loader --make-imagenet-like)")
     ap.add_argument("--n", type=int, default=2000, help="photos to write when --data has none")
     ap.add_argument("--methods", default="simclr,dino")
-    ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ",".join(ARMS))
+    ap.add_argument("--arms", default="", help="comma-separated subset of " + ",".join(ARMS) + " (default: all on "
+                    "cuda; on the CPU all but lightly-tuned, whose compile takes minutes there)")
     ap.add_argument("--backend", default="auto", help="fastssl's back-end: auto (ffcv when installed), ffcv or torch")
     ap.add_argument("--size", type=int, default=96, help="global view size, px")
     ap.add_argument("--arch", default="resnet18", choices=sorted(FEATURE_DIM), help="both arms' backbone")
@@ -620,7 +725,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                     help="bf16: the trainer's bf16 autocast; the lightly arm's steps under torch.autocast(bf16)")
     ap.add_argument("--compile", default="off", choices=["off", "on"], help="fastssl's train.compile")
+    ap.add_argument("--compile-backend", default="inductor",
+                    help="lightly-tuned's torch.compile backend (eager / aot_eager: checks the code path, quickly)")
     ap.add_argument("--local-size", type=int, default=0, help="DINO local view size (0: 96/224 of --size)")
+    ap.add_argument("--local-views", type=int, default=6,
+                    help="DINO local views (6: lightly's DINOTransform default; DINO's ViT-S/16 recipe uses 10)")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=12, help="timed steps per end-to-end arm")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
@@ -651,7 +760,7 @@ def main(argv: list[str] | None = None) -> int:
         a.size, a.batch, a.steps, a.warmup, a.bare_steps, a.bare_warmup = 32, 8, 2, 1, 2, 1
         a.workers, a.profile_images, a.n = min(a.workers, 1), 4, 40
     methods = a.methods.split(",")
-    arms = a.arms.split(",")
+    arms = a.arms.split(",") if a.arms else list(ARMS if a.device == "cuda" else CPU_ARMS)
     bad = [m for m in methods if m not in METHODS] + [x for x in arms if x not in ARMS]
     if bad:
         ap.error(f"unknown method or arm {bad[0]!r}: methods {METHODS}, arms {ARMS}")
@@ -678,6 +787,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = {"folder": folder, "source": str(root / "train.beton") if backend == "ffcv" else folder,
             "backend": backend, "size": a.size, "local_size": a.local_size or local_size_for(a.size),
             "arch": a.arch, "device": a.device, "precision": a.precision, "compile": a.compile,
+            "compile_backend": a.compile_backend, "local_views": a.local_views,
             "batch": a.batch, "steps": a.steps, "warmup": a.warmup, "bare_steps": a.bare_steps,
             "bare_warmup": a.bare_warmup, "workers": a.workers, "threads": a.threads, "seed": a.seed,
             "steps_per_epoch": n_images // a.batch, "profile_images": a.profile_images}
@@ -699,6 +809,7 @@ def main(argv: list[str] | None = None) -> int:
                "seconds": round(time.perf_counter() - t_start, 1)}
         if _versions() != versions:
             res["versions_end"] = _versions()
+        res["headline"] = {m: r["headline"] for m, r in res["methods"].items() if r.get("headline")}
         res["table"] = _table(res)
         return write_json(res, a.out)
 
@@ -723,7 +834,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         print(text)
     else:
-        print(json.loads(text)["table"])
+        res = json.loads(text)
+        print(res["table"])
+        print(_headline(res))
     return 0
 
 
