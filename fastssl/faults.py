@@ -287,6 +287,16 @@ def is_disk_full(e: BaseException) -> bool:
     return isinstance(e, OSError) and e.errno in SPACE_ERRNOS
 
 
+def is_out_of_memory(e: BaseException) -> bool:
+    """torch's OutOfMemoryError, or a library's out-of-memory RuntimeError (cuDNN, cuBLAS, NCCL allocations)."""
+    import torch
+
+    if isinstance(e, torch.OutOfMemoryError):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("out of memory" in text.lower() or "ALLOC_FAILED" in text)
+
+
 def last_good_checkpoint(run_dir: str | os.PathLike | None) -> str:
     """The newest checkpoint of a run directory that is a whole zip (a cheap check, no load), or a phrase."""
     if run_dir is None:
@@ -413,10 +423,12 @@ def worker_failure(exc: BaseException, iterator, batches: list, items, timeout: 
         # Raised by torch's SIGCHLD handler wherever the main thread was (often inside the step, not next()):
         # the loader being read is the one whose worker died.
         iterator, batches, items, timeout = _watched[0](), *_watched[1:]
+    pids = [int(x) for x in re.findall(r"\d+", (re.search(r"pid\(?s?\)? ([\d, ]+)", text) or [""])[0])]
     workers = list(getattr(iterator, "_workers", []) or [])
+    if pids and not any(w.pid in pids for w in workers):  # another loader's worker: name the pid only
+        iterator, workers = None, []
     tasks = dict(getattr(iterator, "_task_info", {}) or {})
     wid, task = None, None
-    pids = [int(x) for x in re.findall(r"\d+", (re.search(r"pid\(?s?\)? ([\d, ]+)", text) or [""])[0])]
     if died:
         gone = [i for i, w in enumerate(workers) if w.pid in pids] or [
             i for i, w in enumerate(workers) if not w.is_alive()]
@@ -643,12 +655,10 @@ class Watchdog:
 
 def environmental_fault(e: BaseException, run_dir) -> RunFault | None:
     """A full disk, out-of-memory or dead loader worker that reached ``main()`` unhandled, as its one-line fault."""
-    import torch
-
     last = last_good_checkpoint(run_dir)
     if is_disk_full(e):
         return DiskFull(getattr(e, "filename", None) or run_dir, None, "", last_good=last)
-    if isinstance(e, torch.OutOfMemoryError):
+    if is_out_of_memory(e):
         return OutOfMemory(f"out of GPU memory outside a training step ({str(e).splitlines()[0][:160]}); last good "
                            f"checkpoint: {last}. Lower the evaluation's batch, or optim.batch_size; then run again with "
                            f"train.resume=true (exit {OUT_OF_MEMORY_EXIT_CODE})")

@@ -24,7 +24,8 @@ import torch
 
 from fastssl import checkpoint as ckpt_io
 from fastssl.faults import (PREEMPTED_EXIT_CODE, CheckpointHistory, Preempted, Preemption, RunFault, RunLock,
-                            RunLocked, config_differences, environmental_fault, last_good_checkpoint)
+                            RunLocked, config_differences, environmental_fault, is_out_of_memory,
+                            last_good_checkpoint)
 from fastssl.config import Config, ConfigError, all_keys, derive, load_config, save_config, to_dict
 from fastssl.loop import (Checkpointer, Evaluator, LogWindow, MicroBatches, NonFiniteLoss, RunState,  # noqa: F401
                           StopSignal, out_of_memory, start_watchdog)
@@ -144,7 +145,9 @@ def _train(cfg, acc, device, bf16, threads, out, history, state, lock, dog) -> d
             try:
                 with first_step(cfg.model.backbone, bar, enabled=compiling and cfg.train.progress):
                     consumed = train_step(core, batches.take(), run.step)
-            except torch.OutOfMemoryError as e:
+            except (torch.OutOfMemoryError, RuntimeError) as e:
+                if not is_out_of_memory(e):  # cuDNN/cuBLAS report theirs as RuntimeError text
+                    raise
                 oom = str(e)  # handled below, once the traceback (and the step's activations) is gone
             if oom is not None:
                 raise out_of_memory(oom, cfg, core, saver, run, run.epoch, bi, derived.steps_per_epoch, size,

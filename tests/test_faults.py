@@ -324,3 +324,26 @@ def test_watchdog_thread_fires_when_steps_stop(tmp_path):
     peer = Watchdog(tmp_path, rank=1, world=2, timeout=10, first_timeout=10, last_good=lambda: "none")
     peer.step, peer.phase = 3, "train"
     assert peer.diagnose(11).startswith("rank 0 exited (its own output says why; its last recorded step 0")
+
+
+def test_faults_met_outside_fastssl_handlers_are_still_one_line(tmp_path):
+    """What reaches fastssl-train's main() unhandled: a full disk anywhere, a library's out-of-memory text, torch's
+    SIGCHLD message for a killed worker; anything else stays an error of its own (None)."""
+    import errno
+
+    import torch
+
+    from fastssl.faults import environmental_fault, is_out_of_memory
+
+    disk = environmental_fault(OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "summary.json")),
+                               tmp_path)
+    assert disk.exit_code == DISK_FULL_EXIT_CODE and str(tmp_path / "summary.json") in str(disk)
+    assert "last good checkpoint: none (no checkpoint yet)" in str(disk)
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory."))
+    assert is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
+    assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert environmental_fault(RuntimeError("cuDNN error: out of memory"), tmp_path).exit_code == OUT_OF_MEMORY_EXIT_CODE
+    worker = environmental_fault(RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. "), tmp_path)
+    assert worker.exit_code == LOADER_WORKER_EXIT_CODE and "pid 4242" in str(worker) and "Killed" in str(worker)
+    assert environmental_fault(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), tmp_path) is None
+    assert environmental_fault(OSError(errno.EACCES, "Permission denied"), tmp_path) is None
