@@ -520,6 +520,10 @@ class Watchdog:
             self.step0 = self.step
         self.phase = phase
 
+    def next_step_compiles(self) -> None:
+        """The next step compiles again (a new resolution): it gets ``first_timeout``, as the first one did."""
+        self.step0 = self.step
+
     class _Phase:
         def __init__(self, dog, phase):
             self.dog, self.phase = dog, phase

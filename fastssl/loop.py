@@ -265,6 +265,9 @@ class _NoWatchdog:
     def set_phase(self, phase: str) -> None:
         pass
 
+    def next_step_compiles(self) -> None:
+        pass
+
     def excused(self, phase: str):
         import contextlib
 

@@ -129,8 +129,10 @@ def _train(cfg, acc, device, bf16, threads, out, history, state, lock, dog) -> d
     for run.epoch in range(epoch0, cfg.train.epochs):
         if run.step >= derived.run_steps:  # resumed a finished run
             break
-        size = progressive_size(run.epoch, cfg.train.epochs, cfg.train.res_start, cfg.aug.global_size,
-                                cfg.train.res_end_epoch, cfg.train.res_step)
+        prev_size, size = size, progressive_size(run.epoch, cfg.train.epochs, cfg.train.res_start,
+                                                 cfg.aug.global_size, cfg.train.res_end_epoch, cfg.train.res_step)
+        if size != prev_size:
+            dog.next_step_compiles()  # a new resolution recompiles: its first step gets train.first_step_timeout
         loader.set_epoch(run.epoch, global_size=size if cfg.train.res_start else None)
         bi = batch0 if run.epoch == epoch0 else 0
         skip = bi * cfg.optim.accum_steps
