@@ -368,15 +368,17 @@ class LoaderWorkerFailed(RunFault):
     exit_code = LOADER_WORKER_EXIT_CODE
 
 
-def oom_advice(cfg, size: int | None = None) -> str:
-    """What to change after an out-of-memory step, for this config (most effective first)."""
+def oom_advice(cfg, size: int | None = None, first: bool = True) -> str:
+    """What to change after an out-of-memory step, for this config (most effective first); progressive
+    resolution only helps a run that fails at its first steps (it shrinks the early epochs, not the last)."""
     tips = []
     if cfg.optim.accum_steps == 1:
-        tips.append("optim.accum_steps=2 (same global batch, half the activations)")
+        tips.append("optim.accum_steps=2 (same global batch, half the activations; each loss then sees half as many "
+                    "samples)")
     else:
         tips.append(f"optim.accum_steps={cfg.optim.accum_steps * 2}")
     tips.append(f"a smaller optim.batch_size (e.g. {max(1, cfg.optim.batch_size // 2)})")
-    if size and size > 0 and not cfg.train.res_start:
+    if first and size and size > 0 and not cfg.train.res_start:
         tips.append(f"train.res_start={max(32, (size // 2) // 32 * 32)} (progressive resolution: smaller early epochs)")
     local = getattr(cfg.aug, "num_local", 0) or 0
     if local:
@@ -402,7 +404,7 @@ def oom_message(cfg, step: int, first: bool, size: int | None, device, checkpoin
              f"at step {step}" + (f" (global views {size} px)" if size else ""))
     kept = (f"wrote {checkpoint} from the last completed step" if saved
             else f"last good checkpoint: {checkpoint}")
-    return OutOfMemory(f"out of GPU memory {where}{mem}; {kept}. Try {oom_advice(cfg, size)}; then run again with "
+    return OutOfMemory(f"out of GPU memory {where}{mem}; {kept}. Try {oom_advice(cfg, size, first)}; then run again with "
                        f"train.resume=true (exit {OUT_OF_MEMORY_EXIT_CODE})", last_good=checkpoint)
 
 
