@@ -163,6 +163,10 @@ def test_headline_is_fastssl_over_lightly_tuned_when_it_ran():
     assert _headline(res) == "simclr: fastssl / lightly-tuned = 1.22x (rounds: 1.50, 1.00)"
     plain = summarise("simclr", [{k: v for k, v in rd.items() if k != "lightly-tuned"} for rd in rounds], [])
     assert plain["headline"]["against"] == "lightly" and "fastssl_over_lightly_tuned" not in plain["ratios"]
+    # A run cut short mid-round (--out is written after each arm): the partial round counts where it can.
+    cut = summarise("simclr", [rounds[0], {"bare-fastssl": arm(60.0), "bare-lightly": arm(40.0)}], [])
+    assert cut["arms"]["bare-fastssl"]["images_per_second_rounds"] == [50.0, 60.0]
+    assert cut["arms"]["fastssl"]["images_per_second_rounds"] == [30.0] and cut["headline"]["rounds"] == [1.5]
 
 
 def test_peer_lightly_arm_bf16_autocasts_the_forward():

@@ -611,7 +611,7 @@ def summarise(method: str, rounds: list[dict], stages: list[dict]) -> dict:
     """Medians over rounds per arm, the images/s quotients and the CPU-per-image table."""
     arms = {}
     for arm in rounds[0]:
-        per = [r[arm] for r in rounds]
+        per = [r[arm] for r in rounds if arm in r]  # the last round may be partial (a run cut short)
         a = {"images_per_second": _median([x["images_per_second"] for x in per]),
              "images_per_second_rounds": [round(x["images_per_second"], 2) for x in per],
              "first_loss": _median([x["losses"][0] for x in per]), "last_loss": _median([x["losses"][-1] for x in per]),
@@ -646,7 +646,7 @@ def summarise(method: str, rounds: list[dict], stages: list[dict]) -> dict:
             key = "fastssl_over_" + ref.replace("-", "_")
             ratios[key] = ips["fastssl"] / ips[ref]
             ratios[key + "_rounds"] = [round(r["fastssl"]["images_per_second"] / r[ref]["images_per_second"], 3)
-                                       for r in rounds]
+                                       for r in rounds if "fastssl" in r and ref in r]
     # The headline: fastssl against lightly as a careful user runs it (compiled, channels_last) when that arm
     # ran, so the quotient is the data path's and not the two lines lightly's example leaves out.
     ref = next((x for x in LIGHTLY_ARMS[::-1] if x in ips), None)
@@ -819,17 +819,18 @@ def main(argv: list[str] | None = None) -> int:
             order = arms if k % 2 == 0 else arms[::-1]
             for m in methods:
                 s = {**spec, "method": m}
-                got = {}
+                got: dict = {}
+                per_method[m]["rounds"].append(got)  # filled arm by arm
                 for arm in order:
                     got[arm] = run_arm(arm, s, work, f"{m}-{arm}-r{k}")
                     if not a.json:
                         print(f"[round {k + 1}] {m:>6} {arm:>12}: {got[arm]['images_per_second']:8.1f} img/s  "
                               f"loss {got[arm]['losses'][0]:.3f} -> {got[arm]['losses'][-1]:.3f}", flush=True)
-                per_method[m]["rounds"].append({arm: got[arm] for arm in arms})
+                    if a.out:  # the arms so far: a run cut short (a timeout) keeps them; rounds_done counts whole rounds
+                        result(k)
+                per_method[m]["rounds"][-1] = {arm: got[arm] for arm in arms}
                 if "fastssl" in arms and a.device == "cpu":  # the CPU data path's stages (a GPU decodes on the GPU)
                     per_method[m]["stages"].append(run_arm("stages-fastssl", s, work, f"{m}-stages-r{k}"))
-            if a.out and k + 1 < max(1, a.rounds):  # the rounds so far: a run cut short keeps them
-                result(k + 1)
     text = result(max(1, a.rounds))
     if a.json:
         print(text)
