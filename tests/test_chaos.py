@@ -98,19 +98,36 @@ def test_out_of_memory_mid_run(demo_data, tmp_path):
     assert steps(run)[-3:] == [4, 5, 6]
 
 
-def test_loader_worker_killed(demo_data, tmp_path):
+@pytest.mark.parametrize("kind", ["die", "hang"])
+def test_loader_worker_killed_or_stuck(demo_data, tmp_path, kind):
     args = ["--config", "configs/demo/simclr.yaml"] + tiny_overrides(
         demo_data, tmp_path, **{"data.train": demo_data / "train", "data.val": "", "data.backend": "torch",
-                                "train.max_steps": 6, "train.ckpt_every_steps": 1, "train.resume": "auto"})
-    r = train(args, "die@worker:7")
+                                "train.max_steps": 6, "train.ckpt_every_steps": 1, "train.resume": "auto",
+                                "data.worker_timeout": 5})
+    r = train(args, f"{kind}@worker:7")
     assert r.returncode == LOADER_WORKER_EXIT_CODE, r.stderr[-3000:]
     line = the_line(r.stderr)
-    assert "data-loader worker" in line and "killed by" in line and "train.resume=auto" in line
+    assert "data-loader worker" in line and "train.resume=auto" in line
+    assert ("killed by" in line) if kind == "die" else ("sent nothing for 5 s" in line)
     run = tmp_path / "t"
     before = newest_checkpoint_step(run) if (run / "checkpoints" / "last.pt").exists() else 0
     r = train(args)
     assert r.returncode == 0, r.stderr[-3000:]
     assert newest_checkpoint_step(run) == 6 and steps(run)[-1] == 6 and before < 6
+
+
+def test_disk_full_writing_an_export(demo_data, tmp_path):
+    args = ["--config", "configs/demo/simclr.yaml"] + tiny_overrides(demo_data, tmp_path, **{"train.max_steps": 1})
+    assert train(args).returncode == 0
+    out = tmp_path / "export" / "b.safetensors"
+    cmd = [sys.executable, "-m", "fastssl.cli.export", str(tmp_path / "t"), "--out", str(out)]
+    r = subprocess.run(cmd, cwd=ROOT, env=clean_env(FASTSSL_FAULT="enospc@export"), capture_output=True, text=True)
+    assert r.returncode == DISK_FULL_EXIT_CODE, r.stderr[-3000:]
+    line = the_line(r.stderr, "fastssl-export: error:")
+    assert f"no space left on the disk of {out} (export)" in line and "export again" in line
+    assert not list(out.parent.iterdir())                             # no partial weights, no JSON
+    r = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True)
+    assert r.returncode == 0 and out.is_file() and out.with_suffix(".json").is_file(), r.stderr[-3000:]
 
 
 def _free_port() -> int:

@@ -347,3 +347,11 @@ def test_faults_met_outside_fastssl_handlers_are_still_one_line(tmp_path):
     assert worker.exit_code == LOADER_WORKER_EXIT_CODE and "pid 4242" in str(worker) and "Killed" in str(worker)
     assert environmental_fault(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), tmp_path) is None
     assert environmental_fault(OSError(errno.EACCES, "Permission denied"), tmp_path) is None
+
+
+def test_timeouts_may_change_on_resume():
+    """Checkpoints written before these keys existed, or with other timeouts, resume under train.resume=auto."""
+    saved = {"train": {"epochs": 2}, "data": {"workers": 2}}
+    now = {"train": {"epochs": 2, "collective_timeout": 5, "first_step_timeout": 60}, "data": {"workers": 2,
+                                                                                                "worker_timeout": 9}}
+    assert config_differences(saved, now) == []
