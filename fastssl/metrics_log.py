@@ -139,6 +139,32 @@ class MetricsLog:
             if rec.get("kind") == "error":  # the run stops with an exception: end the trackers' runs now
                 self._finish_trackers()
 
+    def drop_after(self, step: int) -> int:
+        """Resuming from the checkpoint of ``step``: remove the ``train``/``eval`` records of later steps, which the
+        resumed run logs again, and any half-written line a killed process left; keep every other record (an
+        error or a pre-emption says why the run stopped). Returns how many lines went."""
+        if not self.f:
+            return 0
+        keep, dropped = [], 0
+        for line in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                dropped += 1
+                continue
+            if rec.get("kind") in ("train", "eval") and isinstance(rec.get("step"), int) and rec["step"] > step:
+                dropped += 1
+                continue
+            keep.append(line)
+        if dropped:
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(x + "\n" for x in keep))
+            self.f.close()
+            os.replace(tmp, self.path)
+            self.f = open(self.path, "a")
+            log.info(f"{self.path}: removed {dropped} record(s) after step {step}, the step this run resumes from")
+        return dropped
+
     def _append(self, line: str) -> None:
         from fastssl import fault_injection
 

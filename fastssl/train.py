@@ -104,6 +104,8 @@ def _train(cfg, acc, device, bf16, threads, out, history, state, lock, dog) -> d
         ckpt_io.set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)])  # each rank its own
     start_run_dir(cfg, acc, out, history, derived, core, bf16, device, fresh=state is None)
     metrics = MetricsLog(out / "metrics.jsonl", acc.is_main_process, cfg=cfg, acc=acc)
+    if state is not None:  # steps logged after that checkpoint (a crash, a full disk) are logged again, once
+        metrics.drop_after(run.step)
     # A bar on a terminal; otherwise a line per log_every steps (train.progress=false: none). Rank 0 only.
     bar = progress(derived.run_steps, "train", "step", enabled=cfg.train.progress and acc.is_main_process,
                    initial=run.step, every=cfg.train.log_every)

@@ -205,7 +205,8 @@ def test_checkpoint_disk_full_stops_keeps_the_previous_and_resume_finishes(demo_
     assert load(folder / "last.pt")["step"] == 2
     fault(None)
     assert main(args) == 0
-    assert load(folder / "last.pt")["step"] == 4 and [r["step"] for r in metrics(tmp_path / "t")][-2:] == [3, 4]
+    # steps 3 and 4 were logged before the failed save; resumed from step 2, they are logged once, again
+    assert load(folder / "last.pt")["step"] == 4 and [r["step"] for r in metrics(tmp_path / "t")] == [1, 2, 3, 4]
 
 
 def test_metrics_disk_full_stops_with_whole_lines(demo_data, tmp_path, capsys, fault):
@@ -355,3 +356,19 @@ def test_timeouts_may_change_on_resume():
     now = {"train": {"epochs": 2, "collective_timeout": 5, "first_step_timeout": 60}, "data": {"workers": 2,
                                                                                                 "worker_timeout": 9}}
     assert config_differences(saved, now) == []
+
+
+def test_resume_drops_the_records_it_will_log_again(tmp_path):
+    """Records after the resumed checkpoint's step (and a line cut off by a kill) go; errors and pre-emptions stay."""
+    from fastssl.metrics_log import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [{"kind": "train", "step": s} for s in (1, 2, 3)] + [{"kind": "eval", "step": 3},
+                                                                 {"kind": "error", "step": 3, "message": "x"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"kind": "train", "st')
+    log = MetricsLog(path, True)
+    assert log.drop_after(2) == 3
+    log.write(kind="train", step=3)
+    log.close()
+    assert [(r["kind"], r["step"]) for r in map(json.loads, path.read_text().splitlines())] == [
+        ("train", 1), ("train", 2), ("error", 3), ("train", 3)]
