@@ -191,3 +191,21 @@ def test_a_stopped_rank_ends_the_job_naming_it_then_resume_finishes(demo_data, t
         outs = _end(procs)
     assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
     assert newest_checkpoint_step(run) == 6 and steps(run)[-1] == 6
+
+
+def test_a_full_disk_on_rank_0_stops_every_rank(demo_data, tmp_path):
+    """Rank 0's checkpoint write fails in a 2-process run: both ranks stop with exit 4 (rank 1 learns it through the
+    save's closing all-reduce, not by waiting for a timeout), and the earlier checkpoint is whole."""
+    args = ["--config", "configs/demo/simclr.yaml"] + tiny_overrides(
+        demo_data, tmp_path, **{"train.max_steps": 6, "train.ckpt_every_steps": 2, "train.resume": "auto"})
+    procs = _two_ranks(args, "enospc@rank0:save:2")
+    try:
+        for p in procs:
+            p.wait(timeout=400)
+    finally:
+        outs = _end(procs)
+    assert [p.returncode for p in procs] == [DISK_FULL_EXIT_CODE] * 2, [o[1][-2000:] for o in outs]
+    run = tmp_path / "t"
+    assert "ckpt-000000004.pt (checkpoint)" in the_line(outs[0][1])
+    assert "(rank 0's checkpoint)" in the_line(outs[1][1]) and "ckpt-000000002.pt" in the_line(outs[1][1])
+    assert newest_checkpoint_step(run) == 2
