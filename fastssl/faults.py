@@ -12,9 +12,9 @@
 - :func:`config_differences` says which keys of a checkpoint's config differ from this run's,
   for ``train.resume=auto``.
 - :class:`RunLock` stops a second run from writing into the same run directory.
-- :class:`DiskFull`, :class:`OutOfMemory`, :class:`RankHung`, :class:`LoaderWorkerFailed`: the faults
-  a run stops on with one line (what, where, the last good checkpoint, the fix) and a documented
-  exit code (:data:`EXIT_CODES`); :class:`Watchdog` ends a run whose ranks stop making progress.
+- :class:`DiskFull`, :class:`OutOfMemory`, :class:`LoaderWorkerFailed`: the faults a run stops on
+  with one line (what, where, the last good checkpoint, the fix) and a documented exit code
+  (:data:`EXIT_CODES`); :class:`Watchdog` ends a process whose ranks stop making progress (6).
 
 Exit codes of ``fastssl-train`` (0 finished):
 
@@ -29,6 +29,8 @@ Exit codes of ``fastssl-train`` (0 finished):
 ====  =====================================================================================
 
 6, 7 and 75 are worth a retry as they are (a lost node, a killed process); 4 and 5 need a change first.
+These are each process's own status: ``srun`` (one task per process) passes them on, while
+``torchrun`` exits 1 when a worker fails and lists each worker's status in its error summary.
 """
 from __future__ import annotations
 
