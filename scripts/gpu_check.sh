@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks for a lent GPU machine, in one call each (the workplace's `device` tool runs this in a
-# copy of the repo; results land in $OUT, default ./gpu-results, at most 8 files). That machine has
+# copy of the repo; results land in $OUT, default ./gpu-results: at most 8 files per part, gpu.txt and
+# errors.log (install output included) beside one JSON-lines file per step). That machine has
 # torch, triton, timm, accelerate and numba but no ffcv, DALI or xformers and no network: ffcv and
 # lightly travel as wheels (run(carry=["dist/wheels", ".whl"]): scripts/build_ffcv_wheel.sh builds ffcv's for
 # cp311 and cp312, about 9.4 MiB each, with four small pure-Python wheels it needs).
@@ -34,25 +35,25 @@ PY=${PY:-python3}
 WORK=${TMPDIR:-/tmp}/fastssl-gpu-check
 
 if [ "$DRY" = 0 ]; then
-  $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$OUT/install.log" 2>&1
+  $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$OUT/errors.log" 2>&1
   # ffcv (self-contained: its libjpeg-turbo and OpenCV inside the wheel) and its small pure-Python
   # dependencies, then lightly (the peer benchmark's other arm), all without an index.
   # pip picks the wheel of this machine's Python from dist/wheels (cp311 and cp312 are built); --no-deps
   # always: ffcv's metadata names opencv-python, and the machine's cv2 is opencv-python-headless.
   if ls dist/wheels/ffcv-*.whl > /dev/null 2>&1; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site --find-links dist/wheels \
-      ffcv==1.0.2 terminaltables assertpy fastargs pytorch-pfn-extras >> "$OUT/install.log" 2>&1 \
+      ffcv==1.0.2 terminaltables assertpy fastargs pytorch-pfn-extras >> "$OUT/errors.log" 2>&1 \
       && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   fi
   if ls .whl/*.whl > /dev/null 2>&1; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
-      >> "$OUT/install.log" 2>&1 && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+      >> "$OUT/errors.log" 2>&1 && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   fi
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 fi
 # A broken install wastes the whole lease: stop here if fastssl does not import.
 if ! $PY -c "import fastssl, fastssl.train, fastssl.kernels.contrastive, torch, triton; print('fastssl ok; torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available())" | tee -a "$OUT/gpu.txt"; then
-  echo "fastssl does not import: see $OUT/install.log"; tail -20 "$OUT/install.log" 2>/dev/null; exit 2
+  echo "fastssl does not import: see $OUT/errors.log"; tail -20 "$OUT/errors.log" 2>/dev/null; exit 2
 fi
 HAVE_FFCV=0
 $PY -c "from fastssl.pipelines.ffcv_compat import import_ffcv; import_ffcv()" >> "$OUT/gpu.txt" 2>&1 && HAVE_FFCV=1
@@ -77,12 +78,12 @@ if [ "$PART" = main ]; then
     N=${N:-400}; NVAL=${NVAL:-100}; EPOCHS=2; DEV="train.device=cpu"
     SMALL=("model.backbone=resnet_tiny" "aug.global_size=64" "train.res_start=32" "train.res_step=16"
            "optim.batch_size=64" "train.precision=fp32" "train.compile=off" "method.proj_hidden=256" "data.workers=2")
-    EVAL_SIZE=(--n-train 20000 --n-val 1000 --dim 256)
+    EVAL_SIZE=(--n-train 5000 --n-val 500 --dim 256 --probe-epochs 1)
   else
     # 32k training images: 62 steps per epoch at batch 512, so each resolution phase runs past its compile.
     N=${N:-32768}; NVAL=${NVAL:-2048}; EPOCHS=${EPOCHS:-2}; DEV="train.device=cuda"
     SMALL=("data.workers=14" "eval.every_epochs=1")
-    EVAL_SIZE=(--n-train 1281167 --n-val 50000 --dim 2048)
+    EVAL_SIZE=(--n-train 1281167 --n-val 50000 --dim 2048 --probe-epochs 5)  # the probe: 5 of its 30 epochs
   fi
   # (b) the photos, outside $OUT (which returns every file), and fastssl-prepare's rate per core.
   run prepare 120 $PY - "$WORK" "$N" "$NVAL" <<'PYEOF'
@@ -121,10 +122,11 @@ PYEOF
   if [ "$HAVE_FFCV" = 1 ]; then
     run timed_ffcv 200 $PY -m fastssl.cli.timed "$WORK/imagenet" --epochs "$EPOCHS" --data-dir "$WORK/betons" \
       --out "$WORK/runs" --name timed-ffcv --linear-protocol cached $DEV "${SMALL[@]}" data.backend=ffcv
-    cp "$WORK/runs/timed-ffcv/timed.json" "$OUT/timed_ffcv_record.json" 2>/dev/null
+    cat "$WORK/runs/timed-ffcv/timed.json" >> "$OUT/timed_ffcv.json" 2>/dev/null
   fi
   run timed_torch 200 $PY -m fastssl.cli.timed "$WORK/imagenet" --epochs "$EPOCHS" --data-dir "$WORK/betons-unused" \
     --out "$WORK/runs" --name timed-torch --linear-protocol cached $DEV "${SMALL[@]}" data.backend=torch
+  cat "$WORK/runs/timed-torch/timed.json" >> "$OUT/timed_torch.json" 2>/dev/null
   # (e) evaluation at ImageNet scale on synthetic features.
   run eval_bench 90 $PY -m fastssl.cli.bench eval "${EVAL_SIZE[@]}" --json
 else
@@ -136,10 +138,17 @@ else
   PEER_DATA=$WORK/peer
   $PY -c "import sys; from fastssl.cli.bench_loader import make_imagenet_like as m; m(sys.argv[1], 8000, workers=16, beton=False)" \
     "$PEER_DATA" > /dev/null 2>> "$OUT/errors.log"
-  run peer 300 $PY -m fastssl.cli.bench peer --data "$PEER_DATA" --methods simclr --device cuda \
-    --precision bf16 --arch resnet50 --compile on --size 224 --batch 256 --backend torch --workers 14 \
-    --steps 20 --warmup 5 --bare-steps 10 --bare-warmup 3 --rounds "${PEER_ROUNDS:-2}" \
-    --arms "${PEER_ARMS:-lightly,fastssl,bare-fastssl}" --out "$OUT/peer_full.json"
+  # Four arms, each in a fresh process; the headline is fastssl against lightly-tuned (lightly's documented
+  # loop plus torch.compile and channels_last), so the ratio is the data path's. b256 and DINO fit one call
+  # (about 5 min); ONLY=peer_simclr_b512 runs batch 512 in a second one.
+  PEER=($PY -m fastssl.cli.bench peer --data "$PEER_DATA" --device cuda --precision bf16 --compile on --backend torch --workers 14)
+  run peer_simclr_b256 180 "${PEER[@]}" --methods simclr --arch resnet50 --size 224 --batch 256 --steps 15 --warmup 5 \
+    --rounds 1 --arms "${PEER_ARMS:-lightly-tuned,fastssl,lightly,bare-fastssl}" --out "$WORK/peer_simclr_b256_full.json"
+  run peer_dino_vits16 180 "${PEER[@]}" --methods dino --arch vit_small_patch16 --size 224 --local-size 96 --local-views 10 \
+    --batch 128 --steps 10 --warmup 4 --rounds 1 --arms lightly-tuned,fastssl --out "$WORK/peer_dino_vits16_full.json"
+  for name in peer_simclr_b256 peer_dino_vits16; do cat "$WORK/${name}_full.json" >> "$OUT/$name.json" 2>/dev/null; done
+  [ -n "${ONLY:-}" ] && run peer_simclr_b512 150 "${PEER[@]}" --methods simclr --arch resnet50 --size 224 --batch 512 \
+    --steps 10 --warmup 4 --rounds 1 --arms lightly-tuned,fastssl --out "$WORK/peer_simclr_b512_full.json"
 fi
 echo "total $(( $(date +%s) - T0 ))s, status $status"
 exit $status

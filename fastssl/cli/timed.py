@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="with --estimate: also print the estimate as JSON")
     ap.add_argument("--dry-run", action="store_true", help="CPU-sized end-to-end run on the built-in data")
     ap.add_argument("overrides", nargs="*", default=[], help="extra config overrides key.sub=value")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # overrides may follow the options
 
     from fastssl.cli.eval import main as eval_main
     from fastssl.cli.prepare import main as prepare_main
