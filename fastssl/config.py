@@ -82,7 +82,7 @@ class TwoViewConfig(MethodConfig):
     batch with its own statistics, as their reference code (and lightly's, solo-learn's loops) does.
     ``joint_bn=True``: one call over both views, whose BN statistics mix the two views of every
     image; demo SimCLR lost 7 kNN points that way (BENCHMARKS.md, "Accuracy against lightly": BatchNorm per view closes most
-    of the accuracy gap"). The multi-crop methods (DINO, SwAV) batch crops by resolution, as their
+    of the accuracy gap). The multi-crop methods (DINO, SwAV) batch crops by resolution, as their
     reference code does.
     """
 
