@@ -120,3 +120,28 @@ def test_simclr_view_is_crop_and_flip_only():
     assert (v.size, v.scale_min, v.scale_max, v.flip_p) == (32, 0.08, 1.0, 0.5)
     assert v.jitter_p == v.gray_p == v.blur_p == v.solarize_p == 0.0
     assert SIMCLR_LINEAR["epochs"] == 90 and SIMCLR_LINEAR["nesterov"] and SIMCLR_LINEAR["weight_decay"] == 0.0
+
+
+def test_feature_cache_on_a_full_disk_warns_and_keeps_the_features(tmp_path, monkeypatch, caplog):
+    """The cache only saves a later extraction: a full disk leaves no partial file and the evaluation goes on."""
+    import errno
+    import logging
+
+    import safetensors.torch
+    import torch
+
+    from fastssl.evaluation.offline import cached_features
+
+    def full(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    feats, labels = torch.randn(8, 4), torch.arange(8)
+    with caplog.at_level(logging.WARNING, logger="fastssl"):
+        got = cached_features(tmp_path, "train", 3, {"k": 1}, lambda: (feats, labels))
+    assert got[0] is feats and got[1] is labels
+    assert list((tmp_path / "features").iterdir()) == []  # the partial file is removed
+    lines = [r.getMessage() for r in caplog.records if "feature cache" in r.getMessage()]
+    assert len(lines) == 1 and "No space left on device" in lines[0] and "MiB" in lines[0]

@@ -50,15 +50,28 @@ def feature_cache_path(run_dir: str | Path, split: str, step: int) -> Path:
     return Path(run_dir) / "features" / f"{split}_step{step}.safetensors"
 
 
-def write_feature_cache(path: str | Path, feats: torch.Tensor, labels: torch.Tensor, meta: dict) -> None:
-    """Write a feature cache atomically (temporary file, then rename); ``meta`` must be JSON-serialisable."""
+def write_feature_cache(path: str | Path, feats: torch.Tensor, labels: torch.Tensor, meta: dict) -> bool:
+    """Write a feature cache atomically (temporary file, then rename); ``meta`` must be JSON-serialisable.
+
+    The cache only saves a later extraction, so a write that fails (a full disk, a read-only run
+    directory) removes its temporary file, logs one warning naming the path and the bytes it needed,
+    and returns False: the evaluation that computed the features goes on.
+    """
     from safetensors.torch import save_file
 
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    save_file({"feats": feats.detach().cpu().contiguous(), "labels": labels.detach().cpu().contiguous()}, str(tmp),
-              metadata={FEATURES_META_KEY: json.dumps(meta, sort_keys=True)})
-    tmp.replace(path)
+    try:
+        save_file({"feats": feats.detach().cpu().contiguous(), "labels": labels.detach().cpu().contiguous()},
+                  str(tmp), metadata={FEATURES_META_KEY: json.dumps(meta, sort_keys=True)})
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        need = feats.numel() * feats.element_size() + labels.numel() * labels.element_size()
+        log.warning(f"feature cache {path} not written ({e.strerror or e}; it needs {need / 2**20:.1f} MiB): "
+                    f"the evaluation goes on, and a later one extracts the features again")
+        return False
+    return True
 
 
 def _read_feature_cache(path: Path, meta: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
