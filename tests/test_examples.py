@@ -75,3 +75,20 @@ def test_lightning_module_with_lightning(shapes):
     losses = _lightning_example()["main"](["--method", "byol", "--data", str(shapes), "--steps", "3",
                                            "--batch-size", "16", "--workers", "0"])
     assert all(math.isfinite(v) for v in losses)
+
+
+def test_readme_python_blocks_are_the_code_the_tests_run():
+    """README's "Using fastssl from Python": the loop is examples/plain_loop.py verbatim, and the one-call
+    snippet uses fastssl.train's real keywords (tests/test_train_api.py runs that call)."""
+    import inspect
+
+    import fastssl.train as module
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Using fastssl from Python", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) >= 2, "the section lost its code"
+    assert blocks[1].strip() == (EXAMPLES / "plain_loop.py").read_text().strip()
+    call = re.search(r"fastssl\.train\((.*?)\)", blocks[0], flags=re.S).group(1)
+    keywords = set(re.findall(r"(\w+)=", call))
+    assert keywords and keywords <= set(inspect.signature(module.fit).parameters), keywords
