@@ -11,6 +11,7 @@ the device and checked at those points, naming the first bad step.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -87,9 +88,9 @@ def train(cfg: Config, trust_checkpoint: bool = False) -> dict:
 
 
 def _train(cfg, acc, device, bf16, threads, out, history, state, lock, dog) -> dict:
-    from fastssl.engine import TrainCore, train_step
+    from fastssl.engine import TrainCore
     from fastssl.pipelines.prefetch import DataWaitMeter
-    from fastssl.progress import first_step, progress
+    from fastssl.progress import progress
 
     rank, world = acc.process_index, acc.num_processes
     make_loader = LoaderFactory(cfg, device, bf16, threads)
@@ -114,7 +115,7 @@ def _train(cfg, acc, device, bf16, threads, out, history, state, lock, dog) -> d
     saver = Checkpointer(history, core, acc, window, derived.total_steps, to_dict(cfg), watchdog=dog)
     evaluator = Evaluator(cfg, core, make_loader, device, loader.num_classes, out, acc.is_main_process)
     evaluator.watchdog = dog
-    dog.on_fire = lambda line: metrics.write(kind="error", step=run.step, rank=rank, message=line)
+    dog.on_fire = functools.partial(record_fault, metrics, run, rank)
     if evaluator.enabled and evaluator.participates and cfg.eval.final and run.knn_init is None:
         run.knn_init = evaluator.run()
         if run.knn_init is not None:
@@ -137,22 +138,11 @@ def _train(cfg, acc, device, bf16, threads, out, history, state, lock, dog) -> d
             dog.next_step_compiles()  # a new resolution recompiles: its first step gets train.first_step_timeout
         loader.set_epoch(run.epoch, global_size=size if cfg.train.res_start else None)
         bi = batch0 if run.epoch == epoch0 else 0
-        skip = bi * cfg.optim.accum_steps
-        if skip and hasattr(loader, "skip_batches"):  # skips without decoding (webdataset back-end)
-            loader.skip_batches(skip)
-            skip = 0
-        batches = MicroBatches(iter(loader), cfg.optim.accum_steps, meter)
-        batches.skip(skip)
+        batches = epoch_batches(loader, bi * cfg.optim.accum_steps, cfg.optim.accum_steps, meter)
         while bi < derived.steps_per_epoch and run.step < derived.run_steps:
             t0 = time.perf_counter()
-            oom = None
-            try:
-                with first_step(cfg.model.backbone, bar, enabled=compiling and cfg.train.progress):
-                    consumed = train_step(core, batches.take(), run.step)
-            except (torch.OutOfMemoryError, RuntimeError) as e:
-                if not is_out_of_memory(e):  # cuDNN/cuBLAS report theirs as RuntimeError text
-                    raise
-                oom = str(e)  # handled below, once the traceback (and the step's activations) is gone
+            consumed, oom = guarded_step(core, batches, run.step, cfg.model.backbone, bar,
+                                         announce=compiling and cfg.train.progress)
             if oom is not None:
                 raise out_of_memory(oom, cfg, core, saver, run, run.epoch, bi, derived.steps_per_epoch, size,
                                     run.step == step0, out)
@@ -192,19 +182,59 @@ def _train(cfg, acc, device, bf16, threads, out, history, state, lock, dog) -> d
     in_training_eval_s = evaluator.seconds
     final = (evaluator.run(step=run.step) if evaluator.enabled and evaluator.participates and cfg.eval.final
              else None) or {}
-    summary: dict = {}
-    if acc.is_main_process:
-        if final:
-            metrics.write(kind="eval", step=run.step, epoch=run.epoch + 1, wall=wall, **eval_values(final))
-        summary = make_summary(cfg, derived, window, final, run.knn_init, wall, run.step, bf16, device)
-        train_s = wall - in_training_eval_s
-        summary.update(torch_threads=threads, train_seconds=train_s, eval_seconds=in_training_eval_s,
-                       eval_fraction=in_training_eval_s / max(train_s, 1e-9),
-                       final_eval_seconds=evaluator.seconds - in_training_eval_s)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary = write_summary(cfg, acc, out, derived, window, evaluator, metrics, run, final, wall,
+                            in_training_eval_s, bf16, device, threads)
     metrics.close()
     stop.preemption.uninstall()
     acc.end_training()
+    return summary
+
+
+def guarded_step(core, batches: MicroBatches, step: int, backbone: str, bar, announce: bool) -> tuple[int, str | None]:
+    """One optimizer step: ``(micro-batches consumed, None)``, or ``(0, message)`` when the device ran out of
+    memory. The caller handles that after this frame (its traceback and the step's activations) is gone.
+    ``announce``: the first step compiles, and says so (host time, no sync)."""
+    from fastssl.engine import train_step
+    from fastssl.progress import first_step
+
+    try:
+        with first_step(backbone, bar, enabled=announce):
+            return train_step(core, batches.take(), step), None
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not is_out_of_memory(e):  # cuDNN/cuBLAS report theirs as RuntimeError text
+            raise
+        return 0, str(e)
+
+
+def epoch_batches(loader, skip: int, accum: int, meter) -> MicroBatches:
+    """The epoch's batches (after ``set_epoch``), ``skip`` of them already trained on (a resumed run): the same
+    batches in the same order, skipped without decoding where the back-end can (webdataset)."""
+    if skip and hasattr(loader, "skip_batches"):
+        loader.skip_batches(skip)
+        skip = 0
+    batches = MicroBatches(iter(loader), accum, meter)
+    batches.skip(skip)
+    return batches
+
+
+def record_fault(metrics, run: RunState, rank: int, line: str) -> None:
+    """The watchdog's one line, also in ``metrics.jsonl`` (the step it fired at)."""
+    metrics.write(kind="error", step=run.step, rank=rank, message=line)
+
+
+def write_summary(cfg, acc, out: Path, derived, window, evaluator, metrics, run: RunState, final: dict, wall: float,
+                  in_training_eval_s: float, bf16: bool, device, threads: int) -> dict:
+    """The final evaluation's record and ``summary.json`` (rank 0; the others return {})."""
+    if not acc.is_main_process:
+        return {}
+    if final:
+        metrics.write(kind="eval", step=run.step, epoch=run.epoch + 1, wall=wall, **eval_values(final))
+    summary = make_summary(cfg, derived, window, final, run.knn_init, wall, run.step, bf16, device)
+    train_s = wall - in_training_eval_s
+    summary.update(torch_threads=threads, train_seconds=train_s, eval_seconds=in_training_eval_s,
+                   eval_fraction=in_training_eval_s / max(train_s, 1e-9),
+                   final_eval_seconds=evaluator.seconds - in_training_eval_s)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
