@@ -731,7 +731,8 @@ class WebDatasetLoader(LoaderBase):
         readable samples may then differ from this one).
         """
         from PIL import Image
-        from torchvision.io import ImageReadMode, decode_jpeg
+
+        from fastssl.pipelines.torch_backend import decode_jpegs
 
         payload, geo, idx = list(payload), geo.clone(), idx.clone()
         labels = labels.clone() if labels is not None else None
@@ -740,9 +741,9 @@ class WebDatasetLoader(LoaderBase):
             if p.dim() != 1:
                 continue
             try:
-                decode_jpeg([p], mode=ImageReadMode.RGB, device=self.device)
+                decode_jpegs([p], self.device)  # the torch back-end's decoder (TorchCodec or torchvision)
                 continue
-            except RuntimeError:
+            except (RuntimeError, ValueError):
                 pass
             try:
                 with Image.open(io.BytesIO(p.numpy().tobytes())) as im:
