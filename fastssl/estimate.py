@@ -5,7 +5,8 @@ recipe's real loader and training core on the present device, then, for each res
 progressive schedule (``train.res_start`` -> ``aug.global_size``):
 
 - the first step at that size (it compiles, and its loader starts an epoch);
-- ``timed`` end-to-end steps through the live loader (data and step together, as training runs);
+- after ``warm`` more, ``timed`` end-to-end steps through the live loader (data and step together,
+  as training runs);
 - ``timed`` steps on one fixed batch (the model alone: the limit the step sets);
 - ``timed`` batches from the loader with no step (the data alone).
 
@@ -129,11 +130,13 @@ class _Clock:
         return time.perf_counter()
 
 
-def estimate(cfg, timed: int = 3, eval_batches: int = 2, prepare_s: float = 0.0,
+def estimate(cfg, timed: int = 3, eval_batches: int = 2, prepare_s: float = 0.0, warm: int = 2,
              n_train: int | None = None, n_val: int | None = None, linear_epochs: int = 0) -> Estimate:
     """Time the recipe on the present device and project the run (see the module docstring).
 
-    ``timed``: steps per measurement; ``prepare_s``: the projected cost of writing the data first.
+    ``timed``: steps per measurement, after ``warm`` untimed ones past each phase's first step (a
+    loader's workers start with empty queues; the epoch's start is timed apart); ``prepare_s``: the
+    projected cost of writing the data first.
     ``n_train``/``n_val``: the full run's image counts when ``cfg.data`` points at a sample of it
     (default: the sizes of ``cfg.data``). ``linear_epochs``: project the papers' linear protocol too
     (that many passes of the frozen backbone's forward over the train split, at the timed eval rate). The core and loader are throwaways: no run directory, no checkpoint.
@@ -170,6 +173,8 @@ def estimate(cfg, timed: int = 3, eval_batches: int = 2, prepare_s: float = 0.0,
         feed.restart()
         train_step(core, feed.take(), 0)
         phase.first_step_s = clock.now() - t
+        for _ in range(warm):  # the loader's workers fill their queues: time the steady state
+            train_step(core, feed.take(), 0)
         t = clock.now()
         for _ in range(timed):
             train_step(core, feed.take(), 0)
