@@ -18,6 +18,7 @@ def test_timed_dry_run_end_to_end_writes_time_to_accuracy(tmp_path):
     assert "time to" in report.lower()
     # The estimate made before training projects the training it then measured to within 25%.
     timed = json.loads((run / "timed.json").read_text())
+    print(f"estimate / measured training: {timed['estimate_over_actual_train']:.2f}")
     assert 0.75 <= timed["estimate_over_actual_train"] <= 1.25, timed
 
 
