@@ -62,5 +62,6 @@ def configure(quiet: bool | None = None, level: int | None = None) -> logging.Lo
         handler.setFormatter(_Plain())
         handler._fastssl = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
-        logger.propagate = False
+        # Records still propagate: the root logger of a CLI process has no handler of its own (nothing
+        # prints twice), and an application's or pytest's handlers there keep seeing fastssl's records.
     return logger

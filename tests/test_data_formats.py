@@ -98,21 +98,6 @@ def _same_as_reference(out: Path, reference: Path, n: int = N_GOOD) -> None:
         assert a.shape == b.shape and np.array_equal(a, b), i
 
 
-@pytest.fixture
-def caplog(caplog):
-    """pytest's caplog, also attached to the ``fastssl`` logger itself: a CLI run earlier in this process
-    (``fastssl.logs.configure``) stops its records from reaching the root logger, where caplog listens."""
-    logger = logging.getLogger("fastssl")
-    attach = not logger.propagate  # else the root logger's caplog handler sees each record already
-    if attach:
-        logger.addHandler(caplog.handler)
-    try:
-        yield caplog
-    finally:
-        if attach:
-            logger.removeHandler(caplog.handler)
-
-
 def _check_bad_lines(caplog, shard_word: str) -> None:
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped ")]
     assert len(lines) == len(BAD_KEYS), lines

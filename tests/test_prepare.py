@@ -66,21 +66,6 @@ def photo_folder(tmp_path_factory):
     return root, expected
 
 
-@pytest.fixture
-def caplog(caplog):
-    """pytest's caplog, also attached to the ``fastssl`` logger itself: a CLI run earlier in this process
-    (``fastssl.logs.configure``) stops its records from reaching the root logger, where caplog listens."""
-    logger = logging.getLogger("fastssl")
-    attach = not logger.propagate  # else the root logger's caplog handler sees each record already
-    if attach:
-        logger.addHandler(caplog.handler)
-    try:
-        yield caplog
-    finally:
-        if attach:
-            logger.removeHandler(caplog.handler)
-
-
 def test_round_trip_real_photos(photo_folder, tmp_path, caplog):
     root, expected = photo_folder
     out = tmp_path / "photos.beton"
