@@ -12,7 +12,6 @@ points, one window behind (:class:`LogWindow`).
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from dataclasses import dataclass, field
@@ -343,9 +342,7 @@ class Evaluator:
         if method is None:
             return None
         t = time.perf_counter()
-        kwargs = {}
-        if step is not None and "cache_dir" in inspect.signature(evaluate_knn).parameters:
-            kwargs = {"cache_dir": self.run_dir, "step": step}
+        kwargs = {"cache_dir": self.run_dir, "step": step} if step is not None else {}
         out = evaluate_knn(method, *self.loaders(), self.cfg, self.device, self.num_classes, max_val, **kwargs)
         spent = time.perf_counter() - t
         self.seconds += spent

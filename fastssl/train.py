@@ -403,8 +403,7 @@ def _yaml_value(v) -> str:
 
     if isinstance(v, os.PathLike):
         v = os.fspath(v)
-    text = yaml.safe_dump(v, default_flow_style=True).strip()
-    return text[:-4].strip() if text.endswith("\n...") else text.removesuffix("...").strip()
+    return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()  # a scalar ends "\n..."
 
 
 # ----------------------------------------------------------------------------- command line

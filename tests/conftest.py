@@ -108,3 +108,13 @@ def torchvision_view(x, p: dict, i: int, ksize: int):
     if p["solarize"][i]:
         x = TF.solarize(x, 0.5)
     return x
+
+
+def small_views(recipe: str, global_size: int = 32, local_size: int = 16):
+    """A recipe's views (``pipelines.recipes.preset``) at test sizes: global views at 32 px, local at 16."""
+    from fastssl.pipelines.recipes import preset
+
+    views = preset(recipe)
+    for v in views:
+        v.size = local_size if v.local else global_size
+    return views

@@ -5,18 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import has_module as _has
+from conftest import has_module as _has, small_views
 from fastssl.pipelines.loader import build_loader
-from fastssl.pipelines.recipes import preset
 
 GLOBAL, LOCAL = 32, 16
 
 
 def _views(recipe):
-    v = preset(recipe)
-    for s in v:
-        s.size = LOCAL if s.local else GLOBAL
-    return v
+    return small_views(recipe, GLOBAL, LOCAL)
 
 
 def _src(demo_data, backend, split="train"):

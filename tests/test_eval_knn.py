@@ -1,24 +1,10 @@
 """kNN in chunks of the train bank (cookbook section 3.7.1) against the dense computation, and its memory bound."""
 import pytest
 import torch
-import torch.nn.functional as F
 
+from fastssl.cli.bench_eval import dense_knn_scores  # the dense reference, as the benchmark's other arm
 from fastssl.evaluation import extract_features, knn_plan, knn_scores, knn_top1
 
-
-def dense_knn_scores(train_feats, train_labels, test_feats, num_classes, k=20, temperature=0.07, chunk=1024):
-    """The dense reference: every test row against the whole bank (M, N) at once, top-k per row."""
-    tr = F.normalize(train_feats.float(), dim=1)
-    te = F.normalize(test_feats.float(), dim=1)
-    k = min(k, tr.shape[0])
-    out = []
-    for s in range(0, te.shape[0], chunk):
-        sim = te[s:s + chunk] @ tr.T                                  # (m, N)
-        w, idx = sim.topk(k, dim=1)
-        votes = torch.zeros(sim.shape[0], num_classes)
-        votes.scatter_add_(1, train_labels[idx].long(), (w / temperature).exp())
-        out.append(votes)
-    return torch.cat(out)
 
 
 def _random_bank(n_train, n_test, dim, classes, seed=0):

@@ -14,20 +14,16 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import has_module as _has
+from conftest import has_module as _has, small_views
 from fastssl.pipelines import Batch, DataError
 from fastssl.pipelines.loader import LoaderBase, build_loader
 from fastssl.pipelines.prefetch import DataWaitMeter, Feeder, SideStream, batch_tensors, prefetch, to_device
-from fastssl.pipelines.recipes import preset
 
 GLOBAL, LOCAL = 32, 16
 
 
 def _views(recipe):
-    v = preset(recipe)
-    for s in v:
-        s.size = LOCAL if s.local else GLOBAL
-    return v
+    return small_views(recipe, GLOBAL, LOCAL)
 
 
 BACKENDS = [pytest.param("ffcv", marks=pytest.mark.skipif(not _has("ffcv"), reason="ffcv missing")),
