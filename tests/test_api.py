@@ -29,12 +29,6 @@ OPTIONAL = ("ffcv", "nvidia.dali", "xformers", "timm", "lightning", "pytorch_lig
 
 def test_every_public_name_resolves():
     for name in fastssl.__all__:
-        if name == "train":
-            try:
-                fastssl.train
-            except AttributeError as e:      # the one-call trainer may not exist yet; the message says so
-                assert "fastssl-train" in str(e)
-            continue
         assert getattr(fastssl, name) is not None, name
     assert set(fastssl.__all__) <= set(dir(fastssl))
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
@@ -71,10 +65,7 @@ def test_import_fastssl_is_light_and_the_surface_needs_no_optional_package():
 
 
 def test_train_is_the_trainer_module_and_callable():
-    try:
-        train = fastssl.train
-    except AttributeError:
-        pytest.skip("fastssl.train(...) is not there yet")
+    train = fastssl.train
     import fastssl.train as mod
 
     assert train is mod and callable(train)
