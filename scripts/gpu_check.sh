@@ -93,13 +93,23 @@ from fastssl.cli.bench_loader import make_imagenet_like
 root, n, n_val = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 cores = os.cpu_count() or 1
 t = time.perf_counter()
-make_imagenet_like(str(root / "src"), n, workers=cores, beton=False)
+# Rendering a photo-like JPEG costs more than preparing it: render up to 4,096 and hard-link copies
+# of them up to n (prepare still reads, decodes and writes every one of the n files).
+unique = min(n, 4096)
+make_imagenet_like(str(root / "src"), unique, workers=cores, beton=False)
 make_imagenet_like(str(root / "src-val"), n_val, workers=cores, seed=1, beton=False)
 (root / "imagenet").mkdir(parents=True, exist_ok=True)
-for split, src in (("train", root / "src" / "train"), ("val", root / "src-val" / "train")):
-    link = root / "imagenet" / split
-    if not link.exists():
-        link.symlink_to(src, target_is_directory=True)
+train = root / "imagenet" / "train"
+files = sorted((root / "src" / "train").rglob("*.jpg"))
+for k in range(n):
+    f = files[k % len(files)]
+    dst = train / f.parent.name / f"{k // len(files)}_{f.name}"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if not dst.exists():
+        os.link(f, dst)
+val = root / "imagenet" / "val"
+if not val.exists():
+    val.symlink_to(root / "src-val" / "train", target_is_directory=True)
 print(json.dumps({"step": "write_jpegs", "images": n + n_val, "seconds": time.perf_counter() - t}), flush=True)
 from fastssl.cli.prepare import main as prepare
 (root / "betons").mkdir(exist_ok=True)
