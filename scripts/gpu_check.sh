@@ -126,7 +126,7 @@ for split in ("train", "val"):
                       "bytes": out.stat().st_size if out.exists() else None}), flush=True)
 PYEOF
   # (c) the projection of the real recipe: 100 epochs of ImageNet-1k (1,281,167 + 50,000 images), batch 512.
-  run estimate 120 $PY -m fastssl.cli.timed "$WORK/imagenet" --estimate --json --epochs 100 --data-dir "$WORK/betons" \
+  run estimate "${ESTIMATE_LIMIT:-120}" $PY -m fastssl.cli.timed "$WORK/imagenet" --estimate --json --epochs 100 --data-dir "$WORK/betons" \
     --project-to 1281167,50000 --out "$WORK/runs" $DEV "${SMALL[@]}"
   # (d) the whole flow, short: through ffcv (when its wheel is here), then the torch back-end.
   if [ "$HAVE_FFCV" = 1 ]; then
