@@ -253,20 +253,6 @@ def jpeg_decoder() -> str:
     return "torchcodec" if _torchcodec_decode else "torchvision"
 
 
-def forked_worker_init(_worker_id: int) -> None:
-    """First thing in a forked DataLoader worker: keep the parent's objects away from its garbage collector.
-
-    A forked worker inherits the parent's whole heap, CUDA tensors included (views handed over from
-    the side stream, an evaluation's batches). Cyclic garbage the parent had not collected yet would be
-    collected in the worker, and freeing a CUDA tensor there fails ("CUDA error: initialization error",
-    raised from the caching allocator) and kills the worker. ``gc.freeze`` moves every inherited object
-    to the collector's permanent generation, in the worker only.
-    """
-    import gc
-
-    gc.freeze()
-
-
 def decode_jpegs(data: list[torch.Tensor], device) -> list[torch.Tensor]:
     """JPEG bytes (1-D uint8 host tensors) -> B x (3, H, W) uint8 RGB on ``device``; one batched nvJPEG
     call on CUDA. A JPEG the decoder refuses raises RuntimeError or ValueError."""
@@ -334,8 +320,7 @@ class TorchLoader(LoaderBase):
             ds, batch_sampler=batches, num_workers=self.workers, collate_fn=_collate,
             pin_memory=self.device.type == "cuda", persistent_workers=False,
             multiprocessing_context="fork" if (self.workers > 0 and sys.platform.startswith("linux")) else None,
-            prefetch_factor=4 if self.workers > 0 else None, timeout=self.worker_timeout if self.workers > 0 else 0,
-            worker_init_fn=forked_worker_init if self.workers > 0 else None)
+            prefetch_factor=4 if self.workers > 0 else None, timeout=self.worker_timeout if self.workers > 0 else 0)
         labelled = self.num_classes is not None
         from fastssl.faults import watched_batches
 

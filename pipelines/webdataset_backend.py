@@ -84,8 +84,7 @@ from fastssl.pipelines.loader import LoaderBase
 from fastssl.pipelines.sources import TAR_IMAGE_EXTS as IMAGE_EXTS
 from fastssl.pipelines.sources import _as_label
 from fastssl.pipelines.sources import _split_key as _split
-from fastssl.pipelines.torch_backend import (FolderViews, _crop_geometry, _reason, forked_worker_init,
-                                             gpu_decode_and_crop)
+from fastssl.pipelines.torch_backend import FolderViews, _crop_geometry, _reason, gpu_decode_and_crop
 
 log = logging.getLogger(__name__)
 
@@ -687,8 +686,7 @@ class WebDatasetLoader(LoaderBase):
         if self.workers > 0:
             it = torch.utils.data.DataLoader(
                 ds, batch_size=None, num_workers=self.workers, pin_memory=self.device.type == "cuda",
-                multiprocessing_context="fork" if sys.platform.startswith("linux") else None, prefetch_factor=4,
-                worker_init_fn=forked_worker_init)
+                multiprocessing_context="fork" if sys.platform.startswith("linux") else None, prefetch_factor=4)
         else:
             it = ds
         labelled = self.num_classes is not None
