@@ -43,12 +43,15 @@ class DataConfig:
     workers: int = 2                # decoding processes/threads
     worker_timeout: float = 300     # torch back-end: seconds a DataLoader worker may take for one batch before the
                                     # run stops naming it (exit 7); 0 waits forever
+    worker_start: str = "auto"      # torch/webdataset workers: auto (fork; forkserver once CUDA is in use: a forked
+                                    # child cannot free CUDA memory) | fork | forkserver | spawn
     in_memory: bool = True          # ffcv: keep the .beton in RAM (else OS page cache)
     shuffle_buffer: int = 1000      # webdataset: samples per worker in the shuffle buffer
 
     def __post_init__(self):
         _choice("data.backend", self.backend, ("auto", "ffcv", "dali", "torch", "webdataset"))
         _range("data.worker_timeout", self.worker_timeout, 0, None)
+        _choice("data.worker_start", self.worker_start, ("auto", "fork", "forkserver", "spawn"))
 
 
 @dataclass
@@ -185,6 +188,8 @@ class EvalConfig:
     knn_temperature: float = 0.07
     every_epochs: int = 0           # >0: kNN + RankMe on the val subset every N epochs
     val_subset: int = 0             # >0: evaluate during training on the first N val images
+    knn_stride: int = 1             # in-training kNN: the bank is every k-th train image (spread over every class);
+                                    # the final evaluation always uses the whole split
     online_probe: bool = True       # linear head on detached features, trained alongside
     probe_lr: float = 0.1
     final: bool = True              # kNN/RankMe at the end (and on the random init)

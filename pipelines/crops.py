@@ -166,12 +166,18 @@ class EpochContract:
     Needs ``num_samples, seed, rank, world_size, train, drop_last, batch_size, epoch, views, sizes``.
     """
 
+    stride = 1  # > 1: the loader reads samples 0, stride, 2 * stride, ... only (``LoaderBase.set_stride``)
+
     def order(self, epoch: int) -> np.ndarray:
-        """This rank's sample indices for ``epoch`` (see :func:`epoch_order`)."""
-        return epoch_order(self.num_samples, self.seed, epoch, self.rank, self.world_size, self.train, self.drop_last)
+        """This rank's sample indices for ``epoch`` (see :func:`epoch_order`); with ``stride`` k, of every
+        k-th sample (a subset spread over the whole dataset, so over every class of a sorted folder)."""
+        k = self.stride
+        order = epoch_order(-(-self.num_samples // k), self.seed, epoch, self.rank, self.world_size, self.train,
+                            self.drop_last)
+        return order * np.uint64(k) if k > 1 else order
 
     def __len__(self) -> int:
-        n = shard_size(self.num_samples, self.rank, self.world_size, self.drop_last)
+        n = shard_size(-(-self.num_samples // self.stride), self.rank, self.world_size, self.drop_last)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def set_epoch(self, epoch: int, global_size: int | None = None) -> None:

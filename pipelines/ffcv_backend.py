@@ -170,6 +170,10 @@ class FFCVLoader(LoaderBase):
         super().set_epoch(epoch, global_size)
         self._write_state()
 
+    def set_stride(self, stride: int) -> None:
+        super().set_stride(stride)
+        self._loader.first_traversal_order = self.order(0)  # ffcv's len() reads it
+
     def _write_state(self) -> None:
         self.state[ST_SEED], self.state[ST_EPOCH] = self.seed, self.epoch
         self.state[ST_ROW] = sum(3 * s * s for s in self.sizes)

@@ -70,6 +70,7 @@ class LoaderBase(EpochContract):
     """
 
     backend = "base"  # the name in messages
+    worker_start = "auto"  # how DataLoader workers start, where a back-end has them (data.worker_start)
     _skip_action = "replaced by other samples of this rank (batches stay full)"
 
     def _setup(self, path, views, batch_size: int, device, *, seed: int, rank: int, world_size: int,
@@ -83,6 +84,13 @@ class LoaderBase(EpochContract):
         self.epoch = 0
         self._skipped: dict[str, str] = {}        # path -> reason, in the order met
         self._epoch_skipped: dict[str, str] = {}  # the current epoch's
+
+    def set_stride(self, stride: int) -> None:
+        """Read every ``stride``-th sample only (1: all): a smaller evaluation bank spread over every class."""
+        stride = int(stride)
+        if stride < 1:
+            raise ValueError(f"stride must be >= 1, got {stride}")
+        self.stride = stride
 
     @property
     def skipped(self) -> list[tuple[str, str]]:
@@ -282,12 +290,16 @@ def build_loader(data_cfg, aug_views, split: str, batch_size: int, device, *, se
     if kind == "webdataset":
         from fastssl.pipelines.webdataset_backend import WebDatasetLoader
 
-        return WebDatasetLoader(path, views, batch_size, device,
-                                shuffle_buffer=int(_field(data_cfg, "shuffle_buffer", 1000)), **common)
+        loader = WebDatasetLoader(path, views, batch_size, device,
+                                  shuffle_buffer=int(_field(data_cfg, "shuffle_buffer", 1000)), **common)
+        loader.worker_start = str(_field(data_cfg, "worker_start", "auto"))
+        return loader
     if kind == "dali":
         from fastssl.pipelines.dali_backend import DALILoader
 
         return DALILoader(path, views, batch_size, device, **common)
     from fastssl.pipelines.torch_backend import TorchLoader
 
-    return TorchLoader(path, views, batch_size, device, **common)
+    loader = TorchLoader(path, views, batch_size, device, **common)
+    loader.worker_start = str(_field(data_cfg, "worker_start", "auto"))
+    return loader

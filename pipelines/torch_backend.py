@@ -52,6 +52,45 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg[:120]}" if msg else type(e).__name__
 
 
+class _PackedItems:
+    """``(path, label)`` items as one NUL-separated string and an int64 array (see ``FolderViews.__getstate__``)."""
+
+    def __init__(self, paths: str, labels: np.ndarray):
+        self.paths, self.labels = paths, labels
+
+    def unpack(self) -> list[tuple[str, int]]:
+        if not len(self.labels):
+            return []
+        return list(zip(self.paths.split("\0"), self.labels.tolist()))
+
+
+def worker_start_method(device, requested: str = "auto"):
+    """How a DataLoader's workers start: a ``multiprocessing`` context (or None: torch's default).
+
+    ``auto``: ``fork`` on Linux while CUDA is not initialised in this process (CPU runs: the
+    workers inherit the dataset for free). Once CUDA is initialised, a forked worker holds a
+    copy of every CUDA tensor of the parent, and any of them freed there (a garbage
+    collection in the worker) calls into the caching allocator, which fails in a forked child
+    ("CUDA error: initialization error") and kills the worker. So on a CUDA parent the workers
+    start from a ``forkserver`` process that never touched CUDA, with this module imported
+    there once; the dataset is pickled to each worker per epoch (``FolderViews.__getstate__``
+    keeps that to a memory copy). ``fork`` / ``forkserver`` / ``spawn`` name a method outright.
+    """
+    import multiprocessing as mp
+
+    if requested not in ("auto", "fork", "forkserver", "spawn"):
+        raise ValueError(f"data.worker_start must be auto, fork, forkserver or spawn, not {requested!r}")
+    if requested == "auto":
+        if not sys.platform.startswith("linux"):
+            return None
+        cuda_parent = torch.device(device).type == "cuda" or torch.cuda.is_initialized()
+        requested = "forkserver" if cuda_parent else "fork"
+    ctx = mp.get_context(requested)
+    if requested == "forkserver":
+        ctx.set_forkserver_preload(["torch", "numpy", "fastssl.pipelines.torch_backend"])
+    return ctx
+
+
 class FolderViews(torch.utils.data.Dataset):
     """``ds[i] -> (payload, geo, label, index, slot, skipped)``: the views of slot ``i``.
 
@@ -71,6 +110,25 @@ class FolderViews(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.items)
+
+    # Pickled only where workers do not fork (``worker_start_method``: a CUDA parent). 1.28 M
+    # (path, label) tuples take about a second to pickle, per worker per epoch; one string of paths
+    # and one label array, packed once per loader, pickle as two memory copies.
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        packed = state.pop("_packed", None)
+        if packed is None or packed[0] is not self.items:
+            packed = (self.items, "\0".join(p for p, _ in self.items),
+                      np.fromiter((lab for _, lab in self.items), np.int64, len(self.items)))
+            self.__dict__["_packed"] = packed
+        state["items"] = _PackedItems(packed[1], packed[2])
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        items = state["items"]
+        if isinstance(items, _PackedItems):
+            state["items"] = items.unpack()
+        self.__dict__.update(state)
 
     def candidate(self, slot: int, k: int) -> int:
         """The ``k``-th replacement (k >= 1) of ``slot``: a hash of (seed, epoch, slot, k) into the shard."""
@@ -319,7 +377,7 @@ class TorchLoader(LoaderBase):
         dl = torch.utils.data.DataLoader(
             ds, batch_sampler=batches, num_workers=self.workers, collate_fn=_collate,
             pin_memory=self.device.type == "cuda", persistent_workers=False,
-            multiprocessing_context="fork" if (self.workers > 0 and sys.platform.startswith("linux")) else None,
+            multiprocessing_context=worker_start_method(self.device, self.worker_start) if self.workers > 0 else None,
             prefetch_factor=4 if self.workers > 0 else None, timeout=self.worker_timeout if self.workers > 0 else 0)
         labelled = self.num_classes is not None
         from fastssl.faults import watched_batches

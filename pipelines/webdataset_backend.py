@@ -71,7 +71,6 @@ import logging
 import os
 import re
 import subprocess
-import sys
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 
@@ -84,7 +83,8 @@ from fastssl.pipelines.loader import LoaderBase
 from fastssl.pipelines.sources import TAR_IMAGE_EXTS as IMAGE_EXTS
 from fastssl.pipelines.sources import _as_label
 from fastssl.pipelines.sources import _split_key as _split
-from fastssl.pipelines.torch_backend import FolderViews, _crop_geometry, _reason, gpu_decode_and_crop
+from fastssl.pipelines.torch_backend import (FolderViews, _crop_geometry, _reason, gpu_decode_and_crop,
+                                             worker_start_method)
 
 log = logging.getLogger(__name__)
 
@@ -670,6 +670,11 @@ class WebDatasetLoader(LoaderBase):
         return _Plan(self.counts, shard_order, lo, sizes, self.workers, self.shuffle_buffer if self.train else 1,
                      self.seed, epoch, r, self.train)
 
+    def set_stride(self, stride: int) -> None:
+        if int(stride) != 1:
+            raise ValueError(f"{self.path}: the webdataset back-end streams whole shards and reads no strided "
+                             f"subset; give eval.knn_stride=1")
+
     def order(self, epoch: int) -> np.ndarray:
         """This rank's sample indices for ``epoch`` in the order they are yielded (before bad-sample replacement)."""
         return self._plan(epoch).emitted().astype(np.uint64)
@@ -686,7 +691,7 @@ class WebDatasetLoader(LoaderBase):
         if self.workers > 0:
             it = torch.utils.data.DataLoader(
                 ds, batch_size=None, num_workers=self.workers, pin_memory=self.device.type == "cuda",
-                multiprocessing_context="fork" if sys.platform.startswith("linux") else None, prefetch_factor=4)
+                multiprocessing_context=worker_start_method(self.device, self.worker_start), prefetch_factor=4)
         else:
             it = ds
         labelled = self.num_classes is not None

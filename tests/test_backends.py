@@ -109,6 +109,26 @@ def test_eval_loader_sequential_centre_crop(demo_data, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_loader_stride_reads_every_kth_sample(demo_data, backend):
+    """A strided eval bank (eval.knn_stride): samples 0, k, 2k, ... with their own labels and crops; back to all."""
+    E = _loader(demo_data, backend, "simclr", bs=8, split="val", train=False)
+    full = list(E)
+    E.set_stride(3)
+    part = list(E)
+    assert len(part) == len(E) == 5                                        # 34 of 100 images, batches of 8
+    idx = torch.cat([b.indices for b in part])
+    assert idx.tolist() == list(range(0, 100, 3))
+    by_index = {int(i): (v, lab) for b in full for i, v, lab in zip(b.indices, b.views[0], b.labels)}
+    for b in part:
+        for i, v, lab in zip(b.indices, b.views[0], b.labels):
+            assert torch.equal(v, by_index[int(i)][0]) and lab == by_index[int(i)][1]
+    E.set_stride(1)
+    assert torch.cat([b.indices for b in E]).tolist() == list(range(100))
+    with pytest.raises(ValueError, match="stride"):
+        E.set_stride(0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_two_ranks_disjoint_shards(demo_data, backend):
     shards = [torch.cat([b.indices for b in _loader(demo_data, backend, "simclr", bs=8, photometric=False,
                                                   rank=r, world_size=2, seed=1)]) for r in range(2)]
@@ -319,3 +339,46 @@ def test_ffcv_crops_equal_a_reference_crop_and_resize(tmp_path):
                 d = np.abs(b.views[v][j].numpy().astype(int) - ref)
                 assert d.max() <= 1 and d.mean() < 0.1, (i, v, top, left, ch, cw, flip, d.max(), d.mean())
     assert seen["half"] > 5 and seen["full"] > 5, seen
+
+
+def test_forkserver_workers_give_the_forked_workers_batches(demo_data):
+    """A CUDA parent starts its workers from a forkserver (a forked child cannot free CUDA memory): the
+    dataset travels pickled (packed items) and yields the batches fork's workers yield, epoch by epoch."""
+    from fastssl.pipelines.torch_backend import TorchLoader
+
+    def epochs(start):
+        L = TorchLoader(_src(demo_data, "torch"), _views("simclr"), 16, "cpu", workers=2, gpu_decode=True)
+        L.worker_start = start
+        out = []
+        for epoch in (0, 1):
+            L.set_epoch(epoch)
+            out.append(list(L))
+        return out
+
+    forked, served = epochs("fork"), epochs("forkserver")
+    assert [len(e) for e in served] == [len(e) for e in forked] and len(forked[0]) > 1
+    for ea, eb in zip(forked, served):
+        for a, b in zip(ea, eb):
+            assert torch.equal(a.indices, b.indices) and torch.equal(a.labels, b.labels)
+            assert all(torch.equal(x, y) for x, y in zip(a.views, b.views))
+    assert not torch.equal(forked[0][0].indices, forked[1][0].indices)  # the epoch reached the workers
+
+
+def test_worker_start_method_auto_and_packed_items():
+    import multiprocessing as mp
+    import pickle
+
+    from fastssl.pipelines.torch_backend import FolderViews, worker_start_method
+
+    assert worker_start_method("cpu").get_start_method() == "fork"       # no CUDA in this process
+    assert worker_start_method("cuda").get_start_method() == "forkserver"  # a CUDA device: never fork
+    assert worker_start_method("cpu", "spawn") is mp.get_context("spawn")
+    with pytest.raises(ValueError, match="data.worker_start"):
+        worker_start_method("cpu", "thread")
+    items = [(f"/d/c{k % 3}/{k}.jpg", k % 3) for k in range(50)]
+    ds = FolderViews(items, [16], np.zeros((1, 8)), 0, True)
+    ds.epoch, ds.bad = 3, {4: "truncated"}
+    back = pickle.loads(pickle.dumps(ds))
+    assert back.items == items and back.epoch == 3 and back.bad == {4: "truncated"}
+    assert not hasattr(back, "_packed")
+    assert pickle.loads(pickle.dumps(FolderViews([], [16], np.zeros((1, 8)), 0, True))).items == []

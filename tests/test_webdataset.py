@@ -379,3 +379,17 @@ def test_labels_are_those_fastssl_prepare_reads_from_the_same_shards(shards, tmp
     assert N2.classes == src.classes == ["bird", "cat", "dog"] and N2.num_classes == 3
     got = {i: lab for b in _epoch(N2) for i, lab in zip(b.indices.tolist(), b.labels.tolist())}
     assert got == {i: ["bird", "cat", "dog"].index(c) for i, c in enumerate(names)}
+
+
+def test_forkserver_workers_give_the_forked_workers_batches(shards):
+    """Workers started from a forkserver (a CUDA parent's) yield the batches forked workers yield."""
+    def run(start):
+        L = _loader(shards, workers=2, gpu_decode=True)
+        L.worker_start = start
+        return _epoch(L, epoch=1)
+
+    forked, served = run("fork"), run("forkserver")
+    assert len(forked) == len(served) > 1
+    for a, b in zip(forked, served):
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.labels, b.labels)
+        assert all(torch.equal(x, y) for x, y in zip(a.views, b.views))
