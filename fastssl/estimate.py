@@ -52,9 +52,11 @@ class Estimate:
     device: str
     phases: list[Phase] = field(default_factory=list)
     prepare_s: float = 0.0
-    eval_each_s: float = 0.0      # one kNN evaluation (features of train + val, then kNN)
-    evals_in_training: int = 0    # at init and every eval.every_epochs epochs
-    final_eval_s: float = 0.0
+    eval_each_s: float = 0.0      # one in-training kNN evaluation (every eval.knn_stride-th train image + val)
+    evals_in_training: int = 0    # every eval.every_epochs epochs
+    eval_stride: int = 1          # eval.knn_stride
+    init_eval_s: float = 0.0      # the random init's kNN (the whole split: the final figure's baseline)
+    final_eval_s: float = 0.0     # the whole split
     linear_eval_s: float = 0.0    # the papers' linear protocol afterwards (frozen backbone, 90 epochs)
     linear_epochs: int = 0
     measured_s: float = 0.0       # what the estimate itself took
@@ -66,14 +68,19 @@ class Estimate:
     @property
     def total_s(self) -> float:
         """Prepare, training with its evaluations and the final kNN; the linear protocol is reported apart."""
-        return self.prepare_s + self.train_s + self.eval_each_s * self.evals_in_training + self.final_eval_s
+        return self.prepare_s + self.train_s + self.eval_in_training_s + self.final_eval_s
+
+    @property
+    def eval_in_training_s(self) -> float:
+        """The evaluations between the first step and the last: at init and every eval.every_epochs."""
+        return self.init_eval_s + self.eval_each_s * self.evals_in_training
 
     def to_dict(self) -> dict:
         d = asdict(self)
         for p, ph in zip(d["phases"], self.phases):
             p["limit"] = ph.limit
-        d.update(train_s=self.train_s, total_s=self.total_s,
-                 eval_in_training_s=self.eval_each_s * self.evals_in_training)
+        d.update(train_s=self.train_s, total_s=self.total_s, eval_in_training_s=self.eval_in_training_s,
+                 eval_fraction=self.eval_in_training_s / max(self.train_s, 1e-9))
         return d
 
     def lines(self) -> list[str]:
@@ -85,10 +92,11 @@ class Estimate:
             out.append(f"  train {p.size:>4} px      {_hms(p.projected_s)}  ({p.epochs} epochs, {p.steps} steps at "
                        f"{p.step_s * 1e3:.0f} ms; model {p.model_step_s * 1e3:.0f} ms, data {p.data_step_s * 1e3:.0f} ms:"
                        f" {p.limit}-bound)")
-        if self.evals_in_training:
-            share = self.eval_each_s * self.evals_in_training / max(self.train_s, 1e-9)
-            out.append(f"  evaluations         {_hms(self.eval_each_s * self.evals_in_training)}  "
-                       f"({self.evals_in_training} x {_hms(self.eval_each_s)}; {share:.1%} of training)")
+        if self.eval_in_training_s:
+            share = self.eval_in_training_s / max(self.train_s, 1e-9)
+            bank = f", 1 in {self.eval_stride} train images" if self.eval_stride > 1 else ""
+            out.append(f"  evaluations         {_hms(self.eval_in_training_s)}  (init {_hms(self.init_eval_s)} + "
+                       f"{self.evals_in_training} x {_hms(self.eval_each_s)}{bank}; {share:.1%} of training)")
         if self.final_eval_s:
             out.append(f"  final evaluation    {_hms(self.final_eval_s)}")
         out.append(f"  total               {_hms(self.total_s)}")
@@ -204,10 +212,18 @@ def estimate(cfg, timed: int = 3, eval_batches: int = 2, prepare_s: float = 0.0,
     evaluates = bool((cfg.eval.final or cfg.eval.every_epochs) and cfg.data.val and loader.num_classes)
     if evaluates:
         every = cfg.eval.every_epochs
-        periodic = len([e for e in range(1, cfg.train.epochs) if every and e % every == 0])
-        result.evals_in_training = periodic + (1 if cfg.eval.final else 0)
-        result.eval_each_s, per_image = _time_eval(core, make_loader, views, cfg, clock, eval_batches, n_train, n_val)
-        result.final_eval_s = result.eval_each_s if cfg.eval.final else 0.0
+        result.evals_in_training = len([e for e in range(1, cfg.train.epochs) if every and e % every == 0])
+        per_image, bank, labels, n_train, n_val = _time_eval(core, make_loader, views, clock, eval_batches, n_train,
+                                                             n_val)
+        k = result.eval_stride = max(1, int(cfg.eval.knn_stride))
+        n_val_in = min(n_val, cfg.eval.val_subset) if cfg.eval.val_subset else n_val
+
+        def one(n_bank: int, n_query: int) -> float:
+            return per_image * (n_bank + n_query) + _time_knn(bank, labels, n_bank, n_query, cfg, clock)
+
+        full = one(n_train, n_val)
+        result.eval_each_s = one(-(-n_train // k), n_val_in) if result.evals_in_training else 0.0
+        result.init_eval_s = result.final_eval_s = full if cfg.eval.final else 0.0
         if linear_epochs:
             result.linear_epochs = linear_epochs
             result.linear_eval_s = per_image * (n_train or loader.num_samples) * linear_epochs
@@ -237,12 +253,13 @@ class _Feed:
         return out
 
 
-def _time_eval(core, make_loader, views, cfg, clock: _Clock, batches: int, n_train: int | None = None,
-               n_val: int | None = None) -> tuple[float, float]:
-    """One kNN evaluation, projected: feature extraction rate x (train + val images), plus a kNN on a bank
-    of the timed features repeated to the run's size (the same matmul and top-k work)."""
+def _time_eval(core, make_loader, views, clock: _Clock, batches: int, n_train: int | None = None,
+               n_val: int | None = None):
+    """The evaluation's feature extraction, timed over ``batches`` batches of the eval loader.
+
+    Returns (seconds per image, the timed features (bank for ``_time_knn``), their labels, n_train, n_val):
+    the split sizes default to the eval loaders'."""
     from fastssl.compile import eager
-    from fastssl.evaluation import knn_top1
 
     train_loader = make_loader("train", 256, False, 0, 0, 1, views[:1])
     val_loader = make_loader("val", 256, False, 0, 0, 1, views[:1])
@@ -271,21 +288,47 @@ def _time_eval(core, make_loader, views, cfg, clock: _Clock, batches: int, n_tra
             seen = first.views[0].shape[0]
         per_image = (clock.now() - t) / seen
     method.train(was)
-    bank = torch.cat(feats)
-    reps = max(1, min(n_train // max(len(bank), 1), 64))  # bounded: the kNN's cost is linear in the bank
-    bank_labels = torch.cat(labels).repeat(reps)
+    return per_image, torch.cat(feats), torch.cat(labels), n_train, n_val
+
+
+def _time_knn(bank: torch.Tensor, labels: torch.Tensor, n_train: int, n_val: int, cfg, clock: _Clock) -> float:
+    """The run's kNN (``n_val`` queries against ``n_train`` features), projected from its own blocks.
+
+    ``knn_scores`` works in blocks of the plan its memory budget gives (``knn_plan``): the cost is
+    the number of full blocks times one block's. Timing a small kNN and scaling it by its size
+    counts its fixed costs (launches, the vote) thousands of times over, so this times two full
+    blocks of the run's plan, on the timed features repeated to fill them, after a warm one.
+    """
+    from fastssl.evaluation import KNN_BUDGET_BYTES, knn_plan, knn_scores
+
+    dev = bank.device
+    if dev.type != "cuda" or bank.dtype not in (torch.bfloat16, torch.float16):
+        bank = bank.float()  # the bank's dtype in the run (extract_features): bf16/fp16 only on CUDA
+    dim, k = bank.shape[1], cfg.eval.knn_k
+    budget = KNN_BUDGET_BYTES.get(dev.type, KNN_BUDGET_BYTES["cpu"])
+    copy = 4 if bank.dtype != torch.float32 else 0
+    plan = knn_plan(n_val, n_train, dim, k, budget, copy_bytes=copy)
+    blocks = -(-n_val // plan.chunk_test) * -(-n_train // plan.chunk_train)
+    rows_train, rows_test = min(n_train, 2 * plan.chunk_train), min(n_val, plan.chunk_test)
+    timed_blocks = -(-rows_test // plan.chunk_test) * -(-rows_train // plan.chunk_train)
+    reps = -(-rows_train // max(len(bank), 1))
+    train = bank.repeat(reps, 1)[:rows_train]
+    train_labels = labels.to(dev).repeat(reps)[:rows_train].clamp_min(0)
+    test = bank.repeat(-(-rows_test // len(bank)), 1)[:rows_test]
+    classes = int(train_labels.max()) + 1
+    run = lambda tr: knn_scores(tr, train_labels[:len(tr)], test, classes, k,  # noqa: E731
+                                cfg.eval.knn_temperature, budget_bytes=budget).sum().item()
+    run(train[:plan.chunk_train])  # warm: the first launches and allocations are not the rate
     t = clock.now()
-    knn_top1(bank.repeat(reps, 1), bank_labels, bank[:min(len(bank), n_val)], bank_labels[:min(len(bank), n_val)],
-             num_classes=int(bank_labels.max()) + 1, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature)
-    knn_s = (clock.now() - t) * (n_train / (len(bank) * reps)) * (n_val / min(len(bank), n_val))
-    return per_image * (n_train + n_val) + knn_s, per_image
+    run(train)
+    return (clock.now() - t) / timed_blocks * blocks
 
 
 def _embed(method, batch) -> torch.Tensor:
     x = batch.views[0]
     low = x.dtype in (torch.bfloat16, torch.float16)
     with torch.autocast(x.device.type, dtype=x.dtype if low else torch.bfloat16, enabled=low):
-        return method.embed(x).float()
+        return method.embed(x)
 
 
 def _device_name(device: torch.device) -> str:

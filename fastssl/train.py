@@ -117,7 +117,7 @@ def _train(cfg, acc, device, bf16, threads, out, history, state, lock, dog) -> d
     evaluator.watchdog = dog
     dog.on_fire = functools.partial(record_fault, metrics, run, rank)
     if evaluator.enabled and evaluator.participates and cfg.eval.final and run.knn_init is None:
-        run.knn_init = evaluator.run()
+        run.knn_init = evaluator.run(full=True)  # the baseline of the final figure: the same bank
         if run.knn_init is not None:
             metrics.write(kind="eval", step=0, epoch=0, wall=0.0, init=True, **eval_values(run.knn_init))
     stop = StopSignal(Preemption().install(), world, device)

@@ -31,7 +31,7 @@ def test_estimate_projects_each_resolution_phase(demo_data):
         f"data.train={demo_data}/train.beton", f"data.val={demo_data}/val.beton", "data.workers=1",
         "aug.global_size=32", "train.res_start=16", "train.res_step=16", "train.epochs=4", "train.res_end_epoch=0.5",
         "model.backbone=resnet_tiny", "method.proj_hidden=64", "method.proj_dim=32", "optim.batch_size=32",
-        "eval.every_epochs=2", "eval.final=true", "train.progress=false"])
+        "eval.every_epochs=2", "eval.final=true", "eval.knn_stride=4", "train.progress=false"])
     assert [(p.size, p.first_epoch, p.epochs) for p in phases_of(cfg)] == [(16, 0, 1), (32, 1, 3)]
     est = estimate(cfg, timed=2, eval_batches=1, n_train=1000)
     steps_per_epoch = 1000 // 32
@@ -39,7 +39,43 @@ def test_estimate_projects_each_resolution_phase(demo_data):
     for p in est.phases:
         assert p.step_s > 0 and p.model_step_s > 0 and p.data_step_s > 0 and p.limit in ("data", "model")
         assert p.projected_s >= p.steps * p.step_s
-    assert est.evals_in_training == 2 and est.eval_each_s > 0 and est.final_eval_s == est.eval_each_s
-    assert est.total_s == pytest.approx(est.train_s + 3 * est.eval_each_s)
+    # epochs 1-3 with every 2: one periodic evaluation (1 in 4 train images); init and final read the whole split
+    assert est.evals_in_training == 1 and est.eval_stride == 4 and est.eval_each_s > 0
+    assert est.init_eval_s == est.final_eval_s > 0
+    assert est.total_s == pytest.approx(est.train_s + est.eval_each_s + 2 * est.final_eval_s)
+    assert est.to_dict()["eval_fraction"] == pytest.approx((est.eval_each_s + est.init_eval_s) / est.train_s)
     text = "\n".join(est.lines())
     assert "train   16 px" in text and "-bound" in text and "total" in text
+
+
+def test_estimate_projects_the_knn_from_full_blocks_of_the_runs_plan(monkeypatch):
+    """The kNN projection is (blocks of the run's plan) x (one timed block): a fake clock that ticks once
+    per block must read back exactly the run's block count, however small the timed bank is."""
+    import types
+
+    import torch
+
+    import fastssl.evaluation as ev
+    from fastssl import estimate as est
+
+    ticks = {"blocks": 0}
+    real = ev.knn_scores
+
+    def counting(train, labels, test, classes, k, temperature, **kw):
+        plan = ev.knn_plan(len(test), len(train), train.shape[1], k, kw["budget_bytes"])
+        ticks["blocks"] += -(-len(test) // plan.chunk_test) * -(-len(train) // plan.chunk_train)
+        return real(train[:4], labels[:4], test[:4], classes, min(k, 4), temperature)  # the work is not the point
+
+    class Clock:
+        def now(self):
+            return float(ticks["blocks"])
+
+    monkeypatch.setattr(ev, "knn_scores", counting)
+    cfg = types.SimpleNamespace(eval=types.SimpleNamespace(knn_k=20, knn_temperature=0.07))
+    bank, labels = torch.randn(96, 64), torch.arange(96) % 10
+    n_train, n_val = 1_281_167, 50_000
+    plan = ev.knn_plan(n_val, n_train, 64, 20, ev.KNN_BUDGET_BYTES["cpu"])
+    want = -(-n_val // plan.chunk_test) * -(-n_train // plan.chunk_train)
+    got = est._time_knn(bank, labels, n_train, n_val, cfg, Clock())
+    assert want > 100 and got == pytest.approx(want)
+    assert est._time_knn(bank, labels, 50, 20, cfg, Clock()) == pytest.approx(1.0)  # a bank of one block: that block

@@ -24,7 +24,8 @@ def test_short_cpu_run_loss_decreases_and_run_dir_describes_itself(demo_data, tm
 
     monkeypatch.setattr(loader_mod, "build_loader", counting_build)
     args = ["--config", "configs/demo/simclr.yaml"] + tiny_overrides(
-        demo_data, tmp_path, **{"train.epochs": 4, "optim.lr": 0.002, "eval.final": True, "eval.every_epochs": 2})
+        demo_data, tmp_path, **{"train.epochs": 4, "optim.lr": 0.002, "eval.final": True, "eval.every_epochs": 2,
+                                 "eval.knn_stride": 4})
     assert main(args) == 0
     # Four evaluations (init, epoch 2, final; epoch 4 is the final one) share two evaluation loaders:
     # a new ffcv loader JIT-compiles its decoder, which had made every evaluation cost seconds.
@@ -43,7 +44,10 @@ def test_short_cpu_run_loss_decreases_and_run_dir_describes_itself(demo_data, tm
     assert s["protocol"]["knn"]["k"] == 20 and s["protocol"]["knn"]["temperature"] == 0.07
     # The reused loaders still cover every image after earlier passes.
     assert "(200 images" in s["protocol"]["knn"]["train_split"], s["protocol"]["knn"]
-    assert len(read_metrics(run, "eval")) == 3
+    evals = read_metrics(run, "eval")
+    assert len(evals) == 3
+    # In training the bank is 1 in 4 train images (eval.knn_stride); the init and final ones read them all.
+    assert [e["eval_train_images"] for e in evals] == [200, 50, 200], evals
     assert 0.0 <= s["data_wait_fraction"] <= 1.0
     # The trainer's final kNN equals an independent evaluation of the saved checkpoint on fresh loaders.
     from fastssl.checkpoint import load_for_eval

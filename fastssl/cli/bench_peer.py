@@ -46,7 +46,8 @@ compile takes minutes there and gains little), which ``--arms`` adds.
   isolation in a fresh process (the lightly arm profiles its own stages after its run).
 
 images/s of an end-to-end arm = images of the timed steps / their summed step time (from
-fetching the batch to the end of the optimizer step), after ``--warmup`` steps; the trainer
+fetching the batch to the end of the optimizer step), after ``--warmup`` steps plus the batches the
+arm's loader holds ready (``warmup_steps``: its queue fills while the first step compiles); the trainer
 measures its steps the same way. First/last loss: the loss of the first and of the last
 step. CPU time per image, by stage (milliseconds of CPU, all threads/processes):
 decode, crop (RandomResizedCrop + flip), photometric (jitter, grayscale, blur, solarise,
@@ -363,7 +364,8 @@ def arm_lightly(spec: dict, tuned: bool = False) -> dict:
     loader_kw = {"batch_size": spec["batch"], "shuffle": True, "drop_last": True, "num_workers": spec["workers"],
                  "pin_memory": spec["device"] == "cuda"}
     dataloader = torch.utils.data.DataLoader(dataset, **loader_kw)
-    total = spec["warmup"] + spec["steps"]
+    warm = warmup_steps(spec, "lightly-tuned" if tuned else "lightly")
+    total = warm + spec["steps"]
     spe = len(dataloader)
     epochs = math.ceil(total / spe)
     losses, step_s, wait_s = [], [], []
@@ -382,20 +384,20 @@ def arm_lightly(spec: dict, tuned: bool = False) -> dict:
             step_s.append(time.perf_counter() - t0)
             wait_s.append(t1 - t0)
             step += 1
-            if step == spec["warmup"]:
+            if step == warm:
                 cpu0 = _cpu()
             if step == total:
                 cpu1 = _cpu()
         del it
-    timed = step_s[spec["warmup"]:]
+    timed = step_s[warm:]
     images = spec["batch"] * len(timed)
     out = {"images_per_second": images / sum(timed), "losses": losses, "steps": len(losses),
-           "data_wait_fraction": sum(wait_s[spec["warmup"]:]) / sum(timed), "steps_per_epoch": spe,
+           "data_wait_fraction": sum(wait_s[warm:]) / sum(timed), "steps_per_epoch": spe,
            "params": arm.params(), "torch_threads": torch.get_num_threads(),
            "main_process_cpu_ms_per_image": 1000 * (cpu1 - cpu0) / images,
            # What this arm ran with, to compare the two lightly arms key by key.
            "settings": {**arm.settings, "dataloader": loader_kw, "transform": _describe_transform(transform),
-                        "warmup": spec["warmup"], "steps": spec["steps"], "seed": spec["seed"],
+                        "warmup": warm, "steps": spec["steps"], "seed": spec["seed"],
                         "threads": spec["threads"]}}
     if spec.get("profile_images"):
         root = Path(spec["folder"])
@@ -444,12 +446,31 @@ def _time_bare(step, spec: dict, params: dict, threads: int) -> dict:
             "torch_threads": threads, "cpu_ms_per_image": {"model": round(1000 * cpu / images, 3)}}
 
 
+def warmup_steps(spec: dict, arm: str) -> int:
+    """Untimed steps of an end-to-end arm: ``--warmup`` plus the batches its loader holds ready.
+
+    A loader's workers fill their queue while the first step compiles (a minute on a GPU). Without
+    this, a run of a few dozen timed steps is served from that queue and measures the model, not
+    the data path: a torch DataLoader holds ``num_workers x prefetch_factor`` batches (2 by default,
+    lightly's arms), fastssl's torch and webdataset back-ends 4 per worker, ffcv
+    ``batches_ahead`` + its 2 slots.
+    """
+    workers = int(spec.get("workers") or 0)
+    if arm in ("lightly", "lightly-tuned"):
+        depth = 2 * workers
+    elif spec.get("backend") in ("torch", "webdataset"):
+        depth = 4 * workers
+    else:  # ffcv (batches_ahead 2 + 2 slots), DALI (its prefetch queue)
+        depth = 4
+    return int(spec["warmup"]) + depth
+
+
 # ----------------------------------------------------------------------------- the fastssl side
 
 
 def fastssl_overrides(spec: dict) -> list[str]:
     """``fastssl-train`` keys that match the lightly arm (the same photos, model sizes, optimizer, steps)."""
-    method, total = spec["method"], spec["warmup"] + spec["steps"]
+    method, total = spec["method"], warmup_steps(spec, "fastssl") + spec["steps"]
     kv = {
         "data.train": spec["source"], "data.val": "", "data.backend": spec["backend"], "data.workers": spec["workers"],
         "aug.recipe": method, "aug.global_size": spec["size"], "aug.local_size": spec["local_size"],
@@ -589,7 +610,7 @@ def run_arm(arm: str, spec: dict, workdir: Path, tag: str) -> dict:
     if p.returncode != 0:
         raise RuntimeError(f"arm {arm} ({tag}) failed with exit code {p.returncode}:\n{log[-4000:]}")
     if arm == "fastssl":
-        out = read_fastssl_run(Path(spec["run_dir"]), spec["warmup"], spec["batch"])
+        out = read_fastssl_run(Path(spec["run_dir"]), warmup_steps(spec, "fastssl"), spec["batch"])
         out["command"] = "python -m fastssl.train " + " ".join(cmd[3:])
     else:
         out = json.loads(result.read_text())
@@ -732,7 +753,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="DINO local views (6: lightly's DINOTransform default; DINO's ViT-S/16 recipe uses 10)")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=12, help="timed steps per end-to-end arm")
-    ap.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
+    ap.add_argument("--warmup", type=int, default=3,
+                    help="untimed steps before them, beyond the batches each arm's loader holds ready")
     ap.add_argument("--bare-steps", type=int, default=5)
     ap.add_argument("--bare-warmup", type=int, default=2)
     ap.add_argument("--workers", type=int, default=2, help="data workers of both arms")

@@ -63,15 +63,20 @@ def evaluate_knn(method, train_loader, val_loader, cfg: Config, device, num_clas
     method.train(was_training)
     protocol = {"k": cfg.eval.knn_k, "temperature": cfg.eval.knn_temperature, "similarity": "cosine, weighted votes",
                 "features": f"backbone pooled ({cfg.model.backbone})", "image_size": cfg.aug.global_size,
-                "train_split": f"{cfg.data.train} ({len(tr_y)} images, centre crop)",
+                "train_split": f"{cfg.data.train} ({len(tr_y)} images{_every(train_loader)}, centre crop)",
                 "eval_split": f"{cfg.data.val} ({len(va_y)} images, centre crop)",
                 "knn_device": stats.get("device"), "knn_memory_budget_bytes": stats.get("budget_bytes"),
                 "knn_block": [stats.get("chunk_test"), stats.get("chunk_train")]}
     if written:
         protocol["feature_cache"] = written
-    return {"knn_top1": float(top1), "rankme": float(rm), "protocol": protocol,
+    return {"knn_top1": float(top1), "rankme": float(rm), "protocol": protocol, "eval_train_images": len(tr_y),
             "eval_seconds": t_end - t0, "eval_features_seconds": t_feat - t0, "eval_knn_seconds": t_knn - t_feat,
             "eval_cache_seconds": t_end - t_knn}
+
+
+def _every(loader) -> str:
+    k = getattr(loader, "stride", 1)
+    return f": 1 in {k}" if k > 1 else ""
 
 
 def _synced(device) -> float:
