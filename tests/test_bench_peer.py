@@ -12,7 +12,7 @@ import pytest
 
 
 def _check(out: dict, method: str, want_arms=None) -> None:
-    from fastssl.cli.bench_peer import CPU_ARMS
+    from fastssl.cli.bench_peer import CPU_ARMS, warmup_steps
 
     r = out["methods"][method]
     arms = r["arms"]
@@ -37,8 +37,9 @@ def _check(out: dict, method: str, want_arms=None) -> None:
         for rd in r["rounds"]:
             losses = rd[arm]["losses"]
             assert all(math.isfinite(x) for x in losses)
-            want = settings["warmup"] + settings["steps"] if arm in ("lightly", "lightly-tuned", "fastssl") else \
-                settings["bare_warmup"] + settings["bare_steps"]
+            # the loader's ready batches are untimed too (warmup_steps)
+            want = warmup_steps(settings, arm) + settings["steps"] if arm in ("lightly", "lightly-tuned", "fastssl") \
+                else settings["bare_warmup"] + settings["bare_steps"]
             assert len(losses) == want
     # The same backbone on both sides: torchvision's resnet18 without fc and timm's without its classifier.
     assert arms["lightly"]["params"]["backbone"] == arms["fastssl"]["params"]["backbone"] == 11_176_512
@@ -219,3 +220,15 @@ def test_table_shows_no_model_cpu_without_a_bare_arm():
     rows = {line.split("|")[2].strip(): line for line in _table(res).splitlines()[2:]}
     assert rows["fastssl"].rstrip(" |").endswith("2.05 (decode+crop) / 1.99 / -")
     assert rows["lightly"].rstrip(" |").endswith("/ 282.8") and "| 1.81 |" in rows["fastssl"]
+
+
+def test_warmup_drains_each_arms_prefetched_batches():
+    """Timing starts once the batches a loader filled during compilation are used up: else a short run
+    of a slow loader is served from its queue and measures the model."""
+    from fastssl.cli.bench_peer import warmup_steps
+
+    spec = {"warmup": 5, "workers": 14, "backend": "ffcv"}
+    assert warmup_steps(spec, "lightly") == warmup_steps(spec, "lightly-tuned") == 5 + 28  # 14 x prefetch_factor 2
+    assert warmup_steps(spec, "fastssl") == 5 + 4                                          # ffcv: 2 ahead + 2 slots
+    assert warmup_steps({**spec, "backend": "torch"}, "fastssl") == 5 + 56                 # 14 x prefetch_factor 4
+    assert warmup_steps({**spec, "workers": 0}, "lightly") == 5
