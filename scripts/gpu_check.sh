@@ -77,7 +77,8 @@ if [ "$PART" = main ]; then
   if [ "$DRY" = 1 ]; then
     N=${N:-400}; NVAL=${NVAL:-100}; EPOCHS=2; DEV="train.device=cpu"
     SMALL=("model.backbone=resnet_tiny" "aug.global_size=64" "train.res_start=32" "train.res_step=16"
-           "optim.batch_size=64" "train.precision=fp32" "train.compile=off" "method.proj_hidden=256" "data.workers=2")
+           "optim.batch_size=64" "train.precision=fp32" "train.compile=off" "method.proj_hidden=256" "data.workers=2"
+           "data.worker_start=forkserver")  # the start method a CUDA parent's torch back-end uses
     EVAL_SIZE=(--n-train 5000 --n-val 500 --dim 256 --probe-epochs 1)
   else
     # 32k training images: 62 steps per epoch at batch 512, so each resolution phase runs past its compile.
@@ -145,13 +146,15 @@ else
   run pytest_cuda 150 $PY -m pytest -q -m cuda -p no:cacheprovider tests
   run step 200 $PY -m fastssl.cli.bench step --suite gpu --quick \
     --cases "${STEP_CASES:-simclr_rn50_bf16_compiled,simclr_rn50_b512_photometric}"
-  PEER_DATA=$WORK/peer
-  $PY -c "import sys; from fastssl.cli.bench_loader import make_imagenet_like as m; m(sys.argv[1], 8000, workers=16, beton=False)" \
+  # PEER_DATA: a folder holding train/ (and train.beton for PEER_BACKEND=ffcv), e.g. PART=main's photos;
+  # otherwise 8,000 photos are written here (about a minute on 16 cores).
+  PEER_DATA=${PEER_DATA:-$WORK/peer}
+  [ -d "$PEER_DATA/train" ] || $PY -c "import sys; from fastssl.cli.bench_loader import make_imagenet_like as m; m(sys.argv[1], 8000, workers=16, beton=False)" \
     "$PEER_DATA" > /dev/null 2>> "$OUT/errors.log"
   # Four arms, each in a fresh process; the headline is fastssl against lightly-tuned (lightly's documented
   # loop plus torch.compile and channels_last), so the ratio is the data path's. b256 and DINO fit one call
   # (about 5 min); ONLY=peer_simclr_b512 runs batch 512 in a second one.
-  PEER=($PY -m fastssl.cli.bench peer --data "$PEER_DATA" --device cuda --precision bf16 --compile on --backend torch --workers 14)
+  PEER=($PY -m fastssl.cli.bench peer --data "$PEER_DATA" --device cuda --precision bf16 --compile on --backend "${PEER_BACKEND:-torch}" --workers 14)
   run peer_simclr_b256 180 "${PEER[@]}" --methods simclr --arch resnet50 --size 224 --batch 256 --steps 15 --warmup 5 \
     --rounds 1 --arms "${PEER_ARMS:-lightly-tuned,fastssl,lightly,bare-fastssl}" --out "$WORK/peer_simclr_b256_full.json"
   run peer_dino_vits16 180 "${PEER[@]}" --methods dino --arch vit_small_patch16 --size 224 --local-size 96 --local-views 10 \
