@@ -97,3 +97,17 @@ def test_report_for_two_runs_writes_pngs_and_markdown(tmp_path):
         assert (tmp_path / "out" / png).stat().st_size > 1000
     tta = time_to_accuracy([{"wall": 1.0, "knn_top1": 25}, {"wall": 3.0, "knn_top1": 45}], thresholds=(20, 40, 50))
     assert tta == {20: 1.0, 40: 3.0, 50: None}
+
+
+def test_probe_standardisation_moments_match_torch_in_chunks():
+    """The probe standardises batch by batch from chunked moments (no fp32 copy of the bank): the
+    moments equal torch's over the whole bank, across chunk boundaries and for a bf16 bank."""
+    from fastssl.evaluation.offline import _moments
+
+    x = torch.randn(70_000, 96) * 3 + 5                     # 70k rows: several chunks of 2^22 / 96 rows
+    mu, sd = _moments(x)
+    assert torch.allclose(mu, x.mean(0), atol=1e-4) and torch.allclose(sd, x.std(0), atol=1e-4)
+    xb = x.bfloat16()
+    mub, sdb = _moments(xb)
+    assert torch.allclose(mub, xb.float().mean(0), atol=1e-3) and torch.allclose(sdb, xb.float().std(0), atol=1e-3)
+    assert not torch.allclose(mu, torch.zeros_like(mu), atol=1.0)  # the comparison can fail

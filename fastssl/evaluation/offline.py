@@ -110,6 +110,20 @@ def alpha_req(z: torch.Tensor, rank_fraction: float = 0.9) -> float:
     return float(-(x * (y - y.mean())).sum() / (x * x).sum())
 
 
+def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and (unbiased) std of (N, F) ``x``, fp32 on its device, two passes in fp64 chunks
+    of 2^22 elements (32 MB each: its temporaries stay small beside any bank)."""
+    n, chunk = len(x), max(1, (1 << 22) // max(1, x.shape[1]))
+    total = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+    for s in range(0, n, chunk):
+        total += x[s:s + chunk].double().sum(0)
+    mu = total / n
+    sq = torch.zeros_like(total)
+    for s in range(0, n, chunk):
+        sq += ((x[s:s + chunk].double() - mu) ** 2).sum(0)
+    return mu.float(), (sq / max(n - 1, 1)).sqrt().float()
+
+
 def fit_linear_probe(train_x, train_y, val_x, val_y, num_classes: int, lrs=(0.3, 0.1, 0.03, 0.01),
                      wds=(0.0, 1e-4), epochs: int = 30, batch_size: int = 256, holdout: float = 0.1,
                      seed: int = 0) -> dict:
@@ -126,16 +140,23 @@ def fit_linear_probe(train_x, train_y, val_x, val_y, num_classes: int, lrs=(0.3,
     per_epoch = callable(train_x)
     features_for = train_x if per_epoch else (lambda epoch: train_x)
     g = torch.Generator().manual_seed(seed)  # on the CPU: the same draws on every device
-    train_x = features_for(0).float()        # (N, F); bf16 banks (CUDA extraction) trained in fp32
-    dev = train_x.device                     # the probe runs where the features are
-    train_y, val_x, val_y = train_y.to(dev), val_x.to(dev).float(), val_y.to(dev)
-    mu, sd = train_x.mean(0), train_x.std(0) + 1e-6
-    tx, vx = (train_x - mu) / sd, (val_x - mu) / sd
-    perm = torch.randperm(len(tx), generator=g)
-    n_hold = max(1, int(len(tx) * holdout))
+    raw = features_for(0)                    # (N, F), kept in its dtype (bf16 banks from CUDA extraction)
+    dev = raw.device                         # the probe runs where the features are
+    train_y, val_y = train_y.to(dev), val_y.to(dev)
+    # Standardised in fp32 batch by batch: a standardised fp32 copy of a 1.28 M x 2048 bank (and its
+    # temporaries) would take about 30 GB beside the bank.
+    mu, sd = _moments(raw)
+    sd = sd + 1e-6
+
+    def rows(x, idx):                        # (n, F) fp32, standardised
+        return (x[idx].float() - mu) / sd
+
+    vx = rows(val_x.to(dev), slice(None))
+    perm = torch.randperm(len(raw), generator=g)
+    n_hold = max(1, int(len(raw) * holdout))
     hold, fit = perm[:n_hold], perm[n_hold:]
     grid = [(lr, wd) for lr in lrs for wd in wds]
-    G, Fdim = len(grid), tx.shape[1]
+    G, Fdim = len(grid), raw.shape[1]
     W = torch.zeros(G, Fdim, num_classes, device=dev, requires_grad=True)
     b = torch.zeros(G, 1, num_classes, device=dev, requires_grad=True)
     lr_t = torch.tensor([lr for lr, _ in grid], device=dev).view(G, 1, 1)
@@ -144,11 +165,11 @@ def fit_linear_probe(train_x, train_y, val_x, val_y, num_classes: int, lrs=(0.3,
     k = 0
     for epoch in range(epochs):
         if epoch and per_epoch:
-            tx = (features_for(epoch).to(dev).float() - mu) / sd
+            raw = features_for(epoch).to(dev)
         order = fit[torch.randperm(len(fit), generator=g)]
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size].to(dev)
-            logits = torch.einsum("nf,gfc->gnc", tx[idx], W) + b                  # (G, n, C)
+            logits = torch.einsum("nf,gfc->gnc", rows(raw, idx), W) + b               # (G, n, C)
             loss = F.cross_entropy(logits.reshape(-1, num_classes), train_y[idx].repeat(G), reduction="sum") / len(idx)
             gw, gb = torch.autograd.grad(loss, (W, b))
             cos = 0.5 * (1 + math.cos(math.pi * k / steps))                       # cosine lr per step
@@ -158,17 +179,24 @@ def fit_linear_probe(train_x, train_y, val_x, val_y, num_classes: int, lrs=(0.3,
             k += 1
 
     @torch.no_grad()
-    def acc(x, y, heads, topk=1):
-        logits = torch.einsum("nf,gfc->gnc", x, W[heads]) + b[heads]
-        top = logits.topk(topk, dim=2).indices
-        return 100.0 * (top == y.view(1, -1, 1)).any(2).float().mean(1)
+    def acc(feats, y, heads, topk=1, chunk=8192):
+        """Top-k accuracy (%) per head; ``feats(a, b)`` gives rows a..b standardised. In chunks: the
+        (G, n, C) logits of a whole hold-out split would take gigabytes."""
+        n = len(y)
+        hit = torch.zeros(G, device=dev)[heads]
+        for s in range(0, n, chunk):
+            logits = torch.einsum("nf,gfc->gnc", feats(s, min(s + chunk, n)), W[heads]) + b[heads]
+            top = logits.topk(topk, dim=2).indices
+            hit += (top == y[s:s + chunk].view(1, -1, 1)).any(2).float().sum(1)
+        return 100.0 * hit / n
 
     hold = hold.to(dev)
-    hold_acc = acc(tx[hold], train_y[hold], slice(None))
+    hold_acc = acc(lambda a, z: rows(raw, hold[a:z]), train_y[hold], slice(None))
     best = int(hold_acc.argmax())
+    val_rows = lambda a, z: vx[a:z]  # noqa: E731
     return {
-        "linear_top1": float(acc(vx, val_y, [best])[0]),
-        "linear_top5": float(acc(vx, val_y, [best], topk=min(5, num_classes))[0]),
+        "linear_top1": float(acc(val_rows, val_y, [best])[0]),
+        "linear_top5": float(acc(val_rows, val_y, [best], topk=min(5, num_classes))[0]),
         "protocol": {"name": "cached", "augmentation": "none: centre-crop features extracted once",
                      "grid": [{"lr": lr, "wd": wd} for lr, wd in grid], "chosen": {"lr": grid[best][0], "wd": grid[best][1]},
                      "selection": f"held-out {n_hold} of the train split (seed {seed}); val never used for selection",
