@@ -171,8 +171,10 @@ class FFCVLoader(LoaderBase):
         self._write_state()
 
     def set_stride(self, stride: int) -> None:
+        from fastssl.pipelines.ffcv_compat import order_changed
+
         super().set_stride(stride)
-        self._loader.first_traversal_order = self.order(0)  # ffcv's len() reads it
+        order_changed(self._loader, self.order)
 
     def _write_state(self) -> None:
         self.state[ST_SEED], self.state[ST_EPOCH] = self.seed, self.epoch

@@ -262,6 +262,11 @@ def make_loader(info: BetonInfo, pipelines: dict, sample_order, *, batch_size: i
     return loader, {name: i for i, name in enumerate(loader.pipeline_specs)}
 
 
+def order_changed(loader, sample_order) -> None:
+    """After the epoch order's length changes (a strided evaluation bank): ffcv's ``len()`` reads the first epoch's order."""
+    loader.first_traversal_order = sample_order(0)
+
+
 class _Order:
     """ffcv ``TraversalOrder`` stand-in."""
 
