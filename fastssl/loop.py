@@ -330,11 +330,6 @@ class Evaluator:
             loader.set_epoch(0)  # stops any pass left running; the fixed (unshuffled) order
         return self._loaders
 
-    def stride(self, final: bool) -> int:
-        """Every k-th train image in the kNN bank: ``eval.knn_stride`` in training, all at the end."""
-        k = 1 if final else max(1, int(self.cfg.eval.knn_stride))
-        return k if len(self._loaders) and self._loaders[0].backend != "webdataset" else 1
-
     def run(self, max_val: int = 0, step: int | None = None, full: bool = False) -> dict | None:
         """One evaluation; ``step`` given (the final one) also caches the features for ``fastssl-eval``.
         The final one and ``full`` (the random init's, its baseline) read the whole train split."""
@@ -351,12 +346,12 @@ class Evaluator:
         kwargs = {"cache_dir": self.run_dir, "step": step} if step is not None else {}
         train_loader, val_loader = self.loaders()
         # The final evaluation (step given) is the run's figure and feeds fastssl-eval: the whole split.
-        whole = full or step is not None
-        train_loader.set_stride(self.stride(final=whole))
-        # eval.val_subset: N val images spread over the split (a sorted folder's first N would be its
-        # first classes), i.e. every k-th; the loader stops at N.
-        spread = bool(max_val) and val_loader.backend != "webdataset"
-        val_loader.set_stride(max(1, val_loader.num_samples // max_val) if spread else 1)
+        # In training: every eval.knn_stride-th train image, and eval.val_subset val images spread over
+        # the split (a sorted folder's first N would be its first classes); the loader stops at N.
+        k_train = 1 if full or step is not None else max(1, int(self.cfg.eval.knn_stride))
+        k_val = max(1, val_loader.num_samples // max_val) if max_val else 1
+        for loader, k in ((train_loader, k_train), (val_loader, k_val)):
+            loader.set_stride(k if loader.can_stride else 1)
         out = evaluate_knn(method, train_loader, val_loader, self.cfg, self.device, self.num_classes, max_val, **kwargs)
         spent = time.perf_counter() - t
         self.seconds += spent

@@ -71,6 +71,7 @@ class LoaderBase(EpochContract):
 
     backend = "base"  # the name in messages
     worker_start = "auto"  # how DataLoader workers start, where a back-end has them (data.worker_start)
+    can_stride = True  # reads every k-th sample on request (set_stride); a streaming back-end cannot
     _skip_action = "replaced by other samples of this rank (batches stay full)"
 
     def _setup(self, path, views, batch_size: int, device, *, seed: int, rank: int, world_size: int,

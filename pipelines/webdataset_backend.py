@@ -670,6 +670,8 @@ class WebDatasetLoader(LoaderBase):
         return _Plan(self.counts, shard_order, lo, sizes, self.workers, self.shuffle_buffer if self.train else 1,
                      self.seed, epoch, r, self.train)
 
+    can_stride = False
+
     def set_stride(self, stride: int) -> None:
         if int(stride) != 1:
             raise ValueError(f"{self.path}: the webdataset back-end streams whole shards and reads no strided "
