@@ -47,11 +47,14 @@ class DataConfig:
                                     # child cannot free CUDA memory) | fork | forkserver | spawn
     in_memory: bool = True          # ffcv: keep the .beton in RAM (else OS page cache)
     shuffle_buffer: int = 1000      # webdataset: samples per worker in the shuffle buffer
+    photometric: str = "auto"       # the photometric stage: auto (OpenCV on the CPU, eager torch on a GPU) | torch |
+                                    # compiled (the same ops fused by torch.compile) | cv2 (CPU only)
 
     def __post_init__(self):
         _choice("data.backend", self.backend, ("auto", "ffcv", "dali", "torch", "webdataset"))
         _range("data.worker_timeout", self.worker_timeout, 0, None)
         _choice("data.worker_start", self.worker_start, ("auto", "fork", "forkserver", "spawn"))
+        _choice("data.photometric", self.photometric, ("auto", "torch", "compiled", "cv2"))
 
 
 @dataclass

@@ -21,10 +21,14 @@ step is what used to dominate: a stacked (B, 3, 6, H, W) HSV table put the stage
 (9.2 GB). The ops work in place on the stage's own buffers; views run one after another, so the
 earlier views' outputs are all that adds up.
 
-``impl``: ``torch`` (the batched float ops above; the GPU path), ``cv2`` (OpenCV on
-uint8 with the same parameters, images in a thread pool: the CPU path, several
-times faster there, ``pipelines/augment_cpu.py``), or ``auto`` (``cv2`` on the CPU
-when OpenCV is installed, else ``torch``).
+``impl`` (``data.photometric``): ``torch`` (the batched float ops above; the GPU path),
+``compiled`` (the same operations written as one graph, :func:`photometric_fused`, fused
+by ``torch.compile``: a view takes 12 kernels instead of more than 100 eager ones, each of
+those a pass over the view or one of its planes, and on a GPU that memory traffic competes
+with the step; one compilation per view shape), ``cv2`` (OpenCV on
+uint8 with the same parameters, images in a thread pool: the CPU path, several times
+faster there, ``pipelines/augment_cpu.py``), or ``auto`` (``cv2`` on the CPU when OpenCV
+is installed, else ``torch``). ``fastssl-bench photometric`` times them side by side.
 """
 from __future__ import annotations
 
@@ -197,13 +201,114 @@ def apply_view(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
     return x
 
 
+def _hue_fused(y: torch.Tensor, hue: torch.Tensor) -> torch.Tensor:
+    """:func:`adjust_hue` out of place, as one expression graph for ``torch.compile`` to fuse; y fp32 (B, 3, H, W).
+
+    The same formulas in the same order (torchvision's RGB -> HSV -> RGB, each channel picked by
+    the hue sector). Fused kernels may contract a multiply and an add, so results agree with
+    :func:`adjust_hue` to float rounding, except where that rounding moves a pixel across a
+    sector boundary (tested).
+    """
+    r, g, b = y.unbind(1)                                                   # (B, H, W) each
+    maxc = torch.maximum(torch.maximum(r, g), b)
+    minc = torch.minimum(torch.minimum(r, g), b)
+    eqc = maxc == minc
+    cr = maxc - minc
+    s = cr / torch.where(eqc, 1.0, maxc)                                    # saturation
+    crd = torch.where(eqc, 1.0, cr)
+    rc, gc, bc = (maxc - r) / crd, (maxc - g) / crd, (maxc - b) / crd
+    on_r = maxc == r
+    on_g = (maxc == g) & ~on_r
+    h = torch.where(on_r, bc - gc, torch.where(on_g, (rc + 2.0) - bc, (gc + 4.0) - rc))
+    h = torch.fmod(h / 6.0 + 1.0, 1.0)
+    h = torch.remainder(h + hue.view(-1, 1, 1), 1.0) * 6.0
+    i = torch.floor(h)
+    f = h - i
+    i = torch.remainder(i, 6.0)                                             # sector 0..5
+    v = maxc
+    t = ((1.0 - f) * s).neg().add(1.0).mul(v).clamp(0.0, 1.0)              # v (1 - s (1 - f))
+    q = (f * s).neg().add(1.0).mul(v).clamp(0.0, 1.0)                      # v (1 - s f)
+    p = s.neg().add(1.0).mul(v).clamp(0.0, 1.0)                            # v (1 - s)
+    r = torch.where((i == 0) | (i == 5), v, torch.where(i == 4, t, torch.where(i == 1, q, p)))
+    g = torch.where(i == 0, t, torch.where((i == 1) | (i == 2), v, torch.where(i == 3, q, p)))
+    b = torch.where(i == 5, q, torch.where((i == 3) | (i == 4), v, torch.where(i == 2, t, p)))
+    return torch.stack([r, g, b], 1)
+
+
+def _blur_pass(x: torch.Tensor, k: torch.Tensor, dim: int) -> torch.Tensor:
+    """One pass of a separable blur along ``dim`` (3: along rows, 2: along columns), ``k`` (B, taps) per image.
+
+    A sum of shifted slices of the reflect-padded image: plain indexing that a compiler fuses into
+    one kernel per pass, where the grouped convolution of :func:`gaussian_blur` (B x C groups) is a
+    library call it cannot fuse.
+    """
+    half = k.shape[1] // 2
+    n = x.shape[dim]
+    xp = F.pad(x, (0, 0, half, half) if dim == 2 else (half, half, 0, 0), mode="reflect")
+    out = None
+    for j in range(k.shape[1]):
+        term = xp.narrow(dim, j, n) * k[:, j].view(-1, 1, 1, 1)
+        out = term if out is None else out + term
+    return out
+
+
+def photometric_fused(crops: torch.Tensor, p: dict[str, torch.Tensor], mean: torch.Tensor, std: torch.Tensor,
+                      ksize: int, dtype: torch.dtype) -> torch.Tensor:
+    """One view's whole stage, out of place, for ``torch.compile``: uint8 crops (B, S, S, 3) -> normalised
+    ``dtype`` views (B, 3, S, S), channels_last.
+
+    The operations of :func:`apply_view` then :meth:`Augmenter._finish`, in their order, written
+    as one graph so that a compiler fuses them: inductor makes 12 kernels of it (counted on the
+    CPU), where the eager stage launches more than 100, each a pass over the view or one of its
+    planes that reads and writes memory the step's kernels need at the same time (the data path
+    shares the GPU with the step). The blur is computed for every image and selected per image, as in
+    the eager stage: choosing work per image would need the host to read the mask.
+    """
+    x = crops.permute(0, 3, 1, 2).float() / 255.0                          # (B, 3, S, S), channels_last memory
+    y = (x * _col(p["brightness"])).clamp(0.0, 1.0)
+    m = _gray(y).mean(dim=(2, 3), keepdim=True)
+    y = ((y - m) * _col(p["contrast"]) + m).clamp(0.0, 1.0)
+    g = _gray(y)
+    y = ((y - g) * _col(p["saturation"]) + g).clamp(0.0, 1.0)
+    y = _hue_fused(y, p["hue"].float())
+    x = torch.where(_col(p["jitter"]), y, x)
+    x = torch.where(_col(p["gray"]), _gray(x).expand_as(x), x)
+    half = ksize // 2
+    t = torch.arange(-half, half + 1, device=x.device, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t.view(1, -1) / p["sigma"].view(-1, 1).to(x.dtype)) ** 2)
+    k = k / k.sum(1, keepdim=True)                                          # (B, ksize)
+    pad = min(half, x.shape[-1] - 1)
+    if pad < half:  # tiny images: clip the kernel to what reflect padding allows, as gaussian_blur
+        k = k[:, half - pad: half + pad + 1]
+        k = k / k.sum(1, keepdim=True)
+    blurred = _blur_pass(_blur_pass(x, k, 3), k, 2)                         # along rows, then columns (as gaussian_blur)
+    x = torch.where(_col(p["blur"]), blurred, x)
+    x = torch.where(_col(p["solarize"]) & (x >= 0.5), 1.0 - x, x)
+    x = ((x - mean) / std).to(dtype)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+_COMPILED_STAGE = None
+
+
+def compiled_stage():
+    """:func:`photometric_fused` compiled once per process (inductor; one graph per view shape)."""
+    global _COMPILED_STAGE
+    if _COMPILED_STAGE is None:
+        _COMPILED_STAGE = torch.compile(photometric_fused, dynamic=False, fullgraph=True)
+    return _COMPILED_STAGE
+
+
+IMPLS = ("auto", "torch", "compiled", "cv2")
+
+
 class Augmenter:
     """Per-view photometric augmentation + normalisation of uint8 crops, batched on ``device``."""
 
     def __init__(self, views: list[ViewSpec], device, seed: int = 0, impl: str = "auto",
                  mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype: torch.dtype | None = None, channels_last: bool = True):
-        if impl not in ("auto", "torch", "cv2"):
-            raise ValueError(f"Augmenter impl {impl!r} is not available: use 'auto', 'torch' or 'cv2'")
+        if impl not in IMPLS:
+            raise ValueError(f"Augmenter impl {impl!r} is not available: use one of {', '.join(IMPLS)}")
         self.views, self.seed = list(views), seed
         self.device = torch.device(device)
         if impl == "auto":
@@ -249,8 +354,14 @@ class Augmenter:
                 x = torch.from_numpy(y).permute(0, 3, 1, 2)  # NHWC memory = channels_last (B, 3, S, S)
                 out.append(x.to(self.dtype) if self.channels_last else x.contiguous().to(self.dtype))
                 continue
-            # No name holds the fp32 crops: apply_view's last reference to them goes once the jitter is merged.
             params = sample_params(spec, c.shape[0], g, self.device)
+            if self.impl == "compiled":
+                c = c.to(self.device, non_blocking=True)
+                nhwc = c if c.shape[-1] == 3 else c.permute(0, 2, 3, 1)
+                x = compiled_stage()(nhwc, params, self.mean, self.std, blur_kernel_size(nhwc.shape[2]), self.dtype)
+                out.append(x if self.channels_last else x.contiguous())
+                continue
+            # No name holds the fp32 crops: apply_view's last reference to them goes once the jitter is merged.
             out.append(self._finish(apply_view(self._to_float(c), params)))
         return out
 

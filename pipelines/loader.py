@@ -43,10 +43,12 @@ class Normalize:
                 .contiguous(memory_format=torch.channels_last) for c in crops]
 
 
-def make_finisher(views, device, seed: int, train: bool, photometric: bool = True, dtype: torch.dtype | None = None):
+def make_finisher(views, device, seed: int, train: bool, photometric: bool = True, dtype: torch.dtype | None = None,
+                  impl: str = "auto"):
     """The stage after cropping: the recipe's photometric ``Augmenter`` (train), ``Normalize`` (eval), or None (raw crops).
 
     ``dtype``: of the views (default bf16 on CUDA, fp32 on the CPU); the trainer passes its step's precision.
+    ``impl``: the ``Augmenter``'s (``data.photometric``).
     """
     if not photometric:
         return None
@@ -54,7 +56,7 @@ def make_finisher(views, device, seed: int, train: bool, photometric: bool = Tru
         return Normalize(device, dtype)
     from fastssl.pipelines.augment import Augmenter
 
-    return Augmenter(list(views), device, seed=seed, dtype=dtype)
+    return Augmenter(list(views), device, seed=seed, dtype=dtype, impl=impl)
 
 
 class LoaderBase(EpochContract):
@@ -272,7 +274,8 @@ def build_loader(data_cfg, aug_views, split: str, batch_size: int, device, *, se
     kind = resolve_backend(path, backend)
     if not area_resize and kind != "ffcv":
         raise ValueError(f"area_resize=False (OpenCV's resize) is an option of the ffcv back-end, not of {kind}")
-    finisher = make_finisher(views if train else views[:1], device, seed, train, photometric, dtype)
+    finisher = make_finisher(views if train else views[:1], device, seed, train, photometric, dtype,
+                             str(_field(data_cfg, "photometric", "auto")))
     common = dict(seed=seed, rank=rank, world_size=world_size, drop_last=drop_last if train else False,
                   workers=workers, train=train, finisher=finisher)
     if kind == "ffcv":

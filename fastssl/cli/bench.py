@@ -1,4 +1,4 @@
-"""``fastssl-bench loader|loss|step|eval|peer|accuracy ...``: every speed claim is one of these.
+"""``fastssl-bench loader|loss|step|eval|peer|accuracy|photometric|prepare ...``: every speed claim is one of these.
 
 Each sub-command lives in ``fastssl/cli/bench_<name>.py`` with ``main(argv)``,
 measures side by side in one run after warm-up, and prints JSON with ``--json``.
@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "eval": "evaluation cost: kNN and the cached probe on ImageNet-shaped synthetic features; on a run, cached probe against re-extraction",
     "peer": "end-to-end pretraining (SimCLR, DINO) against lightly's loop, and the bare model's limit",
     "accuracy": "kNN top-1 after the same steps as lightly's loop on the built-in data, one protocol",
+    "photometric": "the photometric stage alone: eager torch ops, the compiled (fused) stage, OpenCV (CPU)",
     "prepare": "fastssl-prepare's images/s (and per core) from a folder, Parquet and webdataset shards of the same images",
 }
 

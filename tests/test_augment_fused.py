@@ -1,0 +1,114 @@
+"""The fused photometric stage (``data.photometric=compiled``) against the eager one, chained to torchvision.
+
+Chain: torchvision's functional ops == ``apply_view`` (tests/test_augment_torch.py) == the out-of-place
+graph ``photometric_fused`` run eagerly (here, every recipe) == that graph compiled by inductor (slow).
+"""
+import numpy as np
+import pytest
+import torch
+
+from conftest import every_op_params, small_views, torchvision_view
+from fastssl.pipelines.augment import (IMAGENET_MEAN, IMAGENET_STD, Augmenter, blur_kernel_size, gaussian_blur,
+                                       photometric_fused)
+from fastssl.pipelines.recipes import PRESETS
+
+MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+
+def _smooth_crops(views, b=6, seed=0):
+    """Photo-like uint8 crops (B, S, S, 3): colour fields upsampled (flat regions, edges, every hue sector)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for v in views:
+        low = torch.rand(b, 3, 5, 5, generator=g) * 255
+        up = torch.nn.functional.interpolate(low, size=(v.size, v.size), mode="bilinear", align_corners=False)
+        out.append(up.round().to(torch.uint8).permute(0, 2, 3, 1).contiguous())
+    return out
+
+
+def _params(aug, step, v, b):
+    from fastssl.pipelines.augment import _seed, sample_params
+
+    return sample_params(aug.views[v], b, torch.Generator().manual_seed(_seed(aug.seed, step, v)), "cpu")
+
+
+@pytest.mark.parametrize("recipe", sorted(PRESETS))
+def test_fused_graph_equals_the_eager_stage(recipe):
+    views = small_views(recipe)
+    crops = _smooth_crops(views)
+    eager = Augmenter(views, "cpu", seed=2, impl="torch")
+    ref = eager(crops, 11)
+    for v, c in enumerate(crops):
+        got = photometric_fused(c, _params(eager, 11, v, c.shape[0]), MEAN, STD, blur_kernel_size(c.shape[1]),
+                                torch.float32)
+        assert got.shape == ref[v].shape and got.dtype == torch.float32
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        assert (got - ref[v]).abs().max() < 1e-5, (recipe, v)
+
+
+def test_fused_graph_equals_torchvision_with_every_op():
+    p = every_op_params()
+    rng = np.random.default_rng(0)
+    crops = torch.from_numpy(rng.integers(0, 256, (3, 20, 20, 3), dtype=np.uint8))
+    k = blur_kernel_size(20)
+    got = photometric_fused(crops, p, torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1), k, torch.float32)
+    x = crops.permute(0, 3, 1, 2).float() / 255
+    for i in range(3):
+        assert (got[i] - torchvision_view(x[i], p, i, k)).abs().max() < 2e-5, i
+
+
+def test_fused_blur_clips_the_kernel_on_tiny_images_as_the_eager_blur():
+    off = torch.zeros(2, dtype=torch.bool)
+    p = {"jitter": off, "brightness": torch.ones(2), "contrast": torch.ones(2), "saturation": torch.ones(2),
+         "hue": torch.zeros(2), "gray": off, "blur": torch.ones(2, dtype=torch.bool), "sigma": torch.tensor([0.8, 2.0]),
+         "solarize": off}
+    crops = torch.randint(0, 256, (2, 4, 4, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    got = photometric_fused(crops, p, torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1), 9, torch.float32)
+    ref = gaussian_blur(crops.permute(0, 3, 1, 2).float() / 255, p["sigma"], 9)
+    assert (got - ref).abs().max() < 1e-6
+
+
+def test_low_precision_views_are_one_rounding_of_fp32():
+    views = small_views("simclr")
+    crops = _smooth_crops(views, seed=3)
+    aug = Augmenter(views, "cpu", seed=0, impl="torch")
+    p = _params(aug, 0, 0, crops[0].shape[0])
+    k = blur_kernel_size(crops[0].shape[1])
+    full = photometric_fused(crops[0], p, MEAN, STD, k, torch.float32)
+    half = photometric_fused(crops[0], p, MEAN, STD, k, torch.bfloat16)
+    assert half.dtype == torch.bfloat16
+    assert torch.equal(half, full.to(torch.bfloat16))
+
+
+def test_unknown_impl_names_the_choices():
+    with pytest.raises(ValueError, match="compiled"):
+        Augmenter(small_views("simclr"), "cpu", impl="fused")
+
+
+def test_data_photometric_reaches_the_loaders_stage(jpeg_data):
+    from fastssl.config import ConfigError, load_config
+    from fastssl.pipelines.loader import build_loader
+
+    cfg = load_config(None, [f"data.train={jpeg_data}/train", "data.photometric=compiled", "data.workers=0"])
+    loader = build_loader(cfg.data, small_views("simclr"), "train", 4, "cpu")
+    assert loader.finisher.impl == "compiled"
+    with pytest.raises(ConfigError, match="data.photometric"):
+        load_config(None, ["data.photometric=fast"])
+
+
+@pytest.mark.slow
+def test_compiled_stage_equals_the_eager_stage():
+    """Inductor's fused kernels (C++ on the CPU, Triton on a GPU) against the eager stage; ~1 min to compile here."""
+    views = small_views("dino")
+    crops = _smooth_crops(views, b=8, seed=5)
+    eager = Augmenter(views, "cpu", seed=7, impl="torch")(crops, 3)
+    fused = Augmenter(views, "cpu", seed=7, impl="compiled")
+    got = fused(crops, 3)
+    for a, b in zip(got, eager):
+        assert a.is_contiguous(memory_format=torch.channels_last)
+        d = (a - b).abs()
+        # Contracted multiply-adds differ in the last bits; a hue-sector flip could move one pixel further.
+        assert d.max() < 1e-3 and (d > 1e-5).float().mean() < 1e-3
+    again = fused(crops, 3)
+    assert all(torch.equal(a, b) for a, b in zip(got, again))
