@@ -135,6 +135,11 @@ class TrainConfig:
     compile: str = "auto"           # auto (on CUDA) | on | off: torch.compile the backbone
     compile_mode: str = "default"   # torch.compile mode: default | max-autotune-no-cudagraphs | max-autotune |
                                     # reduce-overhead (longer compiles; a GPU run measures which pays)
+    compile_scope: str = "backbone"  # what train.compile compiles: backbone | method (the method's whole forward:
+                                    # backbone, projector and loss in one graph, where the forward does not read
+                                    # the step; other methods compile the backbone and say so)
+    cudnn_benchmark: bool = False   # CUDA: cuDNN times its algorithms per convolution shape on first use and keeps
+                                    # the fastest (torch.backends.cudnn.benchmark); fastssl-bench step measures it
     channels_last: bool = True      # NHWC weights (CUDA and CPU oneDNN)
     host_alloc: str = "auto"        # auto (retain on CPU) | retain | system: keep freed host memory for the next step
                                     # instead of page-faulting it in again (fastssl/hostmem.py)
@@ -167,6 +172,7 @@ class TrainConfig:
         _choice("train.precision", self.precision, ("auto", "bf16", "fp32"))
         _choice("train.compile", str(self.compile), ("auto", "on", "off"))
         _choice("train.compile_mode", self.compile_mode, COMPILE_MODES)
+        _choice("train.compile_scope", self.compile_scope, ("backbone", "method"))
         _choice("train.host_alloc", self.host_alloc, HOST_ALLOCS)
         _choice("train.cpu_conv_wgrad", self.cpu_conv_wgrad, CPU_CONV_WGRADS)
         _choice("train.strategy", self.strategy, ("ddp", "fsdp"))

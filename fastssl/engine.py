@@ -65,6 +65,8 @@ class TrainCore:
         self.device = acc.device
         self.bf16 = use_bf16(cfg, self.device)
         self.compiled = use_compile(cfg, self.device)
+        if self.device.type == "cuda":  # a process-wide flag: the trainer's setting is the run's (and a variant's)
+            torch.backends.cudnn.benchmark = bool(cfg.train.cudnn_benchmark)
         # train.strategy=fsdp (fastssl/fsdp.py): sharded over the processes; one process has nothing to shard.
         self.sharded = cfg.train.strategy == "fsdp" and acc.num_processes > 1
         # Before the first step allocates its activations (fastssl/hostmem.py): on the CPU, a step that
@@ -88,6 +90,10 @@ class TrainCore:
         else:
             self.model, self.opt = acc.prepare(method, opt)
         self.method = acc.unwrap_model(self.model)
+        from fastssl.optim import update_path
+
+        # A single-tensor LARS is about ten kernel launches per parameter each step (an old timm): say which.
+        logger.info("optimizer %s: %s update", cfg.optim.name, update_path(self.opt))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.before_opt = getattr(self.method, "before_optimizer_step", None)
         self.first_bad = torch.full((), -1, dtype=torch.long, device=self.device)  # first non-finite step
@@ -228,12 +234,24 @@ def cpu_weight_gradients(core: TrainCore, method, log=None):
 
 def compile_backbone(core: TrainCore, method, log=None):
     """``torch.compile`` in place (state-dict keys keep no ``_orig_mod.``; a compile error falls back to eager).
-    Under FSDP each ViT block compiles its own forward (FSDP's gathers run between the graphs)."""
+    Under FSDP each ViT block compiles its own forward (FSDP's gathers run between the graphs).
+
+    ``train.compile_scope=method``: the method's whole forward is one graph (backbone, projector
+    and loss: their small kernels fuse and launch from one graph), for methods whose forward does
+    not read ``step`` (``step_free_forward``): a graph specialised on the step's value would
+    recompile every step. Other methods compile the backbone, with one warning.
+    """
     if not core.compiled:
         return method
     from fastssl.compile import compile_module
     from fastssl.fsdp import block_modules
 
+    if core.cfg.train.compile_scope == "method" and not core.sharded:
+        if getattr(method, "step_free_forward", False):
+            compile_module(method, log=log, mode=core.cfg.train.compile_mode, name="method")
+            return method
+        (log or logger.warning)(f"train.compile_scope=method: {core.cfg.method.name}'s forward reads the step "
+                                f"(schedules), so only its backbone is compiled")
     parts = list(block_modules(method.backbone)) if core.sharded else [method.backbone]
     for part in parts or [method.backbone]:
         compile_module(part, log=log, mode=core.cfg.train.compile_mode)

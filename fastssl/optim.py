@@ -50,3 +50,36 @@ def build_optimizer(method: nn.Module, optim_cfg, lr: float) -> torch.optim.Opti
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=optim_cfg.momentum)
     raise ValueError(f"unknown optimizer {name!r}")
+
+
+def update_path(opt: torch.optim.Optimizer) -> str:
+    """How ``opt`` updates the parameters at its next step: ``fused``, ``foreach`` (multi-tensor: a few
+    kernel launches per group) or ``single-tensor`` (a Python loop, about ten launches per parameter:
+    for ResNet-50's 161 parameters under LARS, over a thousand launches a step).
+
+    Recent timm releases give LARS a multi-tensor path (1.0.31 has it); older ones only loop. This
+    reads timm's own choice (``_resolve_foreach``) for the optimizer's parameters and lr.
+    """
+    opt = getattr(opt, "optimizer", opt)  # accelerate's wrapper
+    params = [p for g in opt.param_groups for p in g["params"]]
+    if type(opt).__name__ == "Lars":
+        import timm.optim.lars as tl
+
+        if not hasattr(tl, "_multi_tensor_lars"):
+            return "single-tensor"
+        from timm.optim._helpers import _resolve_foreach
+
+        g = opt.param_groups[0]
+        return "foreach" if _resolve_foreach(g.get("foreach"), lr=g["lr"], params=params) else "single-tensor"
+    defaults = getattr(opt, "defaults", {})
+    if defaults.get("fused"):
+        return "fused"
+    if defaults.get("foreach") is False:
+        return "single-tensor"
+    if defaults.get("foreach") is None and "foreach" in defaults:
+        from torch.optim.optimizer import _default_to_fused_or_foreach
+
+        return "foreach" if _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)[1] \
+            else "single-tensor"
+    return "foreach" if defaults.get("foreach") else "single-tensor"
+

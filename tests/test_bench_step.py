@@ -135,6 +135,16 @@ def test_gpu_suite_has_the_recipe_batch_with_photometric():
     assert case[1] == "configs/imagenet/simclr_rn50.yaml" and case[3] == 512 and case[5] == {"photometric": True}
 
 
+def test_every_gpu_suite_variant_is_a_valid_config():
+    """A GPU call is minutes of a lent machine: a variant with a misspelt key must fail here, not there."""
+    from fastssl.cli.bench_step import SUITES
+    from fastssl.config import load_config
+
+    for case, cfg, ov, batch, compares, *opts in SUITES["gpu"]:
+        for extra in [[]] + compares:
+            load_config(str(ROOT / cfg), ov + extra)
+
+
 @pytest.mark.cuda
 def test_cuda_memory_and_fraction_of_peak(capsys):
     from fastssl.cli.bench import main

@@ -166,7 +166,7 @@ class Variant:
             from fastssl.pipelines.loader import make_finisher
 
             # What a loader hands the stage: uint8 (B, S, S, 3) crops on the device, labels; the trainer's finisher.
-            self.aug = make_finisher(specs, acc.device, cfg.train.seed, train=True, dtype=vdt)
+            self.aug = make_finisher(specs, acc.device, cfg.train.seed, train=True, dtype=vdt, impl=cfg.data.photometric)
             self.crops = [torch.randint(0, 256, (self.batch, v.size, v.size, 3), generator=g, dtype=torch.uint8)
                           .to(acc.device) for v in specs]
             labels = torch.randint(0, num_classes, (self.batch,), generator=g).to(acc.device)
@@ -188,6 +188,8 @@ class Variant:
         from fastssl.engine import train_step
 
         self.core.reset_logs()  # device-side zeroing only: no host sync
+        if self.device.type == "cuda":  # process-wide: each variant's own setting while its steps run
+            torch.backends.cudnn.benchmark = bool(self.cfg.train.cudnn_benchmark)
         step = self.step_i % self.core.d.total_steps
         batch = self.batch_obj
         if self.aug is not None:  # the stage is keyed by the step, as the loader calls it
@@ -219,13 +221,21 @@ class Variant:
                 self.step()
         return t.seconds()
 
+    def _compile_error(self) -> str | None:
+        return getattr(self.method, "compile_error", None) or getattr(self.method.backbone, "compile_error", None)
+
     def describe(self) -> dict:
+        from fastssl.optim import update_path
+
         c = self.cfg
         return {"name": self.name, "overrides": self.overrides, "method": c.method.name, "backbone": c.model.backbone,
                 "batch": self.batch, "views": [v.size for v in c.aug.resolved_views()],
                 "precision": "bf16" if self.bf16 else "fp32",
-                "compiled": self.compiled and not getattr(self.method.backbone, "compile_error", None),
-                "compile_error": getattr(self.method.backbone, "compile_error", None),
+                "compiled": self.compiled and not self._compile_error(),
+                "compile_error": self._compile_error(),
+                "compile_scope": c.train.compile_scope if self.compiled else None,
+                "cudnn_benchmark": bool(c.train.cudnn_benchmark) if self.device.type == "cuda" else None,
+                "optimizer": c.optim.name, "optimizer_path": update_path(self.core.opt),
                 "params_trainable": sum(p.numel() for p in self.params),
                 "photometric": self.photometric, "online_probe": self.core.probe is not None,
                 "augmenter": getattr(self.aug, "impl", None)}
@@ -321,9 +331,15 @@ SUITES = {
          [["method.joint_bn=true"]]),
         ("dino_vits16_bf16", "configs/imagenet/dino_vits16.yaml", [], 128, [["model.attn=naive"]]),
         ("mae_vitb16_bf16", "configs/imagenet/mae_vitb16.yaml", [], 256, [["method.mask_ratio=0.0"]]),
-        # the recipe's batch with the photometric stage and the online probe: its peak memory and TFLOP/s
-        ("simclr_rn50_b512_photometric", "configs/imagenet/simclr_rn50.yaml", ["train.res_start=0"], 512, [],
-         {"photometric": True}),
+        # the recipe's batch with the photometric stage and the online probe: its peak memory and TFLOP/s,
+        # and the stage compiled (fused) against eager
+        ("simclr_rn50_b512_photometric", "configs/imagenet/simclr_rn50.yaml", ["train.res_start=0"], 512,
+         [["data.photometric=compiled"]], {"photometric": True}),
+        # the step's options, each against the recipe's defaults: cuDNN's autotuner, the whole forward
+        # compiled, CUDA graphs, the fused bf16 NT-Xent (each variant compiles its own graphs: minutes)
+        ("simclr_rn50_step_options", "configs/imagenet/simclr_rn50.yaml", ["train.res_start=0"], 256,
+         [["train.cudnn_benchmark=true"], ["train.compile_scope=method"], ["train.compile_mode=reduce-overhead"],
+          ["method.loss_dtype=input"]]),
     ],
     # The same code path on a CPU in seconds (a test runs it).
     "smoke": [

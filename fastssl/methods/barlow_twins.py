@@ -28,6 +28,8 @@ class BarlowTwinsConfig(TwoViewConfig):
 
 @register_method("barlow_twins", config=BarlowTwinsConfig, recipe="byol")
 class BarlowTwins(MethodHooks, nn.Module):
+    step_free_forward = True  # forward reads no step: train.compile_scope=method compiles it whole
+
     def __init__(self, backbone: str | nn.Module = "resnet18", *, feat_dim: int | None = None,
                  proj_hidden: int = 8192, proj_dim: int = 8192, lambd: float = 0.0051, joint_bn: bool = False):
         super().__init__()

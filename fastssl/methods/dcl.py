@@ -26,6 +26,7 @@ class DCL(SimCLR):
 
     def __init__(self, backbone: str | nn.Module = "resnet18", *, feat_dim: int | None = None,
                  temperature: float = 0.1, proj_hidden: int = 2048, proj_dim: int = 128, proj_layers: int = 2,
-                 decoupled: bool = True, joint_bn: bool = False):
+                 decoupled: bool = True, joint_bn: bool = False, loss_dtype: str = "fp32"):
         super().__init__(backbone, feat_dim=feat_dim, temperature=temperature, proj_hidden=proj_hidden,
-                         proj_dim=proj_dim, proj_layers=proj_layers, decoupled=decoupled, joint_bn=joint_bn)
+                         proj_dim=proj_dim, proj_layers=proj_layers, decoupled=decoupled, joint_bn=joint_bn,
+                         loss_dtype=loss_dtype)

@@ -27,6 +27,8 @@ class SimSiamConfig(TwoViewConfig):
 
 @register_method("simsiam", config=SimSiamConfig, recipe="simclr")
 class SimSiam(MethodHooks, nn.Module):
+    step_free_forward = True  # forward reads no step: train.compile_scope=method compiles it whole
+
     def __init__(self, backbone: str | nn.Module = "resnet18", *, feat_dim: int | None = None,
                  proj_hidden: int = 2048, proj_dim: int = 2048, pred_hidden: int = 512, joint_bn: bool = False):
         super().__init__()

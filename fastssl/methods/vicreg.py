@@ -29,6 +29,8 @@ class VICRegConfig(TwoViewConfig):
 
 @register_method("vicreg", config=VICRegConfig, recipe="byol")
 class VICReg(MethodHooks, nn.Module):
+    step_free_forward = True  # forward reads no step: train.compile_scope=method compiles it whole
+
     def __init__(self, backbone: str | nn.Module = "resnet18", *, feat_dim: int | None = None,
                  proj_hidden: int = 8192, proj_dim: int = 8192, sim_coeff: float = 25.0, std_coeff: float = 25.0,
                  cov_coeff: float = 1.0, joint_bn: bool = False):
