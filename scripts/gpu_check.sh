@@ -144,6 +144,10 @@ else
   # PART=step: the kernel and CUDA tests, then the step and the peer benchmarks.
   export TRITON_INTERPRET=$DRY
   run pytest_cuda 150 $PY -m pytest -q -m cuda -p no:cacheprovider tests
+  # The photometric stage alone, eager against compiled (fused), on the views of SimCLR and DINO.
+  run photometric 120 $PY -m fastssl.cli.bench photometric --device cuda --recipe simclr --batch 256 --size 224 --json
+  run photometric 90 $PY -m fastssl.cli.bench photometric --device cuda --recipe dino --batch 128 --size 224 --json
+  # STEP_CASES=simclr_rn50_step_options: each step option against the defaults (several compiles: ~4 min).
   run step 200 $PY -m fastssl.cli.bench step --suite gpu --quick \
     --cases "${STEP_CASES:-simclr_rn50_bf16_compiled,simclr_rn50_b512_photometric}"
   # PEER_DATA: a folder holding train/ (and train.beton for PEER_BACKEND=ffcv), e.g. PART=main's photos;
@@ -154,7 +158,8 @@ else
   # Four arms, each in a fresh process; the headline is fastssl against lightly-tuned (lightly's documented
   # loop plus torch.compile and channels_last), so the ratio is the data path's. b256 and DINO fit one call
   # (about 5 min); ONLY=peer_simclr_b512 runs batch 512 in a second one.
-  PEER=($PY -m fastssl.cli.bench peer --data "$PEER_DATA" --device cuda --precision bf16 --compile on --backend "${PEER_BACKEND:-torch}" --workers 14)
+  PEER=($PY -m fastssl.cli.bench peer --data "$PEER_DATA" --device cuda --precision bf16 --compile on --backend "${PEER_BACKEND:-torch}" --workers 14
+        --photometric "${PEER_PHOTOMETRIC:-auto}")
   run peer_simclr_b256 180 "${PEER[@]}" --methods simclr --arch resnet50 --size 224 --batch 256 --steps 15 --warmup 5 \
     --rounds 1 --arms "${PEER_ARMS:-lightly-tuned,fastssl,lightly,bare-fastssl}" --out "$WORK/peer_simclr_b256_full.json"
   run peer_dino_vits16 180 "${PEER[@]}" --methods dino --arch vit_small_patch16 --size 224 --local-size 96 --local-views 10 \

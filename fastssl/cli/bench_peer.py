@@ -473,6 +473,7 @@ def fastssl_overrides(spec: dict) -> list[str]:
     method, total = spec["method"], warmup_steps(spec, "fastssl") + spec["steps"]
     kv = {
         "data.train": spec["source"], "data.val": "", "data.backend": spec["backend"], "data.workers": spec["workers"],
+        "data.photometric": spec.get("photometric", "auto"),
         "aug.recipe": method, "aug.global_size": spec["size"], "aug.local_size": spec["local_size"],
         "model.backbone": spec["arch"], "method.name": method,
         "optim.batch_size": spec["batch"], "optim.lr_scaling": "none", "optim.warmup_epochs": 0,
@@ -746,6 +747,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                     help="bf16: the trainer's bf16 autocast; the lightly arm's steps under torch.autocast(bf16)")
     ap.add_argument("--compile", default="off", choices=["off", "on"], help="fastssl's train.compile")
+    ap.add_argument("--photometric", default="auto", choices=["auto", "torch", "compiled", "cv2"],
+                    help="fastssl's data.photometric (how its photometric stage runs)")
     ap.add_argument("--compile-backend", default="inductor",
                     help="lightly-tuned's torch.compile backend (eager / aot_eager: checks the code path, quickly)")
     ap.add_argument("--local-size", type=int, default=0, help="DINO local view size (0: 96/224 of --size)")
@@ -812,7 +815,8 @@ def main(argv: list[str] | None = None) -> int:
             "compile_backend": a.compile_backend, "local_views": a.local_views,
             "batch": a.batch, "steps": a.steps, "warmup": a.warmup, "bare_steps": a.bare_steps,
             "bare_warmup": a.bare_warmup, "workers": a.workers, "threads": a.threads, "seed": a.seed,
-            "steps_per_epoch": n_images // a.batch, "profile_images": a.profile_images}
+            "steps_per_epoch": n_images // a.batch, "profile_images": a.profile_images,
+            "photometric": a.photometric}
     if spec["steps_per_epoch"] < 1:
         ap.error(f"{folder} holds {n_images} images, fewer than a batch of {a.batch}")
     t_start = time.perf_counter()
