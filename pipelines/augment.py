@@ -33,11 +33,14 @@ is installed, else ``torch``). ``fastssl-bench photometric`` times them side by 
 from __future__ import annotations
 
 import hashlib
+import logging
 
 import torch
 import torch.nn.functional as F
 
 from fastssl.pipelines.recipes import ViewSpec
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -292,10 +295,33 @@ _COMPILED_STAGE = None
 
 
 def compiled_stage():
-    """:func:`photometric_fused` compiled once per process (inductor; one graph per view shape)."""
+    """:func:`photometric_fused` compiled once per process (inductor; one graph per view shape).
+
+    A compiler error (at the first call of a shape) warns once and runs the same graph eagerly from
+    then on: compiling is a speed-up, never a requirement (as ``fastssl.compile.compile_module``).
+    """
     global _COMPILED_STAGE
     if _COMPILED_STAGE is None:
-        _COMPILED_STAGE = torch.compile(photometric_fused, dynamic=False, fullgraph=True)
+        from fastssl.compile import _is_compiler_error
+
+        compiled = torch.compile(photometric_fused, dynamic=False, fullgraph=True)
+        state = {"failed": False}
+
+        def stage(*args):
+            if not state["failed"]:
+                try:
+                    return compiled(*args)
+                except Exception as e:  # noqa: BLE001
+                    if not _is_compiler_error(e):
+                        raise
+                    state["failed"] = True
+                    log.warning("data.photometric=compiled: torch.compile failed (%s: %s); the photometric stage "
+                                "runs eagerly (data.photometric=torch is the in-place eager stage)",
+                                type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            return photometric_fused(*args)
+
+        stage.state = state
+        _COMPILED_STAGE = stage
     return _COMPILED_STAGE
 
 

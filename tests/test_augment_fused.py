@@ -112,3 +112,28 @@ def test_compiled_stage_equals_the_eager_stage():
         assert d.max() < 1e-3 and (d > 1e-5).float().mean() < 1e-3
     again = fused(crops, 3)
     assert all(torch.equal(a, b) for a, b in zip(got, again))
+
+
+def test_a_compiler_error_warns_once_and_runs_the_graph_eagerly(monkeypatch, caplog):
+    import fastssl.pipelines.augment as augment
+
+    class CompilerFailed(RuntimeError):
+        pass
+
+    CompilerFailed.__module__ = "torch._inductor.exc"  # what fastssl.compile counts as the compiler's fault
+
+    def broken(*args, **kwargs):
+        raise CompilerFailed("no C++ compiler")
+
+    monkeypatch.setattr(augment, "_COMPILED_STAGE", None)
+    monkeypatch.setattr(augment.torch, "compile", lambda fn, **kw: broken)
+    views = small_views("simclr")
+    crops = _smooth_crops(views)
+    with caplog.at_level("WARNING", logger="fastssl.pipelines.augment"):
+        got = Augmenter(views, "cpu", seed=1, impl="compiled")(crops, 2)
+        again = Augmenter(views, "cpu", seed=1, impl="compiled")(crops, 2)
+    ref = Augmenter(views, "cpu", seed=1, impl="torch")(crops, 2)
+    assert all((a - b).abs().max() < 1e-5 for a, b in zip(got, ref))
+    assert all(torch.equal(a, b) for a, b in zip(got, again))
+    warned = [r for r in caplog.records if "torch.compile failed" in r.getMessage()]
+    assert len(warned) == 1 and "no C++ compiler" in warned[0].getMessage()
