@@ -39,14 +39,16 @@ def use_compile(cfg: Config, device: torch.device) -> bool:
 
 @dataclass
 class LogSnapshot:
-    """A log read in flight (:meth:`TrainCore.snapshot_logs`): host (K + 4,) fp64 =
-    [loss sum, K term sums, probe hits, probe count, first non-finite step], ready after ``event``."""
+    """A log read in flight (:meth:`TrainCore.snapshot_logs`): host (K + 5,) fp64 =
+    [loss sum, K term sums, probe hits, probe count, first non-finite step, first step fed non-finite
+    views], ready after ``event``; ``bad_input`` is the last one once resolved."""
 
     keys: list
     n: int
     host: torch.Tensor
     event: object
     probe: bool
+    bad_input: int = -1
 
 
 class TrainCore:
@@ -97,6 +99,8 @@ class TrainCore:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.before_opt = getattr(self.method, "before_optimizer_step", None)
         self.first_bad = torch.full((), -1, dtype=torch.long, device=self.device)  # first non-finite step
+        # First step whose input views were not finite: tells a data-path fault from a diverged model.
+        self.first_bad_input = torch.full((), -1, dtype=torch.long, device=self.device)
         self.reset_logs()
 
     # ------------------------------------------------------------------ logs (device side)
@@ -130,7 +134,8 @@ class TrainCore:
 
             dist.all_reduce(vec)
             vec[: 1 + len(keys)] /= world
-        vec = torch.cat([vec.double(), self.first_bad.double().view(1)])  # (K + 4,); steps exact in fp64
+        vec = torch.cat([vec.double(), self.first_bad.double().view(1),
+                         self.first_bad_input.double().view(1)])  # (K + 5,); steps exact in fp64
         event = None
         if vec.is_cuda:
             host = torch.empty(vec.shape, dtype=vec.dtype, pin_memory=True)
@@ -152,13 +157,18 @@ class TrainCore:
         keys, n = snap.keys, snap.n
         out = {"loss": vals[0] / n}
         out.update({k: v / n for k, v in zip(keys, vals[1:1 + len(keys)])})
-        if snap.probe and vals[-2]:
-            out["linear_top1_online"] = 100.0 * vals[-3] / vals[-2]
-        return out, int(vals[-1])
+        if snap.probe and vals[-3]:
+            out["linear_top1_online"] = 100.0 * vals[-4] / vals[-3]
+        snap.bad_input = int(vals[-1])
+        return out, int(vals[-2])
 
     def first_bad_step(self) -> int:
         """The first step whose loss was not finite, or -1 (a host sync)."""
         return int(self.first_bad)
+
+    def first_bad_input_step(self) -> int:
+        """The first step fed non-finite views, or -1 (a host sync)."""
+        return int(self.first_bad_input)
 
     # ------------------------------------------------------------------ state
 
@@ -290,6 +300,10 @@ def train_step(core: TrainCore, micro_batches: Iterable, step: int) -> int:
 
         os.kill(os.getpid(), signal.SIGSTOP)  # a rank that stops answering (FASTSSL_FAULT=hang@rankR:step:N)
     for mi, batch in enumerate(micro_batches):
+        # One fp32 sum per view (a read of the batch, no host sync): NaN and inf propagate through it.
+        vin = torch.stack([v.sum(dtype=torch.float32) for v in batch.views]).sum()
+        core.first_bad_input = torch.where((core.first_bad_input < 0) & ~torch.isfinite(vin), step,
+                                           core.first_bad_input)
         # Gradients are all-reduced once per optimizer step, on the last micro-batch.
         sync = contextlib.nullcontext() if mi == micro - 1 else acc.no_sync(model)
         with sync, acc.autocast():

@@ -115,7 +115,7 @@ class LogWindow:
         while self.pending:
             rec, snap, wait, busy = self.pending.pop(0)
             vals, bad = self.core.resolve_logs(snap)
-            self.check_finite(bad)
+            self.check_finite(bad, snap.bad_input)
             # The GPU is past this window's last fetch (its snapshot resolved): reading its events waits for nothing.
             # data_wait: the step stream idle for want of a batch (comparable across back-ends); data_wait_host:
             # host time inside next(). On the CPU they are the same.
@@ -131,15 +131,23 @@ class LogWindow:
                 if k in rec:
                     self.totals.setdefault(k, []).append(rec[k])
 
-    def check_finite(self, bad: int | None = None) -> None:
+    def check_finite(self, bad: int | None = None, bad_input: int | None = None) -> None:
         bad = self.core.first_bad_step() if bad is None else bad
         if bad < 0:
             return
+        bad_input = self.core.first_bad_input_step() if bad_input is None else bad_input
         last = self.last_good_checkpoint
-        msg = (f"non-finite loss at step {bad} (method {self.cfg.method.name}, lr {self.core.lr_sched[bad]:.3g}); "
-               f"stopping. The last good checkpoint is {last if last is not None and last.exists() else 'none (no checkpoint yet)'}. "
-               f"Try a lower optim.lr, optim.clip_grad=3.0 or train.precision=fp32.")
-        self.metrics.write(kind="error", step=bad, message=msg)
+        last = last if last is not None and last.exists() else "none (no checkpoint yet)"
+        head = f"non-finite loss at step {bad} (method {self.cfg.method.name}, lr {self.core.lr_sched[bad]:.3g}); stopping. "
+        if 0 <= bad_input <= bad:  # the views were bad before the loss was: the data path, not the model
+            msg = (head + f"The views fed to step {bad_input} were already not finite: the data path made them "
+                   f"(data.backend={self.cfg.data.backend}, data.photometric={self.cfg.data.photometric}), not a "
+                   f"diverged model; another back-end or data.photometric=torch narrows it down. "
+                   f"The last good checkpoint is {last}.")
+        else:
+            msg = (head + f"Its input views were finite, so the model diverged. The last good checkpoint is {last}. "
+                   f"Try a lower optim.lr, optim.clip_grad=3.0 or train.precision=fp32.")
+        self.metrics.write(kind="error", step=bad, message=msg, input_finite=not 0 <= bad_input <= bad)
         raise NonFiniteLoss(msg)
 
     def mean(self, key: str) -> float | None:

@@ -92,8 +92,32 @@ def test_non_finite_loss_stops_naming_the_step(demo_data, tmp_path, monkeypatch,
     rc = main(["--config", "configs/demo/simclr.yaml"] + tiny_overrides(demo_data, tmp_path))
     assert rc == 3
     err = capsys.readouterr().err
-    assert "non-finite loss at step 3" in err
+    assert "non-finite loss at step 3" in err and "input views were finite, so the model diverged" in err
     assert torch is not None
+
+
+def test_non_finite_views_are_named_as_the_data_paths_fault(demo_data, tmp_path, monkeypatch, capsys):
+    """A batch with a NaN pixel (a data-path fault) is told apart from a diverged model."""
+    from fastssl.pipelines.augment import Augmenter
+    from fastssl.pipelines.loader import LoaderBase
+
+    real = LoaderBase._finish
+    calls = {"n": 0}
+
+    def corrupt(self, step, raw):
+        batch = real(self, step, raw)
+        if isinstance(self.finisher, Augmenter):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                batch.views[1][0, 0, 0, 0] = float("nan")
+        return batch
+
+    monkeypatch.setattr(LoaderBase, "_finish", corrupt)
+    rc = main(["--config", "configs/demo/simclr.yaml"] + tiny_overrides(demo_data, tmp_path))
+    assert rc == 3
+    err = capsys.readouterr().err
+    assert "non-finite loss at step 2" in err and "views fed to step 2 were already not finite" in err
+    assert "data.backend=auto" in err
 
 
 def test_steps_run_with_the_threads_the_trainer_chose(demo_data, tmp_path):

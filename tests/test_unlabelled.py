@@ -137,7 +137,7 @@ def test_train_step_feeds_the_probe_labelled_rows_without_a_host_sync(tmp_path, 
     assert seen and seen[0] is labels
     snap = core.snapshot_logs()
     logs, _ = core.resolve_logs(snap)
-    assert snap.host[-2] == 4          # the probe's count: the labelled rows only
+    assert snap.host[-3] == 4          # the probe's count: the labelled rows only
     assert 0.0 <= logs["linear_top1_online"] <= 100.0
 
 
