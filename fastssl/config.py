@@ -115,9 +115,13 @@ class OptimConfig:
     clip_mode: str = "global"       # global: one norm over all parameters (torch clip_grad_norm_; DINOv2 per
                                     # module) | per_param: each parameter's own norm (DINO's utils.clip_gradients),
                                     # fastssl/grad_clip.py
+    foreach: str = "auto"           # lars / sgd update: auto (the library's choice: multi-tensor on CUDA) | on | off
+                                    # (a per-parameter loop: the A/B arm of fastssl-bench step)
 
     def __post_init__(self):
         _choice("optim.name", self.name, ("lars", "adamw", "sgd"))
+        self.foreach = {"true": "on", "false": "off"}.get(str(self.foreach).lower(), str(self.foreach).lower())
+        _choice("optim.foreach", self.foreach, ("auto", "on", "off"))
         _choice("optim.clip_mode", self.clip_mode, CLIP_MODES)
         _choice("optim.lr_scaling", self.lr_scaling, ("linear", "sqrt", "none"))
         _range("optim.batch_size", self.batch_size, 2, None)

@@ -95,7 +95,14 @@ class TrainCore:
         from fastssl.optim import update_path
 
         # A single-tensor LARS is about ten kernel launches per parameter each step (an old timm): say which.
-        logger.info("optimizer %s: %s update", cfg.optim.name, update_path(self.opt))
+        path = update_path(self.opt)
+        logger.info("optimizer %s: %s update", cfg.optim.name, path)
+        if self.device.type == "cuda" and cfg.optim.name == "lars" and path == "single-tensor" and acc.is_main_process:
+            import timm
+
+            logger.warning(f"timm {timm.__version__}'s LARS loops over the parameters (about ten kernel launches each, "
+                           f"every step); timm >= 1.0.31 updates them in a few multi-tensor kernels: "
+                           f"pip install 'timm>=1.0.31'")
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.before_opt = getattr(self.method, "before_optimizer_step", None)
         self.first_bad = torch.full((), -1, dtype=torch.long, device=self.device)  # first non-finite step

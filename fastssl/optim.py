@@ -40,15 +40,19 @@ def build_optimizer(method: nn.Module, optim_cfg, lr: float) -> torch.optim.Opti
         groups = default_param_groups(method, optim_cfg.weight_decay)
     groups = [g for g in groups if g["params"]]
     name = optim_cfg.name
+    foreach = {"auto": None, "on": True, "off": False}[getattr(optim_cfg, "foreach", "auto")]
     if name == "lars":
+        import inspect
+
         from timm.optim import Lars
 
-        return Lars(groups, lr=lr, momentum=optim_cfg.momentum, trust_coeff=optim_cfg.lars_eta)
+        kw = {"foreach": foreach} if "foreach" in inspect.signature(Lars).parameters else {}  # timm < 1.0.31: none
+        return Lars(groups, lr=lr, momentum=optim_cfg.momentum, trust_coeff=optim_cfg.lars_eta, **kw)
     if name == "adamw":
         # fused: one kernel over all parameters (about 3x faster per step on a CPU for ViT-S)
         return torch.optim.AdamW(groups, lr=lr, betas=(optim_cfg.momentum, optim_cfg.beta2), fused=True)
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=optim_cfg.momentum)
+        return torch.optim.SGD(groups, lr=lr, momentum=optim_cfg.momentum, foreach=foreach)
     raise ValueError(f"unknown optimizer {name!r}")
 
 
@@ -57,8 +61,9 @@ def update_path(opt: torch.optim.Optimizer) -> str:
     kernel launches per group) or ``single-tensor`` (a Python loop, about ten launches per parameter:
     for ResNet-50's 161 parameters under LARS, over a thousand launches a step).
 
-    Recent timm releases give LARS a multi-tensor path (1.0.31 has it); older ones only loop. This
-    reads timm's own choice (``_resolve_foreach``) for the optimizer's parameters and lr.
+    timm's LARS has a multi-tensor path from 1.0.31 on (1.0.29 and 1.0.30 loop; the GPU machines'
+    image has 1.0.29). This reads timm's own choice (``_resolve_foreach``) for the optimizer's
+    parameters and lr.
     """
     opt = getattr(opt, "optimizer", opt)  # accelerate's wrapper
     params = [p for g in opt.param_groups for p in g["params"]]

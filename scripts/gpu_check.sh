@@ -2,9 +2,10 @@
 # The GPU checks for a lent GPU machine, in one call each (the workplace's `device` tool runs this in a
 # copy of the repo; results land in $OUT, default ./gpu-results: at most 8 files per part, gpu.txt and
 # errors.log (install output included) beside one JSON-lines file per step). That machine has
-# torch, triton, timm, accelerate and numba but no ffcv, DALI or xformers and no network: ffcv and
-# lightly travel as wheels (run(carry=["dist/wheels", ".whl"]): scripts/build_ffcv_wheel.sh builds ffcv's for
-# cp311 and cp312, about 9.4 MiB each, with four small pure-Python wheels it needs).
+# torch, triton, timm, accelerate and numba but no ffcv, DALI or xformers and no network: ffcv, lightly
+# and a newer timm travel as wheels (run(carry=["dist/wheels", ".whl"]): scripts/build_ffcv_wheel.sh builds
+# ffcv's for cp311 and cp312, about 9.4 MiB each, with four small pure-Python wheels it needs;
+# scripts/gpu_wheels.sh puts lightly's and timm 1.0.31's (LARS's multi-tensor path) in .whl/).
 #
 #   bash scripts/gpu_check.sh               # PART=main: the main job, first (<= 9 min)
 #   PART=step bash scripts/gpu_check.sh     # the second, optional call: CUDA tests, step and peer benchmarks
@@ -52,7 +53,7 @@ if [ "$DRY" = 0 ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 fi
 # A broken install wastes the whole lease: stop here if fastssl does not import.
-if ! $PY -c "import fastssl, fastssl.train, fastssl.kernels.contrastive, torch, triton; print('fastssl ok; torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available())" | tee -a "$OUT/gpu.txt"; then
+if ! $PY -c "import fastssl, fastssl.train, fastssl.kernels.contrastive, torch, triton, timm; print('fastssl ok; torch', torch.__version__, 'triton', triton.__version__, 'timm', timm.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available())" | tee -a "$OUT/gpu.txt"; then
   echo "fastssl does not import: see $OUT/errors.log"; tail -20 "$OUT/errors.log" 2>/dev/null; exit 2
 fi
 HAVE_FFCV=0

@@ -42,7 +42,7 @@ def test_compile_scope_method_falls_back_to_the_backbone_where_the_forward_reads
     assert any("reads the step" in m for m in msgs)
 
 
-@pytest.mark.parametrize("key", ["train.compile_scope=graph", "method.loss_dtype=bf16"])
+@pytest.mark.parametrize("key", ["train.compile_scope=graph", "method.loss_dtype=bf16", "optim.foreach=maybe"])
 def test_bad_option_values_name_the_key(key):
     with pytest.raises(ConfigError, match=key.split("=")[0]):
         load_config("configs/demo/simclr.yaml", [key])
@@ -85,3 +85,25 @@ def test_update_path_reads_the_optimizers_choice():
     assert update_path(torch.optim.AdamW(p, lr=0.1, fused=True)) == "fused"
     assert update_path(torch.optim.SGD(p, lr=0.1, foreach=False)) == "single-tensor"
     assert update_path(torch.optim.SGD(p, lr=0.1, foreach=True)) == "foreach"
+
+
+@pytest.mark.parametrize("name", ["lars", "sgd"])
+def test_optim_foreach_picks_the_update_path_and_both_paths_agree(name):
+    from types import SimpleNamespace
+
+    from fastssl.optim import build_optimizer, update_path
+
+    torch.manual_seed(0)
+    nets = [torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5), torch.nn.Linear(5, 3)) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    x = torch.randn(8, 6)
+    for net, fe, want in zip(nets, ("on", "off"), ("foreach", "single-tensor")):
+        cfg = SimpleNamespace(name=name, weight_decay=1e-4, momentum=0.9, lars_eta=0.02, foreach=fe)
+        opt = build_optimizer(net, cfg, 0.5)
+        assert update_path(opt) == want
+        for _ in range(3):
+            opt.zero_grad()
+            net(x).pow(2).mean().backward()
+            opt.step()
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        assert torch.allclose(a, b, atol=1e-6)

@@ -335,11 +335,12 @@ SUITES = {
         # and the stage compiled (fused) against eager
         ("simclr_rn50_b512_photometric", "configs/imagenet/simclr_rn50.yaml", ["train.res_start=0"], 512,
          [["data.photometric=compiled"]], {"photometric": True}),
-        # the step's options, each against the recipe's defaults: cuDNN's autotuner, the whole forward
-        # compiled, CUDA graphs, the fused bf16 NT-Xent (each variant compiles its own graphs: minutes)
+        # the step's options, each against the recipe's defaults: LARS's per-parameter loop (the default path of
+        # timm < 1.0.31), cuDNN's autotuner, the whole forward compiled, CUDA graphs, the fused bf16 NT-Xent
+        # (each variant compiles its own graphs: minutes)
         ("simclr_rn50_step_options", "configs/imagenet/simclr_rn50.yaml", ["train.res_start=0"], 256,
-         [["train.cudnn_benchmark=true"], ["train.compile_scope=method"], ["train.compile_mode=reduce-overhead"],
-          ["method.loss_dtype=input"]]),
+         [["optim.foreach=off"], ["train.cudnn_benchmark=true"], ["train.compile_scope=method"],
+          ["train.compile_mode=reduce-overhead"], ["method.loss_dtype=input"]]),
     ],
     # The same code path on a CPU in seconds (a test runs it).
     "smoke": [
