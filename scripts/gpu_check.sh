@@ -9,7 +9,7 @@
 #
 #   bash scripts/gpu_check.sh               # PART=main: the main job, first (<= 9 min)
 #   PART=step bash scripts/gpu_check.sh     # the second, optional call: CUDA tests, step and peer benchmarks
-#   bash scripts/gpu_check.sh --dry-run     # here, on the CPU: the same steps at smoke sizes
+#   bash scripts/gpu_check.sh --dry-run     # here, on the CPU: the same steps at smoke sizes (PART=step too)
 #
 # PART=main, in order (each step's JSON lines to $OUT/<step>.json, stderr to $OUT/errors.log):
 #   (a) install fastssl, the carried ffcv wheel and lightly's;
@@ -73,6 +73,15 @@ run() {
   timeout "$limit" "$@" >> "$OUT/$name.json" 2>> "$OUT/errors.log" || { echo "   FAILED (rc $?)"; tail -5 "$OUT/errors.log"; status=1; }
   tail -c 1500 "$OUT/$name.json"; echo
 }
+# A step's own result file, written outside $OUT, appended to its JSON lines: only when that step ran
+# in this call (a file left by an earlier call on the same machine is not a result of this one).
+keep() {
+  local name=$1 file=$2
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
+  [ -f "$file" ] && [ "$file" -nt "$T0_FILE" ] && cat "$file" >> "$OUT/$name.json"
+  return 0
+}
+T0_FILE=$(mktemp); touch "$T0_FILE"
 
 if [ "$PART" = main ]; then
   if [ "$DRY" = 1 ]; then
@@ -134,38 +143,51 @@ PYEOF
   if [ "$HAVE_FFCV" = 1 ]; then
     run timed_ffcv 200 $PY -m fastssl.cli.timed "$WORK/imagenet" --epochs "$EPOCHS" --data-dir "$WORK/betons" \
       --out "$WORK/runs" --name timed-ffcv --linear-protocol cached $DEV "${SMALL[@]}" data.backend=ffcv
-    cat "$WORK/runs/timed-ffcv/timed.json" >> "$OUT/timed_ffcv.json" 2>/dev/null
+    keep timed_ffcv "$WORK/runs/timed-ffcv/timed.json"
   fi
   run timed_torch 200 $PY -m fastssl.cli.timed "$WORK/imagenet" --epochs "$EPOCHS" --data-dir "$WORK/betons-unused" \
     --out "$WORK/runs" --name timed-torch --linear-protocol cached $DEV "${SMALL[@]}" data.backend=torch
-  cat "$WORK/runs/timed-torch/timed.json" >> "$OUT/timed_torch.json" 2>/dev/null
+  keep timed_torch "$WORK/runs/timed-torch/timed.json"
   # (e) evaluation at ImageNet scale on synthetic features.
   run eval_bench 90 $PY -m fastssl.cli.bench eval "${EVAL_SIZE[@]}" --json
 else
-  # PART=step: the kernel and CUDA tests, then the step and the peer benchmarks.
+  # PART=step: the kernel and CUDA tests, then the step and the peer benchmarks. --dry-run: the same
+  # commands on the CPU at smoke sizes (the peer needs lightly importable: PYTHONPATH=DIR holding it).
   export TRITON_INTERPRET=$DRY
+  if [ "$DRY" = 1 ]; then
+    PDEV=cpu; PHOTO=(--batch 8 --size 32 --local-size 16 --steps 1 --warmup 0 --rounds 1)
+    STEP=(--suite smoke); PEER_HW=(--device cpu --precision fp32 --compile off --workers 1 --smoke)
+    B256=(--size 32 --batch 8 --steps 2 --warmup 1); B128=(--size 32 --local-size 16 --batch 8 --steps 2 --warmup 1)
+    PEER_DEFAULT_ARMS=fastssl,lightly,bare-fastssl; DINO_DEFAULT_ARMS=fastssl,lightly; NPEER=40
+  else
+    PDEV=cuda; PHOTO=(--size 224)
+    STEP=(--suite gpu --quick --cases "${STEP_CASES:-simclr_rn50_bf16_compiled,simclr_rn50_b512_photometric}")
+    PEER_HW=(--device cuda --precision bf16 --compile on --workers 14)
+    B256=(--size 224 --batch 256 --steps 15 --warmup 5); B128=(--size 224 --local-size 96 --batch 128 --steps 10 --warmup 4)
+    PEER_DEFAULT_ARMS=lightly-tuned,fastssl,lightly,bare-fastssl; DINO_DEFAULT_ARMS=lightly-tuned,fastssl; NPEER=8000
+  fi
   run pytest_cuda 150 $PY -m pytest -q -m cuda -p no:cacheprovider tests
   # The photometric stage alone, eager against compiled (fused), on the views of SimCLR and DINO.
-  run photometric 120 $PY -m fastssl.cli.bench photometric --device cuda --recipe simclr --batch 256 --size 224 --json
-  run photometric 90 $PY -m fastssl.cli.bench photometric --device cuda --recipe dino --batch 128 --size 224 --json
+  run photometric 120 $PY -m fastssl.cli.bench photometric --device $PDEV --recipe simclr --batch 256 "${PHOTO[@]}" --json
+  run photometric 90 $PY -m fastssl.cli.bench photometric --device $PDEV --recipe dino --batch 128 "${PHOTO[@]}" --json
   # STEP_CASES=simclr_rn50_step_options: each step option against the defaults (several compiles: ~4 min).
-  run step 200 $PY -m fastssl.cli.bench step --suite gpu --quick \
-    --cases "${STEP_CASES:-simclr_rn50_bf16_compiled,simclr_rn50_b512_photometric}"
+  run step 200 $PY -m fastssl.cli.bench step "${STEP[@]}"
   # PEER_DATA: a folder holding train/ (and train.beton for PEER_BACKEND=ffcv), e.g. PART=main's photos;
   # otherwise 8,000 photos are written here (about a minute on 16 cores).
   PEER_DATA=${PEER_DATA:-$WORK/peer}
-  [ -d "$PEER_DATA/train" ] || $PY -c "import sys; from fastssl.cli.bench_loader import make_imagenet_like as m; m(sys.argv[1], 8000, workers=16, beton=False)" \
-    "$PEER_DATA" > /dev/null 2>> "$OUT/errors.log"
+  [ -d "$PEER_DATA/train" ] || $PY -c "import sys; from fastssl.cli.bench_loader import make_imagenet_like as m; m(sys.argv[1], int(sys.argv[2]), workers=16, beton=False)" \
+    "$PEER_DATA" "$NPEER" > /dev/null 2>> "$OUT/errors.log"
   # Four arms, each in a fresh process; the headline is fastssl against lightly-tuned (lightly's documented
   # loop plus torch.compile and channels_last), so the ratio is the data path's. b256 and DINO fit one call
-  # (about 5 min); ONLY=peer_simclr_b512 runs batch 512 in a second one.
-  PEER=($PY -m fastssl.cli.bench peer --data "$PEER_DATA" --device cuda --precision bf16 --compile on --backend "${PEER_BACKEND:-torch}" --workers 14
+  # (about 5 min); ONLY=peer_simclr_b512 runs batch 512 in a second one. PEER_PHOTOMETRIC=compiled: fastssl's
+  # photometric stage fused (data.photometric).
+  PEER=($PY -m fastssl.cli.bench peer --data "$PEER_DATA" "${PEER_HW[@]}" --backend "${PEER_BACKEND:-torch}"
         --photometric "${PEER_PHOTOMETRIC:-auto}")
-  run peer_simclr_b256 180 "${PEER[@]}" --methods simclr --arch resnet50 --size 224 --batch 256 --steps 15 --warmup 5 \
-    --rounds 1 --arms "${PEER_ARMS:-lightly-tuned,fastssl,lightly,bare-fastssl}" --out "$WORK/peer_simclr_b256_full.json"
-  run peer_dino_vits16 180 "${PEER[@]}" --methods dino --arch vit_small_patch16 --size 224 --local-size 96 --local-views 10 \
-    --batch 128 --steps 10 --warmup 4 --rounds 1 --arms lightly-tuned,fastssl --out "$WORK/peer_dino_vits16_full.json"
-  for name in peer_simclr_b256 peer_dino_vits16; do cat "$WORK/${name}_full.json" >> "$OUT/$name.json" 2>/dev/null; done
+  run peer_simclr_b256 180 "${PEER[@]}" --methods simclr --arch resnet50 "${B256[@]}" \
+    --rounds 1 --arms "${PEER_ARMS:-$PEER_DEFAULT_ARMS}" --out "$WORK/peer_simclr_b256_full.json"
+  run peer_dino_vits16 180 "${PEER[@]}" --methods dino --arch vit_small_patch16 "${B128[@]}" --local-views 10 \
+    --rounds 1 --arms "${PEER_DINO_ARMS:-$DINO_DEFAULT_ARMS}" --out "$WORK/peer_dino_vits16_full.json"
+  for name in peer_simclr_b256 peer_dino_vits16; do keep $name "$WORK/${name}_full.json"; done
   [ -n "${ONLY:-}" ] && run peer_simclr_b512 150 "${PEER[@]}" --methods simclr --arch resnet50 --size 224 --batch 512 \
     --steps 10 --warmup 4 --rounds 1 --arms lightly-tuned,fastssl --out "$WORK/peer_simclr_b512_full.json"
 fi

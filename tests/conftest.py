@@ -13,6 +13,18 @@ if "FASTSSL_CACHE_DIR" not in os.environ:  # the CPU weight-gradient choices (fa
 import pytest
 
 
+def pytest_collection_modifyitems(config, items):
+    """``cuda``-marked tests skip, with the reason, where no CUDA device is visible (``-m cuda`` on a CPU)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory):
     """``fastssl-prepare synthetic``: 10 classes x 20 train / 10 val images at 32 px, as .beton + JPEG folders."""
