@@ -180,27 +180,49 @@ def blur_kernel_size(size: int) -> int:
     return max(3, k + 1 if k % 2 == 0 else k)
 
 
-def apply_view(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+OPS = ("jitter", "gray", "blur", "solarize")
+
+
+def active_ops(view: ViewSpec) -> tuple[str, ...]:
+    """The ops of ``OPS`` that ``view`` can apply: those with a probability above 0.
+
+    An op with probability 0 leaves every image as it is (its sampled mask is all False), so
+    skipping it gives the same views, bit for bit, without its passes over the batch: MAE's
+    view (crop and flip only) is then normalisation alone, SimCLR's skips the solarisation.
+    """
+    probs = {"jitter": view.jitter_p, "gray": view.gray_p, "blur": view.blur_p, "solarize": view.solarize_p}
+    return tuple(op for op in OPS if probs[op] > 0)
+
+
+def apply_view(x: torch.Tensor, p: dict[str, torch.Tensor], ops: tuple[str, ...] = OPS,
+               inplace: bool = False) -> torch.Tensor:
     """Photometric ops on float x in [0, 1], (B, 3, S, S), with per-image params ``p``; returns [0, 1].
 
-    ``x`` is left as it is; the work happens in place on two buffers of x's size (the jittered
-    copy, then the result), so the peak stays a small multiple of the view (module docstring).
+    ``ops``: the ops to run (:func:`active_ops`; one left out must have an all-False mask). ``x``
+    is left as it is unless ``inplace``; the work happens in place on two buffers of x's size (the
+    jittered copy, then the result), so the peak stays a small multiple of the view (module docstring).
     """
-    j = _col(p["jitter"])
-    y = x * _col(p["brightness"])
-    y.clamp_(0, 1)
-    m = _gray(y).mean(dim=(2, 3), keepdim=True)
-    y.sub_(m).mul_(_col(p["contrast"])).add_(m).clamp_(0, 1)
-    g = _gray(y)
-    y.sub_(g).mul_(_col(p["saturation"])).add_(g).clamp_(0, 1)
-    del g
-    adjust_hue(y, p["hue"], inplace=True)
-    x = torch.where(j, y, x, out=y)                           # from here on x is this function's own buffer
-    torch.where(_col(p["gray"]), _gray(x).expand_as(x), x, out=x)
-    blurred = gaussian_blur(x, p["sigma"], blur_kernel_size(x.shape[-1]))
-    torch.where(_col(p["blur"]), blurred, x, out=x)
-    del blurred
-    torch.where(_col(p["solarize"]) & (x >= 0.5), 1.0 - x, x, out=x)
+    if "jitter" in ops:
+        j = _col(p["jitter"])
+        y = x * _col(p["brightness"])
+        y.clamp_(0, 1)
+        m = _gray(y).mean(dim=(2, 3), keepdim=True)
+        y.sub_(m).mul_(_col(p["contrast"])).add_(m).clamp_(0, 1)
+        g = _gray(y)
+        y.sub_(g).mul_(_col(p["saturation"])).add_(g).clamp_(0, 1)
+        del g
+        adjust_hue(y, p["hue"], inplace=True)
+        x = torch.where(j, y, x, out=y)                       # from here on x is this function's own buffer
+    elif not inplace:
+        x = x.clone()
+    if "gray" in ops:
+        torch.where(_col(p["gray"]), _gray(x).expand_as(x), x, out=x)
+    if "blur" in ops:
+        blurred = gaussian_blur(x, p["sigma"], blur_kernel_size(x.shape[-1]))
+        torch.where(_col(p["blur"]), blurred, x, out=x)
+        del blurred
+    if "solarize" in ops:
+        torch.where(_col(p["solarize"]) & (x >= 0.5), 1.0 - x, x, out=x)
     return x
 
 
@@ -256,7 +278,7 @@ def _blur_pass(x: torch.Tensor, k: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def photometric_fused(crops: torch.Tensor, p: dict[str, torch.Tensor], mean: torch.Tensor, std: torch.Tensor,
-                      ksize: int, dtype: torch.dtype) -> torch.Tensor:
+                      ksize: int, dtype: torch.dtype, ops: tuple[str, ...] = OPS) -> torch.Tensor:
     """One view's whole stage, out of place, for ``torch.compile``: uint8 crops (B, S, S, 3) -> normalised
     ``dtype`` views (B, 3, S, S), channels_last.
 
@@ -268,25 +290,29 @@ def photometric_fused(crops: torch.Tensor, p: dict[str, torch.Tensor], mean: tor
     the eager stage: choosing work per image would need the host to read the mask.
     """
     x = crops.permute(0, 3, 1, 2).float() / 255.0                          # (B, 3, S, S), channels_last memory
-    y = (x * _col(p["brightness"])).clamp(0.0, 1.0)
-    m = _gray(y).mean(dim=(2, 3), keepdim=True)
-    y = ((y - m) * _col(p["contrast"]) + m).clamp(0.0, 1.0)
-    g = _gray(y)
-    y = ((y - g) * _col(p["saturation"]) + g).clamp(0.0, 1.0)
-    y = _hue_fused(y, p["hue"].float())
-    x = torch.where(_col(p["jitter"]), y, x)
-    x = torch.where(_col(p["gray"]), _gray(x).expand_as(x), x)
-    half = ksize // 2
-    t = torch.arange(-half, half + 1, device=x.device, dtype=x.dtype)
-    k = torch.exp(-0.5 * (t.view(1, -1) / p["sigma"].view(-1, 1).to(x.dtype)) ** 2)
-    k = k / k.sum(1, keepdim=True)                                          # (B, ksize)
-    pad = min(half, x.shape[-1] - 1)
-    if pad < half:  # tiny images: clip the kernel to what reflect padding allows, as gaussian_blur
-        k = k[:, half - pad: half + pad + 1]
-        k = k / k.sum(1, keepdim=True)
-    blurred = _blur_pass(_blur_pass(x, k, 3), k, 2)                         # along rows, then columns (as gaussian_blur)
-    x = torch.where(_col(p["blur"]), blurred, x)
-    x = torch.where(_col(p["solarize"]) & (x >= 0.5), 1.0 - x, x)
+    if "jitter" in ops:
+        y = (x * _col(p["brightness"])).clamp(0.0, 1.0)
+        m = _gray(y).mean(dim=(2, 3), keepdim=True)
+        y = ((y - m) * _col(p["contrast"]) + m).clamp(0.0, 1.0)
+        g = _gray(y)
+        y = ((y - g) * _col(p["saturation"]) + g).clamp(0.0, 1.0)
+        y = _hue_fused(y, p["hue"].float())
+        x = torch.where(_col(p["jitter"]), y, x)
+    if "gray" in ops:
+        x = torch.where(_col(p["gray"]), _gray(x).expand_as(x), x)
+    if "blur" in ops:
+        half = ksize // 2
+        t = torch.arange(-half, half + 1, device=x.device, dtype=x.dtype)
+        k = torch.exp(-0.5 * (t.view(1, -1) / p["sigma"].view(-1, 1).to(x.dtype)) ** 2)
+        k = k / k.sum(1, keepdim=True)                                      # (B, ksize)
+        pad = min(half, x.shape[-1] - 1)
+        if pad < half:  # tiny images: clip the kernel to what reflect padding allows, as gaussian_blur
+            k = k[:, half - pad: half + pad + 1]
+            k = k / k.sum(1, keepdim=True)
+        blurred = _blur_pass(_blur_pass(x, k, 3), k, 2)                     # along rows, then columns (as gaussian_blur)
+        x = torch.where(_col(p["blur"]), blurred, x)
+    if "solarize" in ops:
+        x = torch.where(_col(p["solarize"]) & (x >= 0.5), 1.0 - x, x)
     x = ((x - mean) / std).to(dtype)
     return x.contiguous(memory_format=torch.channels_last)
 
@@ -381,14 +407,17 @@ class Augmenter:
                 out.append(x.to(self.dtype) if self.channels_last else x.contiguous().to(self.dtype))
                 continue
             params = sample_params(spec, c.shape[0], g, self.device)
+            ops = active_ops(spec)
             if self.impl == "compiled":
                 c = c.to(self.device, non_blocking=True)
                 nhwc = c if c.shape[-1] == 3 else c.permute(0, 2, 3, 1)
-                x = compiled_stage()(nhwc, params, self.mean, self.std, blur_kernel_size(nhwc.shape[2]), self.dtype)
+                x = compiled_stage()(nhwc, params, self.mean, self.std, blur_kernel_size(nhwc.shape[2]), self.dtype,
+                                     ops)
                 out.append(x if self.channels_last else x.contiguous())
                 continue
-            # No name holds the fp32 crops: apply_view's last reference to them goes once the jitter is merged.
-            out.append(self._finish(apply_view(self._to_float(c), params)))
+            # No name holds the fp32 crops (the stage's own buffer, worked on in place): apply_view's last
+            # reference to them goes once the jitter is merged.
+            out.append(self._finish(apply_view(self._to_float(c), params, ops, inplace=True)))
         return out
 
     def normalize_only(self, crops: list[torch.Tensor]) -> list[torch.Tensor]:

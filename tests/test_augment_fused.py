@@ -137,3 +137,27 @@ def test_a_compiler_error_warns_once_and_runs_the_graph_eagerly(monkeypatch, cap
     assert all(torch.equal(a, b) for a, b in zip(got, again))
     warned = [r for r in caplog.records if "torch.compile failed" in r.getMessage()]
     assert len(warned) == 1 and "no C++ compiler" in warned[0].getMessage()
+
+
+@pytest.mark.parametrize("recipe", sorted(PRESETS))
+def test_ops_with_probability_zero_are_skipped_bit_for_bit(recipe):
+    """Leaving out an op whose mask is all False (probability 0) changes nothing: eager and fused graph."""
+    from fastssl.pipelines.augment import OPS, active_ops, apply_view
+
+    views = small_views(recipe)
+    crops = _smooth_crops(views, seed=9)
+    aug = Augmenter(views, "cpu", seed=3, impl="torch")
+    for v, (c, spec) in enumerate(zip(crops, views)):
+        p = _params(aug, 5, v, c.shape[0])
+        ops = active_ops(spec)
+        x = c.permute(0, 3, 1, 2).float() / 255
+        before = x.clone()
+        assert torch.equal(apply_view(x, p, ops), apply_view(x, p, OPS))
+        assert torch.equal(x, before)                                        # not in place unless asked
+        k = blur_kernel_size(c.shape[1])
+        assert torch.equal(photometric_fused(c, p, MEAN, STD, k, torch.float32, ops),
+                           photometric_fused(c, p, MEAN, STD, k, torch.float32, OPS))
+    if recipe == "mae":
+        assert active_ops(views[0]) == ()
+        got = aug(crops, 0)[0]
+        assert torch.equal(got, aug.normalize_only(crops)[0])               # crop and flip only: normalisation
