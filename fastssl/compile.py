@@ -31,6 +31,18 @@ RECOMPILE_LIMIT = 32
 logger = logging.getLogger(__name__)
 
 
+def raise_recompile_limit() -> None:
+    """Let every shape of a run (``RECOMPILE_LIMIT``) have its own graph instead of falling back to eager."""
+    try:
+        import torch._dynamo as dynamo
+
+        for key in ("recompile_limit", "cache_size_limit"):  # renamed in torch 2.7
+            if hasattr(dynamo.config, key):
+                setattr(dynamo.config, key, max(getattr(dynamo.config, key), RECOMPILE_LIMIT))
+    except Exception:  # noqa: BLE001 - the limit is a tuning, not a requirement
+        pass
+
+
 def _is_compiler_error(e: BaseException) -> bool:
     mod = type(e).__module__ or ""
     return mod.startswith(("torch._dynamo", "torch._inductor", "triton")) or "BackendCompilerFailed" in type(e).__name__
@@ -45,14 +57,7 @@ def compile_module(module: nn.Module, *, dynamic: bool | None = False, backend="
     ``log``: callable taking the message (default: this module's logger, as a warning).
     """
     log = log or logger.warning
-    try:
-        import torch._dynamo as dynamo
-
-        for key in ("recompile_limit", "cache_size_limit"):  # renamed in torch 2.7
-            if hasattr(dynamo.config, key):
-                setattr(dynamo.config, key, max(getattr(dynamo.config, key), RECOMPILE_LIMIT))
-    except Exception:  # noqa: BLE001 - the limit is a tuning, not a requirement
-        pass
+    raise_recompile_limit()
     try:
         compiled = torch.compile(module._call_impl, dynamic=dynamic, backend=backend, mode=mode)
     except Exception as e:  # noqa: BLE001 - e.g. no compiler on this platform

@@ -328,8 +328,9 @@ def compiled_stage():
     """
     global _COMPILED_STAGE
     if _COMPILED_STAGE is None:
-        from fastssl.compile import _is_compiler_error
+        from fastssl.compile import _is_compiler_error, raise_recompile_limit
 
+        raise_recompile_limit()  # a graph per (view shape, ops, dtype): progressive sizes x DINO's view kinds
         compiled = torch.compile(photometric_fused, dynamic=False, fullgraph=True)
         state = {"failed": False}
 
