@@ -161,3 +161,20 @@ def test_ops_with_probability_zero_are_skipped_bit_for_bit(recipe):
         assert active_ops(views[0]) == ()
         got = aug(crops, 0)[0]
         assert torch.equal(got, aug.normalize_only(crops)[0])               # crop and flip only: normalisation
+
+
+@pytest.mark.slow
+def test_a_run_trains_through_the_compiled_stage(demo_data, tmp_path):
+    """The trainer's loader with data.photometric=compiled (on the CPU: the finisher's thread compiles it)."""
+    import json
+    import math
+
+    from conftest import tiny_overrides
+    from fastssl.train import main
+
+    rc = main(["--config", "configs/demo/simclr.yaml"]
+              + tiny_overrides(demo_data, tmp_path, **{"data.photometric": "compiled", "train.max_steps": 3}))
+    assert rc == 0
+    recs = [json.loads(line) for line in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in recs if r.get("kind") == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in train)
