@@ -171,8 +171,8 @@ else
   # Each shape and op set compiles once (DINO's views: three graphs).
   run photometric 120 $PY -m fastssl.cli.bench photometric --device $PDEV --recipe simclr --batch 256 "${PHOTO[@]}" --json
   run photometric 150 $PY -m fastssl.cli.bench photometric --device $PDEV --recipe dino --batch 128 "${PHOTO[@]}" --json
-  # STEP_CASES=simclr_rn50_step_options STEP_LIMIT=420: each step option against the defaults (six variants,
-  # each compiling ResNet-50 from a cold cache: about a minute apiece). Each case's JSON line is printed as
+  # STEP_CASES='simclr_rn50_opt_*' STEP_LIMIT=420: each step option against the defaults, one case each (an
+  # option's own graphs compile from a cold cache: about a minute apiece). Each case's JSON line is printed as
   # it finishes, so a limit that cuts the last case keeps the others.
   run step "${STEP_LIMIT:-200}" $PY -m fastssl.cli.bench step "${STEP[@]}"
   # PEER_DATA: a folder holding train/ (and train.beton for PEER_BACKEND=ffcv), e.g. PART=main's photos;

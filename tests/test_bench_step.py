@@ -145,6 +145,17 @@ def test_every_gpu_suite_variant_is_a_valid_config():
             load_config(str(ROOT / cfg), ov + extra)
 
 
+def test_cases_take_patterns_and_name_what_exists(monkeypatch):
+    from fastssl.cli import bench_step
+
+    ran = []
+    monkeypatch.setattr(bench_step, "run", lambda path, ov, compares, *a, **kw: ran.append(compares) or {})
+    bench_step.run_suite("gpu", torch.device("cpu"), cases=["simclr_rn50_opt_*"], emit=lambda line: None)
+    assert len(ran) == 5 and all(len(c) == 1 for c in ran)
+    with pytest.raises(ValueError, match="simclr_rn50_opt_foreach"):
+        bench_step.run_suite("gpu", torch.device("cpu"), cases=["simclr_rn50_opt_nothing*"])
+
+
 @pytest.mark.cuda
 def test_cuda_memory_and_fraction_of_peak(capsys):
     from fastssl.cli.bench import main
