@@ -178,3 +178,17 @@ def test_a_run_trains_through_the_compiled_stage(demo_data, tmp_path):
     recs = [json.loads(line) for line in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in recs if r.get("kind") == "train"]
     assert [r["step"] for r in train] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in train)
+
+
+@pytest.mark.cuda
+def test_compiled_stage_on_cuda_equals_the_eager_stage():
+    """Inductor's Triton kernels against the eager stage on the GPU, at a recipe's size, in bf16 and fp32."""
+    views = small_views("dino", global_size=224, local_size=96)
+    crops = [c.cuda() for c in _smooth_crops(views, b=16, seed=6)]
+    for dtype, tol in ((torch.float32, 1e-3), (torch.bfloat16, 0.05)):
+        eager = Augmenter(views, "cuda", seed=7, impl="torch", dtype=dtype)(crops, 3)
+        got = Augmenter(views, "cuda", seed=7, impl="compiled", dtype=dtype)(crops, 3)
+        for a, b in zip(got, eager):
+            assert a.dtype == dtype and a.is_contiguous(memory_format=torch.channels_last)
+            d = (a.float() - b.float()).abs()
+            assert d.max() < tol and (d > tol / 10).float().mean() < 1e-3, (dtype, float(d.max()))
