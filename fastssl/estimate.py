@@ -66,6 +66,12 @@ class Estimate:
         return sum(p.projected_s for p in self.phases)
 
     @property
+    def model_alone_s(self) -> float:
+        """Every step of the run on a fixed batch (the model's own time): what a free data path would leave.
+        ``train_s`` minus this is what the data path costs the run, latency and shared device alike."""
+        return sum(p.steps * p.model_step_s for p in self.phases)
+
+    @property
     def total_s(self) -> float:
         """Prepare, training with its evaluations and the final kNN; the linear protocol is reported apart."""
         return self.prepare_s + self.train_s + self.eval_in_training_s + self.final_eval_s
@@ -79,7 +85,8 @@ class Estimate:
         d = asdict(self)
         for p, ph in zip(d["phases"], self.phases):
             p["limit"] = ph.limit
-        d.update(train_s=self.train_s, total_s=self.total_s, eval_in_training_s=self.eval_in_training_s,
+        d.update(train_s=self.train_s, model_alone_s=self.model_alone_s, total_s=self.total_s,
+                 eval_in_training_s=self.eval_in_training_s,
                  eval_fraction=self.eval_in_training_s / max(self.train_s, 1e-9))
         return d
 
@@ -92,6 +99,9 @@ class Estimate:
             out.append(f"  train {p.size:>4} px      {_hms(p.projected_s)}  ({p.epochs} epochs, {p.steps} steps at "
                        f"{p.step_s * 1e3:.0f} ms; model {p.model_step_s * 1e3:.0f} ms, data {p.data_step_s * 1e3:.0f} ms:"
                        f" {p.limit}-bound)")
+        if self.phases:
+            out.append(f"  (model alone        {_hms(self.model_alone_s)}: the same steps on a fixed batch; the data "
+                       f"path costs the rest, {_hms(max(self.train_s - self.model_alone_s, 0.0))})")
         if self.eval_in_training_s:
             share = self.eval_in_training_s / max(self.train_s, 1e-9)
             bank = f", 1 in {self.eval_stride} train images" if self.eval_stride > 1 else ""

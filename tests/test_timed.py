@@ -45,7 +45,9 @@ def test_estimate_projects_each_resolution_phase(demo_data):
     assert est.total_s == pytest.approx(est.train_s + est.eval_each_s + 2 * est.final_eval_s)
     assert est.to_dict()["eval_fraction"] == pytest.approx((est.eval_each_s + est.init_eval_s) / est.train_s)
     text = "\n".join(est.lines())
-    assert "train   16 px" in text and "-bound" in text and "total" in text
+    assert "train   16 px" in text and "-bound" in text and "total" in text and "model alone" in text
+    assert est.model_alone_s == pytest.approx(sum(p.steps * p.model_step_s for p in est.phases))
+    assert est.to_dict()["model_alone_s"] == est.model_alone_s
 
 
 def test_estimate_projects_the_knn_from_full_blocks_of_the_runs_plan(monkeypatch):
