@@ -107,3 +107,18 @@ def test_optim_foreach_picks_the_update_path_and_both_paths_agree(name):
             opt.step()
     for a, b in zip(nets[0].parameters(), nets[1].parameters()):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_the_whole_simclr_forward_compiles_without_falling_back(tmp_path):
+    """train.compile_scope=method through inductor (C++ on the CPU): two steps, no eager fallback."""
+    from fastssl.engine import train_step
+    from fastssl.pipelines import Batch
+
+    core = _core(tmp_path, "train.compile=on", "train.compile_scope=method")
+    views = [torch.randn(8, 3, 16, 16).contiguous(memory_format=torch.channels_last) for _ in range(2)]
+    batch = Batch(views=views, labels=None, indices=torch.arange(8))
+    for step in range(2):
+        assert train_step(core, [batch], step) == 1
+    assert core.method.compile_state == {"calls": 2, "failed": False}
+    assert torch.isfinite(core.loss_sum)
