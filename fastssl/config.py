@@ -120,7 +120,6 @@ class OptimConfig:
 
     def __post_init__(self):
         _choice("optim.name", self.name, ("lars", "adamw", "sgd"))
-        self.foreach = {"true": "on", "false": "off"}.get(str(self.foreach).lower(), str(self.foreach).lower())
         _choice("optim.foreach", self.foreach, ("auto", "on", "off"))
         _choice("optim.clip_mode", self.clip_mode, CLIP_MODES)
         _choice("optim.lr_scaling", self.lr_scaling, ("linear", "sqrt", "none"))

@@ -42,11 +42,9 @@ def build_optimizer(method: nn.Module, optim_cfg, lr: float) -> torch.optim.Opti
     name = optim_cfg.name
     foreach = {"auto": None, "on": True, "off": False}[getattr(optim_cfg, "foreach", "auto")]
     if name == "lars":
-        import inspect
-
         from timm.optim import Lars
 
-        kw = {"foreach": foreach} if "foreach" in inspect.signature(Lars).parameters else {}  # timm < 1.0.31: none
+        kw = {"foreach": foreach} if _lars_has_foreach() else {}
         return Lars(groups, lr=lr, momentum=optim_cfg.momentum, trust_coeff=optim_cfg.lars_eta, **kw)
     if name == "adamw":
         # fused: one kernel over all parameters (about 3x faster per step on a CPU for ViT-S)
@@ -56,35 +54,31 @@ def build_optimizer(method: nn.Module, optim_cfg, lr: float) -> torch.optim.Opti
     raise ValueError(f"unknown optimizer {name!r}")
 
 
+def _lars_has_foreach() -> bool:
+    """timm's LARS has a multi-tensor path (and a ``foreach`` argument) from 1.0.31 on; 1.0.29 and 1.0.30, the
+    GPU machines' image among them, only loop over the parameters."""
+    import inspect
+
+    from timm.optim import Lars
+
+    return "foreach" in inspect.signature(Lars).parameters
+
+
 def update_path(opt: torch.optim.Optimizer) -> str:
     """How ``opt`` updates the parameters at its next step: ``fused``, ``foreach`` (multi-tensor: a few
     kernel launches per group) or ``single-tensor`` (a Python loop, about ten launches per parameter:
     for ResNet-50's 161 parameters under LARS, over a thousand launches a step).
 
-    timm's LARS has a multi-tensor path from 1.0.31 on (1.0.29 and 1.0.30 loop; the GPU machines'
-    image has 1.0.29). This reads timm's own choice (``_resolve_foreach``) for the optimizer's
-    parameters and lr.
+    ``foreach=None`` resolves as torch and timm both resolve it: the multi-tensor path when every
+    parameter is a CUDA tensor.
     """
     opt = getattr(opt, "optimizer", opt)  # accelerate's wrapper
-    params = [p for g in opt.param_groups for p in g["params"]]
-    if type(opt).__name__ == "Lars":
-        import timm.optim.lars as tl
-
-        if not hasattr(tl, "_multi_tensor_lars"):
-            return "single-tensor"
-        from timm.optim._helpers import _resolve_foreach
-
-        g = opt.param_groups[0]
-        return "foreach" if _resolve_foreach(g.get("foreach"), lr=g["lr"], params=params) else "single-tensor"
-    defaults = getattr(opt, "defaults", {})
-    if defaults.get("fused"):
-        return "fused"
-    if defaults.get("foreach") is False:
+    if type(opt).__name__ == "Lars" and not _lars_has_foreach():
         return "single-tensor"
-    if defaults.get("foreach") is None and "foreach" in defaults:
-        from torch.optim.optimizer import _default_to_fused_or_foreach
-
-        return "foreach" if _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)[1] \
-            else "single-tensor"
-    return "foreach" if defaults.get("foreach") else "single-tensor"
-
+    g = opt.param_groups[0]
+    if g.get("fused"):
+        return "fused"
+    foreach = g.get("foreach")
+    if foreach is None:
+        foreach = all(p.is_cuda for group in opt.param_groups for p in group["params"])
+    return "foreach" if foreach else "single-tensor"

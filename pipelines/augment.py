@@ -399,8 +399,8 @@ class Augmenter:
         out = []
         for v, (c, spec) in enumerate(zip(crops, self.views)):
             g = torch.Generator(device=self.device).manual_seed(_seed(self.seed, step, v))
+            nhwc = c if c.shape[-1] == 3 else c.permute(0, 2, 3, 1)
             if self._cpu is not None:
-                nhwc = c if c.shape[-1] == 3 else c.permute(0, 2, 3, 1)
                 params = sample_params(spec, nhwc.shape[0], g, self.device)
                 y = self._cpu(nhwc.contiguous().numpy(), params, blur_kernel_size(nhwc.shape[2]),
                               mean=self.mean_std[0], std=self.mean_std[1])
@@ -410,8 +410,7 @@ class Augmenter:
             params = sample_params(spec, c.shape[0], g, self.device)
             ops = active_ops(spec)
             if self.impl == "compiled":
-                c = c.to(self.device, non_blocking=True)
-                nhwc = c if c.shape[-1] == 3 else c.permute(0, 2, 3, 1)
+                nhwc = nhwc.to(self.device, non_blocking=True)
                 x = compiled_stage()(nhwc, params, self.mean, self.std, blur_kernel_size(nhwc.shape[2]), self.dtype,
                                      ops)
                 out.append(x if self.channels_last else x.contiguous())

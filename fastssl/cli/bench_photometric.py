@@ -12,8 +12,8 @@ on the same crops and parameters, interleaved over rounds:
 Reported per implementation: ms per batch (all views), images/s, the ratio to ``torch``, the
 peak memory the stage adds (CUDA), and the largest difference from ``torch``'s views (the
 implementations compute the same function; ``cv2`` rounds to uint8 between operations, so
-its difference is larger by design). The first call of ``compiled`` (compilation) is reported
-separately as ``compile_seconds`` and never timed.
+its difference is larger by design). Each implementation's first call (compilation, for
+``compiled``) is reported apart as ``first_call_seconds`` and never timed.
 
     fastssl-bench photometric --device cuda --recipe simclr --batch 256 --size 224 --json
 """
