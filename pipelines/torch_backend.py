@@ -311,10 +311,37 @@ def jpeg_decoder() -> str:
     return "torchcodec" if _torchcodec_decode else "torchvision"
 
 
+def drain_before_decode(device) -> None:
+    """On CUDA, wait on the host until the caller's current stream has run everything queued on it.
+
+    nvJPEG's writes are not ordered after work already queued on the caller's stream, so a decode
+    can overwrite memory that queued kernels have yet to read:
+
+    - The caching allocator hands the decoder's output tensors blocks freed on the caller's stream,
+      possibly while kernels queued there will still read them. In the loader these are the previous
+      batch's photometric temporaries on the side stream.
+    - torchvision's wrapper decodes on a private stream that does not wait for the caller's (seen in
+      0.28 on both nvJPEG paths, pytorch/vision#9606).
+    - nvJPEG's hardware engine (A100, H100, H200) writes when ``nvjpegDecodeBatched`` is called,
+      whatever its stream holds. A device-side wait (``wait_stream``, ``wait_event``) does not gate
+      it; a host wait does (meta-pytorch/torchcodec#1634, measured on an H100 with nvJPEG 12.3 to 13.2).
+
+    The overwritten memory is then read as fp32 or bf16, where JPEG bytes can spell NaN and inf. The
+    cost: in the loader the host waits for the side stream alone, whose work for batch b runs beside
+    step b-1 (``pipelines.prefetch``), so the step's stream goes idle only where that work takes
+    longer than a step.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
 def decode_jpegs(data: list[torch.Tensor], device) -> list[torch.Tensor]:
     """JPEG bytes (1-D uint8 host tensors) -> B x (3, H, W) uint8 RGB on ``device``; one batched nvJPEG
-    call on CUDA. A JPEG the decoder refuses raises RuntimeError or ValueError."""
+    call on CUDA, after :func:`drain_before_decode`. A JPEG the decoder refuses raises RuntimeError or
+    ValueError."""
     device = torch.device(device)
+    drain_before_decode(device)
     if jpeg_decoder() == "torchcodec":
         return list(_torchcodec_decode(list(data), mode="RGB", device=device))
     import warnings

@@ -423,3 +423,71 @@ def test_cuda_stream_path_equals_synchronous_and_waits_on_the_device(jpeg_data):
     w = meter.read_and_reset()
     assert [float(v) for v in vals] == [0.0, 4.0, 8.0, 12.0]
     assert w["data_wait_device"] > 0.02 and w["data_wait_device"] > w["data_wait_host"], w
+
+
+def test_cuda_decode_waits_for_the_callers_stream_first(monkeypatch):
+    """On CUDA, the caller's stream is drained on the host before the decoder is called (nvJPEG writes
+    its outputs without waiting for work queued there); the CUDA path is run on the CPU with stand-ins."""
+    import torchvision.io
+
+    from fastssl.pipelines import torch_backend
+
+    calls: list = []
+    real_decode = torchvision.io.decode_jpeg
+
+    class Stream:
+        def synchronize(self):
+            calls.append("drain")
+
+    def fake_decode(data, mode=None, device=None):
+        calls.append(("decode", torch.device(device).type))
+        return real_decode(data, mode=mode)  # the pixels, decoded on the CPU
+
+    monkeypatch.setattr(torch_backend, "JPEG_DECODER", "torchvision")
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", fake_decode)
+    got = torch_backend.decode_jpegs(_jpegs(2), "cuda")
+    assert calls == ["drain", ("decode", "cuda")]
+    assert [tuple(x.shape) for x in got] == [(3, 20, 31), (3, 27, 36)]
+    calls.clear()
+    torch_backend.decode_jpegs(_jpegs(1), "cpu")  # no stream on the CPU
+    assert calls == [("decode", "cpu")]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("side_stream", [False, True])
+def test_cuda_decode_leaves_memory_that_queued_kernels_read_alone(side_stream):
+    """Blocks freed while kernels queued on the caller's stream still read them are handed to the decoder's
+    outputs by the caching allocator; the decode must not overwrite them before those kernels ran.
+
+    Each round fills N tensors the size of a decoded image, queues a long kernel and then one sum per tensor,
+    frees the tensors and decodes N images of that size. Every sum must come out exact.
+    """
+    import io
+
+    from PIL import Image
+
+    from fastssl.pipelines import torch_backend
+
+    n, h, w = 8, 384, 384
+    rng = np.random.default_rng(0)
+    jpegs = []
+    for _ in range(n):
+        b = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(b, "JPEG", quality=90)
+        jpegs.append(torch.frombuffer(bytearray(b.getvalue()), dtype=torch.uint8))
+    stream = torch.cuda.Stream() if side_stream else torch.cuda.current_stream()
+    wrong = 0
+    with torch.cuda.stream(stream):
+        for r in range(20):
+            value = 1 + r % 250
+            bufs = [torch.full((3, h, w), value, dtype=torch.uint8, device="cuda") for _ in range(n)]
+            torch.cuda.synchronize()
+            torch.cuda._sleep(50_000_000)  # ~25 ms of queued work ahead of the sums
+            sums = [b.sum(dtype=torch.int64) for b in bufs]
+            del bufs  # freed with the sums still queued: the decoder's outputs may get these blocks
+            out = torch_backend.decode_jpegs(jpegs, "cuda")
+            torch.cuda.synchronize()
+            wrong += sum(int(s) != value * 3 * h * w for s in sums)
+            assert all(o.shape == (3, h, w) for o in out)
+    assert wrong == 0, f"{wrong} sums read memory the decoder overwrote"
