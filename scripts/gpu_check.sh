@@ -18,12 +18,13 @@
 #   (d) a short real fastssl-timed run through the whole flow (prepare, progressive resolution, compile,
 #       kNN on the GPU, offline evaluation with the quick cached probe (the papers' 90-epoch linear
 #       protocol is projected in (c)), report), through ffcv when its wheel installed, then through
-#       the torch back-end (no ffcv);
-#       Before the torch back-end's run, benchmarks/diagnostics/decode_hazard.py (CUDA only): whether the
-#       GPU JPEG decoder overwrites memory that queued kernels still read, with and without the drain;
+#       the torch back-end (no ffcv), each within TIMED_LIMIT seconds (default 200). Before the torch
+#       run, benchmarks/diagnostics/decode_hazard.py (CUDA only): whether the GPU JPEG decoder
+#       overwrites memory that queued kernels still read, with and without the drain;
 #   (e) fastssl-bench eval: kNN and the probe at 1.28 M x 2048 features on the GPU.
 # One overall deadline: each step gets min(its own limit, time left), so the call fits the device
-# tool's 10 minutes; a step that runs out of time keeps the JSON lines it printed.
+# tool's 10 minutes; a step that runs out of time keeps the JSON lines it printed. Steps' own limits:
+# ESTIMATE_LIMIT, TIMED_LIMIT, STEP_LIMIT; ONLY="a b" runs just those steps.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0; [ "${1:-}" = "--dry-run" ] && DRY=1
@@ -143,14 +144,14 @@ PYEOF
     --project-to 1281167,50000 --out "$WORK/runs" $DEV "${SMALL[@]}"
   # (d) the whole flow, short: through ffcv (when its wheel is here), then the torch back-end.
   if [ "$HAVE_FFCV" = 1 ]; then
-    run timed_ffcv 200 $PY -m fastssl.cli.timed "$WORK/imagenet" --epochs "$EPOCHS" --data-dir "$WORK/betons" \
+    run timed_ffcv "${TIMED_LIMIT:-200}" $PY -m fastssl.cli.timed "$WORK/imagenet" --epochs "$EPOCHS" --data-dir "$WORK/betons" \
       --out "$WORK/runs" --name timed-ffcv --linear-protocol cached $DEV "${SMALL[@]}" data.backend=ffcv
     keep timed_ffcv "$WORK/runs/timed-ffcv/timed.json"
   fi
   # Whether a CUDA JPEG decode overwrites memory that queued kernels still read, directly and through
   # decode_jpegs (which drains the caller's stream first); the torch back-end decodes with it. CUDA only.
   [ "$DRY" = 0 ] && run decode_hazard 40 $PY benchmarks/diagnostics/decode_hazard.py --rounds 30
-  run timed_torch 200 $PY -m fastssl.cli.timed "$WORK/imagenet" --epochs "$EPOCHS" --data-dir "$WORK/betons-unused" \
+  run timed_torch "${TIMED_LIMIT:-200}" $PY -m fastssl.cli.timed "$WORK/imagenet" --epochs "$EPOCHS" --data-dir "$WORK/betons-unused" \
     --out "$WORK/runs" --name timed-torch --linear-protocol cached $DEV "${SMALL[@]}" data.backend=torch
   keep timed_torch "$WORK/runs/timed-torch/timed.json"
   # (e) evaluation at ImageNet scale on synthetic features.
