@@ -530,3 +530,21 @@ def test_two_view_methods_normalise_each_view_alone(name):
     a = joint(views, 3)["features"]
     torch.manual_seed(0)
     assert not torch.allclose(a, joint(other, 3)["features"]), name
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_every_tensor_a_method_makes_is_on_its_views_device(name):
+    """A tensor made without ``device=`` lands on the CPU; on a GPU it then meets CUDA tensors (the trainer
+    stacks every log value into one device vector at a log point, which fails across devices). With the
+    default device set to ``meta``, any such tensor shows up here off the views' device (the CPU)."""
+    m, cfg = tiny_method(name)
+    views = make_views(cfg)
+    with torch.device("meta"):
+        out = m(views, 3)
+        out["loss"].backward()
+        getattr(m, "after_step", lambda step: None)(3)
+    off = {k: v.device.type for k, v in out.items() if torch.is_tensor(v) and v.device != views[0].device}
+    assert not off, f"{name}: made without device=: {off}"
+    off = [n for n, t in list(m.named_parameters()) + list(m.named_buffers())
+           if t.device != views[0].device or (t.grad is not None and t.grad.device != views[0].device)]
+    assert not off, f"{name}: state off the views' device: {off[:3]}"

@@ -220,6 +220,12 @@ def per_view(fn, views, joint: bool = False) -> torch.Tensor:
     return torch.cat([fn(v) for v in views])
 
 
+def log_scalar(value: float, like: torch.Tensor) -> torch.Tensor:
+    """A host number (a schedule's value) as a 0-dim fp32 log value on ``like``'s device: a fill there,
+    no host-to-device copy. The trainer stacks every log value into one device vector at a log point."""
+    return torch.full((), float(value), dtype=torch.float32, device=like.device)
+
+
 @torch.no_grad()
 def embedding_std(z: torch.Tensor) -> torch.Tensor:
     """Mean per-dimension std of L2-normalised rows: 0 when collapsed, about 1/sqrt(D) when spread."""

@@ -14,7 +14,7 @@ import torch.nn as nn
 from fastssl import losses
 from fastssl.config import TwoViewConfig
 from fastssl.methods import MethodHooks, register_method
-from fastssl.methods._common import (at_step, ema_update_teachers, embedding_std, make_teachers, momentum_schedule,
+from fastssl.methods._common import (at_step, ema_update_teachers, embedding_std, log_scalar, make_teachers, momentum_schedule,
                                      per_view, resolve_backbone)
 from fastssl.models.heads import ProjectionHead
 
@@ -52,7 +52,7 @@ class BYOL(MethodHooks, nn.Module):
             zt = per_view(teacher, views[:2], self.joint_bn)               # (2B, d) targets
         loss = losses.byol_loss(p[:b], zt[b:]) + losses.byol_loss(p[b:], zt[:b])
         return {"loss": loss, "features": feats[:b].detach(), "z_std": embedding_std(z[:b]),
-                "target_std": embedding_std(zt[:b]), "ema_momentum": torch.tensor(at_step(self.momentum, step))}
+                "target_std": embedding_std(zt[:b]), "ema_momentum": log_scalar(at_step(self.momentum, step), loss)}
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:

@@ -22,7 +22,7 @@ from fastssl import losses
 from fastssl.config import MethodConfig
 from fastssl.distributed import world_size
 from fastssl.methods import MethodHooks, register_method
-from fastssl.methods._common import (all_reduce_sum, at_step, ema_update_teachers, embedding_std, epochs_to_steps,
+from fastssl.methods._common import (all_reduce_sum, at_step, ema_update_teachers, embedding_std, log_scalar, epochs_to_steps,
                                      forward_by_resolution, make_teachers, momentum_schedule, resolution_groups,
                                      resolve_backbone)
 from fastssl.models.heads import DINOHead
@@ -93,8 +93,8 @@ class DINO(MethodHooks, nn.Module):
             pbar = pt.mean(0)
             batch_ent = -(pbar * torch.log(pbar.clamp_min(1e-12))).sum()    # -> 0: uniform collapse is high ent
         return {"loss": loss, "features": feats_all[:b].detach(), "teacher_entropy": ent,
-                "teacher_batch_entropy": batch_ent, "teacher_temp": torch.tensor(tt),
-                "ema_momentum": torch.tensor(at_step(self.momentum, step)),
+                "teacher_batch_entropy": batch_ent, "teacher_temp": log_scalar(tt, loss),
+                "ema_momentum": log_scalar(at_step(self.momentum, step), loss),
                 "z_std": embedding_std(h[:b])}
 
     @torch.no_grad()

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from fastssl.config import MethodConfig
 from fastssl.methods import MethodHooks, register_method
-from fastssl.methods._common import resolve_backbone
+from fastssl.methods._common import log_scalar, resolve_backbone
 from fastssl.models.mae import MAEDecoder, mae_loss
 from fastssl.models.vit import VisionTransformer
 
@@ -59,4 +59,4 @@ class MAE(MethodHooks, nn.Module):
         weight = mask if self.mask_ratio > 0 else torch.ones_like(mask)
         loss = mae_loss(pred, x, weight, self.norm_pix_loss, patch=self.patch)
         feats = latent[:, 1:].mean(dim=1).detach()                          # visible-token mean (online probe)
-        return {"loss": loss, "features": feats, "visible_tokens": torch.tensor(float(latent.shape[1] - 1))}
+        return {"loss": loss, "features": feats, "visible_tokens": log_scalar(latent.shape[1] - 1, loss)}

@@ -14,7 +14,7 @@ import torch.nn as nn
 from fastssl import losses
 from fastssl.config import TwoViewConfig
 from fastssl.methods import MethodHooks, register_method
-from fastssl.methods._common import (at_step, ema_update_teachers, embedding_std, make_teachers, momentum_schedule,
+from fastssl.methods._common import (at_step, ema_update_teachers, embedding_std, log_scalar, make_teachers, momentum_schedule,
                                      per_view, resolve_backbone)
 from fastssl.models.heads import ProjectionHead
 
@@ -57,7 +57,7 @@ class MoCoV3(MethodHooks, nn.Module):
         t = self.temperature
         loss = 2 * t * (losses.info_nce(q[:b], k[b:], temperature=t) + losses.info_nce(q[b:], k[:b], temperature=t))
         return {"loss": loss, "features": feats[:b].detach(), "z_std": embedding_std(z[:b]),
-                "ema_momentum": torch.tensor(at_step(self.momentum, step))}
+                "ema_momentum": log_scalar(at_step(self.momentum, step), loss)}
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:
