@@ -24,7 +24,8 @@
 #   (e) fastssl-bench eval: kNN and the probe at 1.28 M x 2048 features on the GPU.
 # One overall deadline: each step gets min(its own limit, time left), so the call fits the device
 # tool's 10 minutes; a step that runs out of time keeps the JSON lines it printed. Steps' own limits:
-# ESTIMATE_LIMIT, TIMED_LIMIT, STEP_LIMIT; ONLY="a b" runs just those steps.
+# ESTIMATE_LIMIT, TIMED_LIMIT, STEP_LIMIT; ONLY="a b" runs just those steps; OVERRIDES="k=v ..." adds
+# config overrides to PART=main's estimate and timed runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0; [ "${1:-}" = "--dry-run" ] && DRY=1
@@ -99,6 +100,9 @@ if [ "$PART" = main ]; then
     SMALL=("data.workers=14" "eval.every_epochs=1")
     EVAL_SIZE=(--n-train 1281167 --n-val 50000 --dim 2048 --probe-epochs 5)  # the probe: 5 of its 30 epochs
   fi
+  # OVERRIDES="data.photometric=compiled optim.foreach=on": config overrides for the estimate and both timed runs.
+  read -r -a EXTRA <<< "${OVERRIDES:-}"
+  SMALL+=("${EXTRA[@]}")
   # (b) the photos, outside $OUT (which returns every file), and fastssl-prepare's rate per core.
   run prepare 120 $PY - "$WORK" "$N" "$NVAL" <<'PYEOF'
 import json, os, shutil, sys, time
