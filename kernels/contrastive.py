@@ -30,6 +30,8 @@ import os
 
 import torch
 
+from fastssl.kernels import autocast_off
+
 try:  # triton is optional for users; only the "triton" implementation needs it
     import triton
     import triton.language as tl
@@ -56,7 +58,8 @@ def _check(anchors, cols, pos, self_idx):
 def contrastive_ce_ref(anchors, cols, pos, self_idx, scale: float, exclude_pos: bool = False):
     """Naive reference: (M, K) logits in memory, autograd. Matmul in the input dtype, then fp32."""
     _check(anchors, cols, pos, self_idx)
-    logits = (anchors @ cols.T).float() * scale                               # (M, K)
+    with autocast_off(anchors):
+        logits = (anchors @ cols.T).float() * scale                           # (M, K)
     j = torch.arange(cols.shape[0], device=cols.device)
     drop = j[None, :] == self_idx[:, None]
     if exclude_pos:
@@ -87,12 +90,13 @@ class _ChunkedCE(torch.autograd.Function):
         pos, self_idx = pos.long(), self_idx.long()
         loss = torch.empty(anchors.shape[0], device=anchors.device, dtype=torch.float32)
         lse = torch.empty_like(loss)
-        for s in range(0, anchors.shape[0], chunk):
-            e = s + chunk
-            logits, p = _chunk_logits(a32[s:e], c32, pos[s:e], self_idx[s:e], scale, exclude_pos)
-            lse[s:e] = torch.logsumexp(logits, dim=1)
-            loss[s:e] = lse[s:e] - p
-            del logits
+        with autocast_off(anchors):  # fp32 logits, as the backward recomputes them
+            for s in range(0, anchors.shape[0], chunk):
+                e = s + chunk
+                logits, p = _chunk_logits(a32[s:e], c32, pos[s:e], self_idx[s:e], scale, exclude_pos)
+                lse[s:e] = torch.logsumexp(logits, dim=1)
+                loss[s:e] = lse[s:e] - p
+                del logits
         ctx.save_for_backward(anchors, cols, pos, self_idx, lse)
         ctx.scale, ctx.exclude_pos, ctx.chunk = scale, exclude_pos, chunk
         return loss, lse
@@ -106,14 +110,15 @@ class _ChunkedCE(torch.autograd.Function):
         w_soft = dloss if dlse is None else dloss + dlse.float()              # weight on p_ij
         da = torch.empty_like(a32)
         dc = torch.zeros_like(c32)
-        for s in range(0, anchors.shape[0], ctx.chunk):
-            e = s + ctx.chunk
-            logits, _ = _chunk_logits(a32[s:e], c32, pos[s:e], self_idx[s:e], ctx.scale, ctx.exclude_pos)
-            g = torch.exp_(logits.sub_(lse[s:e, None])).mul_(w_soft[s:e, None])   # (c, K): w * p_ij
-            g.scatter_add_(1, pos[s:e, None], -dloss[s:e, None])              # - dloss_i at the positive
-            da[s:e] = (g @ c32) * ctx.scale
-            dc.addmm_(g.T, a32[s:e], alpha=ctx.scale)
-            del logits, g
+        with autocast_off(anchors):
+            for s in range(0, anchors.shape[0], ctx.chunk):
+                e = s + ctx.chunk
+                logits, _ = _chunk_logits(a32[s:e], c32, pos[s:e], self_idx[s:e], ctx.scale, ctx.exclude_pos)
+                g = torch.exp_(logits.sub_(lse[s:e, None])).mul_(w_soft[s:e, None])   # (c, K): w * p_ij
+                g.scatter_add_(1, pos[s:e, None], -dloss[s:e, None])              # - dloss_i at the positive
+                da[s:e] = (g @ c32) * ctx.scale
+                dc.addmm_(g.T, a32[s:e], alpha=ctx.scale)
+                del logits, g
         return da.to(anchors.dtype), dc.to(cols.dtype), None, None, None, None, None
 
 

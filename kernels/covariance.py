@@ -28,6 +28,8 @@ import os
 
 import torch
 
+from fastssl.kernels import autocast_off
+
 try:
     import triton
     import triton.language as tl
@@ -60,7 +62,8 @@ def cross_frob_ref(a, mu_a, s_a, b=None, mu_b=None, s_b=None):
     _check(a, mu_a, s_a, b, mu_b, s_b)
     ap = _std(a, mu_a, s_a)
     bp = ap if b is None else _std(b, mu_b, s_b)
-    return (ap.T @ bp).pow(2).sum()
+    with autocast_off(ap):
+        return (ap.T @ bp).pow(2).sum()
 
 
 class _GramFrob(torch.autograd.Function):
@@ -69,22 +72,24 @@ class _GramFrob(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, ap, bp):
-        ga = ap @ ap.T                                                      # (N, N)
-        if bp is None:
-            ctx.save_for_backward(ap, ga)
-            return ga.pow(2).sum()
-        gb = bp @ bp.T
-        ctx.save_for_backward(ap, bp, ga, gb)
-        return (ga * gb).sum()
+        with autocast_off(ap):                                              # fp32 Grams, as the backward uses them
+            ga = ap @ ap.T                                                  # (N, N)
+            if bp is None:
+                ctx.save_for_backward(ap, ga)
+                return ga.pow(2).sum()
+            gb = bp @ bp.T
+            ctx.save_for_backward(ap, bp, ga, gb)
+            return (ga * gb).sum()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        if len(ctx.saved_tensors) == 2:
-            ap, ga = ctx.saved_tensors
-            return (4.0 * grad) * (ga @ ap), None
-        ap, bp, ga, gb = ctx.saved_tensors
-        return (2.0 * grad) * (gb @ ap), (2.0 * grad) * (ga @ bp)
+        with autocast_off(grad):
+            if len(ctx.saved_tensors) == 2:
+                ap, ga = ctx.saved_tensors
+                return (4.0 * grad) * (ga @ ap), None
+            ap, bp, ga, gb = ctx.saved_tensors
+            return (2.0 * grad) * (gb @ ap), (2.0 * grad) * (ga @ bp)
 
 
 def cross_frob_gram(a, mu_a, s_a, b=None, mu_b=None, s_b=None):
@@ -192,14 +197,15 @@ def _std_grads(g_std, x, mu, s):
 
 def _backward(ctx, grad):
     a, mu_a, s_a, b, mu_b, s_b = ctx.saved_tensors
-    ap = _std(a, mu_a, s_a)
-    if b is None:
-        g_ap = (4.0 * grad) * ((ap @ ap.T) @ ap)                            # d sum(G^2) / dA' = 4 G A'
-        return (*_std_grads(g_ap, a, mu_a, s_a), None, None, None)
-    bp = _std(b, mu_b, s_b)
-    g_ap = (2.0 * grad) * ((bp @ bp.T) @ ap)                                # (N, N) @ (N, D)
-    g_bp = (2.0 * grad) * ((ap @ ap.T) @ bp)
-    return (*_std_grads(g_ap, a, mu_a, s_a), *_std_grads(g_bp, b, mu_b, s_b))
+    with autocast_off(a):
+        ap = _std(a, mu_a, s_a)
+        if b is None:
+            g_ap = (4.0 * grad) * ((ap @ ap.T) @ ap)                        # d sum(G^2) / dA' = 4 G A'
+            return (*_std_grads(g_ap, a, mu_a, s_a), None, None, None)
+        bp = _std(b, mu_b, s_b)
+        g_ap = (2.0 * grad) * ((bp @ bp.T) @ ap)                            # (N, N) @ (N, D)
+        g_bp = (2.0 * grad) * ((ap @ ap.T) @ bp)
+        return (*_std_grads(g_ap, a, mu_a, s_a), *_std_grads(g_bp, b, mu_b, s_b))
 
 
 _cross_frob_op.register_autograd(_backward, setup_context=_setup_context)

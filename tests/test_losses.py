@@ -438,3 +438,35 @@ def test_sinkhorn_codes_are_distributions_with_equal_prototype_mass():
     torch.testing.assert_close(q.sum(1), torch.ones(32), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(q.sum(0), torch.full((4,), 8.0), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(losses.sinkhorn(scores + 3.0, 0.05, 3), losses.sinkhorn(scores, 0.05, 3))
+
+
+_UNDER_AUTOCAST = {
+    "nt_xent": lambda a, b: losses.nt_xent(a, b, 0.1, impl="torch"),
+    "dcl": lambda a, b: losses.nt_xent(a, b, 0.1, decoupled=True, impl="torch"),
+    "info_nce": lambda a, b: losses.info_nce(a, b, 0.2, impl="torch"),
+    "vicreg_gram": lambda a, b: losses.vicreg(a, b, impl="torch", path="gram"),
+    "vicreg_dxd": lambda a, b: losses.vicreg(a, b, impl="torch", path="dxd"),
+    "barlow_gram": lambda a, b: losses.barlow_twins(a, b, impl="torch", path="gram"),
+    "barlow_dxd": lambda a, b: losses.barlow_twins(a, b, impl="torch", path="dxd"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_UNDER_AUTOCAST))
+def test_fp32_losses_ignore_the_callers_autocast(name):
+    """The trainer computes the loss inside the step's bf16 autocast, where a matmul of fp32 inputs would
+    run in bf16. fp32 inputs must give the fp32 loss and gradients. Without that, the Gram path's
+    backward fails on a bf16 Gram against fp32 rows, and NT-Xent's gradient is off by 22% at low loss
+    (the softmax recomputed in fp32 against a log-sum-exp of bf16 logits)."""
+    fn = _UNDER_AUTOCAST[name]
+    out = []
+    for autocast in (False, True):
+        g = torch.Generator().manual_seed(0)
+        z1 = torch.randn(64, 96, generator=g)
+        z2 = (z1 + 0.3 * torch.randn(64, 96, generator=g)).requires_grad_()
+        z1.requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = fn(z1, z2)
+        loss.backward()
+        out.append((loss.detach(), z1.grad, z2.grad))
+    for plain, under in zip(*out):
+        torch.testing.assert_close(under, plain, rtol=1e-5, atol=1e-6, msg=name)
