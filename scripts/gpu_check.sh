@@ -147,6 +147,8 @@ PYEOF
   run estimate "${ESTIMATE_LIMIT:-120}" $PY -m fastssl.cli.timed "$WORK/imagenet" --estimate --json --epochs 100 --data-dir "$WORK/betons" \
     --project-to 1281167,50000 --out "$WORK/runs" $DEV "${SMALL[@]}"
   # (d) the whole flow, short: through ffcv (when its wheel is here), then the torch back-end.
+  # Each call's runs start fresh: a run left by an earlier call with other OVERRIDES would refuse to resume.
+  rm -rf "$WORK/runs/timed-ffcv" "$WORK/runs/timed-torch"
   if [ "$HAVE_FFCV" = 1 ]; then
     run timed_ffcv "${TIMED_LIMIT:-200}" $PY -m fastssl.cli.timed "$WORK/imagenet" --epochs "$EPOCHS" --data-dir "$WORK/betons" \
       --out "$WORK/runs" --name timed-ffcv --linear-protocol cached $DEV "${SMALL[@]}" data.backend=ffcv
