@@ -311,37 +311,17 @@ def jpeg_decoder() -> str:
     return "torchcodec" if _torchcodec_decode else "torchvision"
 
 
-def drain_before_decode(device) -> None:
-    """On CUDA, wait on the host until the caller's current stream has run everything queued on it.
-
-    nvJPEG's writes are not ordered after work already queued on the caller's stream, so a decode
-    can overwrite memory that queued kernels have yet to read:
-
-    - The caching allocator hands the decoder's output tensors blocks freed on the caller's stream,
-      possibly while kernels queued there will still read them. In the loader these are the previous
-      batch's photometric temporaries on the side stream.
-    - torchvision's wrapper decodes on a private stream that does not wait for the caller's (seen in
-      0.28 on both nvJPEG paths, pytorch/vision#9606).
-    - nvJPEG's hardware engine (A100, H100, H200) writes when ``nvjpegDecodeBatched`` is called,
-      whatever its stream holds. A device-side wait (``wait_stream``, ``wait_event``) does not gate
-      it; a host wait does (meta-pytorch/torchcodec#1634, measured on an H100 with nvJPEG 12.3 to 13.2).
-
-    The overwritten memory is then read as fp32 or bf16, where JPEG bytes can spell NaN and inf. The
-    cost: in the loader the host waits for the side stream alone, whose work for batch b runs beside
-    step b-1 (``pipelines.prefetch``), so the step's stream goes idle only where that work takes
-    longer than a step.
-    """
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.current_stream(device).synchronize()
+_DECODE_STREAMS: dict = {}  # CUDA device index -> the stream its JPEG decodes run on (main process only)
 
 
-def decode_jpegs(data: list[torch.Tensor], device) -> list[torch.Tensor]:
-    """JPEG bytes (1-D uint8 host tensors) -> B x (3, H, W) uint8 RGB on ``device``; one batched nvJPEG
-    call on CUDA, after :func:`drain_before_decode`. A JPEG the decoder refuses raises RuntimeError or
-    ValueError."""
-    device = torch.device(device)
-    drain_before_decode(device)
+def _decode_stream(device: torch.device):
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _DECODE_STREAMS:
+        _DECODE_STREAMS[index] = torch.cuda.Stream(torch.device("cuda", index))
+    return _DECODE_STREAMS[index]
+
+
+def _decode(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     if jpeg_decoder() == "torchcodec":
         return list(_torchcodec_decode(list(data), mode="RGB", device=device))
     import warnings
@@ -351,6 +331,42 @@ def decode_jpegs(data: list[torch.Tensor], device) -> list[torch.Tensor]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_TV_DEPRECATION, category=DeprecationWarning)
         return list(tvio.decode_jpeg(list(data), mode=tvio.ImageReadMode.RGB, device=device))
+
+
+def decode_jpegs(data: list[torch.Tensor], device) -> list[torch.Tensor]:
+    """JPEG bytes (1-D uint8 host tensors) -> B x (3, H, W) uint8 RGB on ``device``; one batched nvJPEG
+    call on CUDA. A JPEG the decoder refuses raises RuntimeError or ValueError.
+
+    On CUDA the decode runs on a stream of its own, drained on the host first, because nvJPEG's
+    writes are not ordered after work already queued on the stream it is given:
+
+    - nvJPEG's hardware engine (A100, H100, H200) writes when ``nvjpegDecodeBatched`` is called,
+      whatever that stream holds; a device-side wait does not gate it, a host wait does
+      (meta-pytorch/torchcodec#1634, measured on an H100 with nvJPEG 12.3 to 13.2);
+    - torchvision's wrapper decodes on a private stream that does not wait for the caller's (seen
+      in 0.28 on both nvJPEG paths, pytorch/vision#9606).
+
+    The caching allocator hands a stream's new tensors blocks freed on that stream, possibly while
+    kernels queued there have yet to read them. Decoding on the caller's stream (the loader's side
+    stream) could therefore overwrite the previous batch's photometric temporaries, which are then
+    read as fp32 or bf16, where JPEG bytes can spell NaN and inf. On its own stream the decoder only
+    gets blocks freed there: earlier decoded images, whose reuse waits for the caller's stream
+    (``record_stream``, checked on the host) to finish with them. The host drains only the decode
+    stream, which holds nothing but earlier decodes, so the side stream's work stays off the host's
+    path. The caller's stream waits for the decode on the device.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return _decode(data, device)
+    caller = torch.cuda.current_stream(device)
+    stream = _decode_stream(device)
+    stream.synchronize()
+    with torch.cuda.stream(stream):
+        out = _decode(data, device)
+    caller.wait_stream(stream)
+    for image in out:
+        image.record_stream(caller)
+    return out
 
 
 def gpu_decode_and_crop(payloads: list[torch.Tensor], geo: torch.Tensor, sizes: list[int], device) -> list[torch.Tensor]:

@@ -20,7 +20,7 @@
 #       protocol is projected in (c)), report), through ffcv when its wheel installed, then through
 #       the torch back-end (no ffcv), each within TIMED_LIMIT seconds (default 200). Before the torch
 #       run, benchmarks/diagnostics/decode_hazard.py (CUDA only): whether the GPU JPEG decoder
-#       overwrites memory that queued kernels still read, with and without the drain;
+#       overwrites memory that queued kernels still read, called directly and through decode_jpegs;
 #   (e) fastssl-bench eval: kNN and the probe at 1.28 M x 2048 features on the GPU.
 # One overall deadline: each step gets min(its own limit, time left), so the call fits the device
 # tool's 10 minutes; a step that runs out of time keeps the JSON lines it printed. Steps' own limits:
@@ -155,7 +155,7 @@ PYEOF
     keep timed_ffcv "$WORK/runs/timed-ffcv/timed.json"
   fi
   # Whether a CUDA JPEG decode overwrites memory that queued kernels still read, directly and through
-  # decode_jpegs (which drains the caller's stream first); the torch back-end decodes with it. CUDA only.
+  # decode_jpegs (its own stream, drained first); the torch back-end decodes with it. CUDA only.
   [ "$DRY" = 0 ] && run decode_hazard 40 $PY benchmarks/diagnostics/decode_hazard.py --rounds 30
   run timed_torch "${TIMED_LIMIT:-200}" $PY -m fastssl.cli.timed "$WORK/imagenet" --epochs "$EPOCHS" --data-dir "$WORK/betons-unused" \
     --out "$WORK/runs" --name timed-torch --linear-protocol cached $DEV "${SMALL[@]}" data.backend=torch

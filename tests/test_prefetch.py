@@ -425,9 +425,12 @@ def test_cuda_stream_path_equals_synchronous_and_waits_on_the_device(jpeg_data):
     assert w["data_wait_device"] > 0.02 and w["data_wait_device"] > w["data_wait_host"], w
 
 
-def test_cuda_decode_waits_for_the_callers_stream_first(monkeypatch):
-    """On CUDA, the caller's stream is drained on the host before the decoder is called (nvJPEG writes
-    its outputs without waiting for work queued there); the CUDA path is run on the CPU with stand-ins."""
+def test_cuda_decode_runs_on_its_own_stream_drained_first(monkeypatch):
+    """On CUDA: the decode stream is drained on the host, the decode runs on it, the caller's stream waits
+    for it on the device and the decoded images are kept from reuse until the caller's stream is done
+    with them. The CUDA path is run on the CPU with stand-ins for the stream calls."""
+    import contextlib
+
     import torchvision.io
 
     from fastssl.pipelines import torch_backend
@@ -436,58 +439,94 @@ def test_cuda_decode_waits_for_the_callers_stream_first(monkeypatch):
     real_decode = torchvision.io.decode_jpeg
 
     class Stream:
+        def __init__(self, name):
+            self.name = name
+
         def synchronize(self):
-            calls.append("drain")
+            calls.append(f"{self.name}: host waits")
+
+        def wait_stream(self, other):
+            calls.append(f"{self.name}: waits for {other.name}")
+
+    caller = Stream("caller")
+    active = [caller]
+
+    @contextlib.contextmanager
+    def use(stream):
+        active.append(stream)
+        yield
+        active.pop()
 
     def fake_decode(data, mode=None, device=None):
-        calls.append(("decode", torch.device(device).type))
+        calls.append(f"decode on {active[-1].name} ({torch.device(device).type})")
         return real_decode(data, mode=mode)  # the pixels, decoded on the CPU
 
     monkeypatch.setattr(torch_backend, "JPEG_DECODER", "torchvision")
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch_backend, "_DECODE_STREAMS", {})
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: active[-1])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: Stream("decode"))
+    monkeypatch.setattr(torch.cuda, "stream", use)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda t, s: calls.append(f"image kept for {s.name}"),
+                        raising=False)
     monkeypatch.setattr(torchvision.io, "decode_jpeg", fake_decode)
     got = torch_backend.decode_jpegs(_jpegs(2), "cuda")
-    assert calls == ["drain", ("decode", "cuda")]
+    assert calls == ["decode: host waits", "decode on decode (cuda)", "caller: waits for decode",
+                     "image kept for caller", "image kept for caller"]
     assert [tuple(x.shape) for x in got] == [(3, 20, 31), (3, 27, 36)]
     calls.clear()
-    torch_backend.decode_jpegs(_jpegs(1), "cpu")  # no stream on the CPU
-    assert calls == [("decode", "cpu")]
+    torch_backend.decode_jpegs(_jpegs(1), "cuda")  # the same stream, made once per device
+    assert calls[0] == "decode: host waits" and len(torch_backend._DECODE_STREAMS) == 1
+    calls.clear()
+    torch_backend.decode_jpegs(_jpegs(1), "cpu")  # no streams on the CPU
+    assert calls == ["decode on caller (cpu)"]
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("side_stream", [False, True])
-def test_cuda_decode_leaves_memory_that_queued_kernels_read_alone(side_stream):
-    """Blocks freed while kernels queued on the caller's stream still read them are handed to the decoder's
-    outputs by the caching allocator; the decode must not overwrite them before those kernels ran.
-
-    Each round fills N tensors the size of a decoded image, queues a long kernel and then one sum per tensor,
-    frees the tensors and decodes N images of that size. Every sum must come out exact.
-    """
+def _photo_jpegs(n, h, w):
     import io
 
     from PIL import Image
 
-    from fastssl.pipelines import torch_backend
-
-    n, h, w = 8, 384, 384
     rng = np.random.default_rng(0)
-    jpegs = []
+    out = []
     for _ in range(n):
         b = io.BytesIO()
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(b, "JPEG", quality=90)
-        jpegs.append(torch.frombuffer(bytearray(b.getvalue()), dtype=torch.uint8))
+        out.append(torch.frombuffer(bytearray(b.getvalue()), dtype=torch.uint8))
+    return out
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("side_stream", [False, True])
+@pytest.mark.parametrize("freed", ["caller_tensors", "decoded_images"])
+def test_cuda_decode_leaves_memory_that_queued_kernels_read_alone(side_stream, freed):
+    """A decode must not overwrite memory that kernels queued on the caller's stream have yet to read.
+
+    Each round queues a long kernel, then one sum per tensor, on the caller's stream, frees the tensors
+    while the sums are still queued (the caching allocator may hand their blocks to the next tensors
+    made) and decodes a batch of the same size. The tensors are either the caller's own
+    (``caller_tensors``) or the previous decode's images (``decoded_images``, what the crops read).
+    Every sum must come out as computed beforehand.
+    """
+    from fastssl.pipelines import torch_backend
+
+    n, h, w = 8, 384, 384
+    jpegs = _photo_jpegs(n, h, w)
     stream = torch.cuda.Stream() if side_stream else torch.cuda.current_stream()
     wrong = 0
     with torch.cuda.stream(stream):
         for r in range(20):
-            value = 1 + r % 250
-            bufs = [torch.full((3, h, w), value, dtype=torch.uint8, device="cuda") for _ in range(n)]
+            if freed == "caller_tensors":
+                bufs = [torch.full((3, h, w), 1 + r % 250, dtype=torch.uint8, device="cuda") for _ in range(n)]
+            else:
+                bufs = torch_backend.decode_jpegs(jpegs, "cuda")
             torch.cuda.synchronize()
+            expected = [int(b.sum(dtype=torch.int64)) for b in bufs]
             torch.cuda._sleep(50_000_000)  # ~25 ms of queued work ahead of the sums
             sums = [b.sum(dtype=torch.int64) for b in bufs]
-            del bufs  # freed with the sums still queued: the decoder's outputs may get these blocks
+            del bufs  # freed with the sums still queued
             out = torch_backend.decode_jpegs(jpegs, "cuda")
             torch.cuda.synchronize()
-            wrong += sum(int(s) != value * 3 * h * w for s in sums)
+            wrong += sum(int(s) != e for s, e in zip(sums, expected))
             assert all(o.shape == (3, h, w) for o in out)
     assert wrong == 0, f"{wrong} sums read memory the decoder overwrote"

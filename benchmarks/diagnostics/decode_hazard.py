@@ -5,13 +5,15 @@
 Each round fills ``batch`` tensors the size of one decoded image, queues a long kernel and then one
 sum per tensor on the caller's stream, frees the tensors while the sums are still queued (the caching
 allocator may hand those blocks to the decoder's outputs), decodes ``batch`` JPEGs of that size and
-checks every sum. It runs each decoder that imports (torchvision, TorchCodec) twice: called directly,
-and through ``pipelines.torch_backend.decode_jpegs``, which first drains the caller's stream on the
-host. Each run is done on the default stream and on a side stream, as the loader calls it. The JSON
-reports, per arm, the rounds in which at least one sum was wrong.
+checks every sum. It runs each decoder that imports (torchvision, TorchCodec) twice: called directly
+on the caller's stream, and through ``pipelines.torch_backend.decode_jpegs``, which decodes on a
+stream of its own, drained on the host first. Each run is done on the default stream and on a side
+stream, as the loader calls it. The JSON reports, per arm, the rounds in which at least one sum was
+wrong, and the seconds the rounds took.
 
-What it shows: whether this machine's decoder needs the drain (``drain_before_decode``), and that the
-drain removes the hazard. It needs a CUDA device; on the CPU it says so and exits 2.
+What it shows: whether this machine's decoder overwrites memory that queued kernels still read when
+called directly, and that ``decode_jpegs`` does not. It needs a CUDA device; on the CPU it says so
+and exits 2.
 """
 from __future__ import annotations
 
