@@ -176,8 +176,13 @@ class EpochContract:
                             self.drop_last)
         return order * np.uint64(k) if k > 1 else order
 
+    @property
+    def rank_samples(self) -> int:
+        """The samples this rank reads in one pass: its shard of every ``stride``-th sample."""
+        return shard_size(-(-self.num_samples // self.stride), self.rank, self.world_size, self.drop_last)
+
     def __len__(self) -> int:
-        n = shard_size(-(-self.num_samples // self.stride), self.rank, self.world_size, self.drop_last)
+        n = self.rank_samples
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def set_epoch(self, epoch: int, global_size: int | None = None) -> None:

@@ -703,7 +703,7 @@ class WebDatasetLoader(LoaderBase):
             if geo is not None:
                 try:
                     crops = gpu_decode_and_crop(payload, geo, self.sizes, self.device)
-                except RuntimeError:  # a JPEG the GPU decoder refuses: decode it on the CPU, or replace it
+                except (RuntimeError, ValueError):  # a JPEG the GPU decoder refuses: decode it on the CPU, or replace it
                     payload, geo, labels, idx = self._cpu_fallback(ds, payload, geo, labels, idx, where)
                     crops = gpu_decode_and_crop(payload, geo, self.sizes, self.device)
             else:

@@ -162,3 +162,33 @@ def test_extracted_features_stay_on_the_gpu():
     embed = torch.nn.Linear(3, 4).cuda()
     x, y = extract_features(embed, ld)
     assert x.device.type == "cuda" and x.shape == (23, 4) and torch.equal(y.cpu(), torch.arange(23))
+
+
+def test_blocks_the_allocator_caches_count_as_free_for_the_bank(monkeypatch):
+    from fastssl import evaluation
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4 << 30, 80 << 30))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 20 << 30)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 20 << 30)
+    assert evaluation._bank_home(cuda, 1_281_167, 2048, torch.bfloat16)[0].type == "cpu"  # 5.2 GB > 4 GiB - 2
+    # after training, the allocator holds 10 GiB that no tensor uses: the bank fits there
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 30 << 30)
+    assert evaluation._bank_home(cuda, 1_281_167, 2048, torch.bfloat16) == (cuda, torch.bfloat16)
+
+
+def test_the_bank_is_sized_for_the_rows_this_process_reads(demo_data, monkeypatch):
+    """With eval.knn_stride 10 a loader reads a tenth of the split: the bank is allocated for that tenth,
+    not for the whole split (1.28 M x 2048 bf16 is 5.2 GB where 0.5 GB are read)."""
+    from conftest import small_views
+    from fastssl import evaluation
+    from fastssl.pipelines.loader import build_loader
+
+    ld = build_loader(None, small_views("simclr"), str(demo_data / "train.beton"), 16, "cpu", train=False,
+                      drop_last=False, backend="ffcv", workers=1)
+    ld.set_stride(10)
+    asked = []
+    real = evaluation._bank_home
+    monkeypatch.setattr(evaluation, "_bank_home", lambda *a: asked.append(a[1]) or real(*a))
+    x, _ = extract_features(lambda v: v.flatten(1)[:, :8], ld)
+    assert asked == [ld.rank_samples] == [len(x)] and len(x) == -(-ld.num_samples // 10)

@@ -43,7 +43,10 @@ def extract_features(embed_fn, loader, device=None, max_samples: int | None = No
     """
     from fastssl.progress import progress as reporter
 
-    total = getattr(loader, "num_samples", None)
+    # The rows this process reads (its shard of every eval.knn_stride-th sample), else the dataset's size.
+    total = getattr(loader, "rank_samples", None)
+    if total is None:
+        total = getattr(loader, "num_samples", None)
     if total is not None and max_samples:
         total = min(total, max_samples)
     with reporter(total, progress or "", "img", enabled=progress is not None, leave=False) as bar:
@@ -56,6 +59,8 @@ def _bank_home(device: torch.device, rows: int | None, dim: int, dtype: torch.dt
         return device, dtype
     need = rows * (dim * torch.tensor([], dtype=dtype).element_size() + 8)  # features + int64 labels
     free, _ = torch.cuda.mem_get_info(device)
+    # Blocks the caching allocator holds but no tensor uses are free to the bank as well.
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     if need + DEVICE_HEADROOM_BYTES <= free:
         return device, dtype
     log.info("feature bank of %d x %d (%.1f GiB) does not fit the %.1f GiB free on %s beside %.1f GiB of headroom; "

@@ -120,16 +120,21 @@ def linear_protocol(cfg, method, device, num_classes: int, *, epochs: int | None
                          float(loss.detach()))
         if head is None:
             raise ValueError(f"linear evaluation got no training batches from {cfg.data.train}")
-        correct1 = correct5 = n = 0
+        # Counts stay on the device and are read once after the loop: a read per batch would make the
+        # GPU wait for the loader's next batch each time.
+        correct1 = torch.zeros((), dtype=torch.long, device=device)
+        correct5 = torch.zeros((), dtype=torch.long, device=device)
+        n = 0
         val_ld.set_epoch(0)
         with torch.no_grad():
             for batch in val_ld:
                 logits = head(_embed(method, batch.views[0]))                       # (B, C)
                 y = batch.labels.to(device).long()
                 top = logits.topk(min(5, num_classes), dim=1).indices               # (B, 5)
-                correct1 += int((top[:, 0] == y).sum())
-                correct5 += int((top == y[:, None]).any(1).sum())
+                correct1 += (top[:, 0] == y).sum()
+                correct5 += (top == y[:, None]).any(1).sum()
                 n += len(y)
+        correct1, correct5 = int(correct1), int(correct5)
     if n == 0:
         raise ValueError(f"linear evaluation got no validation images from {cfg.data.val}")
     return {
