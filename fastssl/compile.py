@@ -71,15 +71,21 @@ def compile_module(module: nn.Module, *, dynamic: bool | None = False, backend="
         try:
             out = compiled(*args, **kwargs)
         except Exception as e:  # noqa: BLE001
-            if state["calls"] > 0 and not _is_compiler_error(e):
-                raise  # a real error of the model, not of the compiler: do not hide it
+            from fastssl.faults import is_out_of_memory
+
+            if (state["calls"] > 0 or is_out_of_memory(e)) and not _is_compiler_error(e):
+                # A real error of the model, not of the compiler: do not hide it. An out-of-memory error
+                # of the first step goes to the trainer's handler, which names the fix.
+                raise
             state["failed"] = True
             module.compile_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            log(f"torch.compile of the {name} failed ({module.compile_error}); running eager "
-                f"(set train.compile=off to skip compiling)")
-            return module._call_impl(*args, **kwargs)
-        state["calls"] += 1
-        return out
+        else:
+            state["calls"] += 1
+            return out
+        # Outside the except block: its traceback would keep the failed graph's buffers alive.
+        log(f"torch.compile of the {name} failed ({module.compile_error}); running eager "
+            f"(set train.compile=off to skip compiling)")
+        return module._call_impl(*args, **kwargs)
 
     # nn.Module.__call__ dispatches to _compiled_call_impl when set (what nn.Module.compile does).
     module._compiled_call_impl = call

@@ -112,6 +112,19 @@ def test_compile_failure_at_first_call_falls_back_to_eager(capsys, caplog):
     assert max(err.count(msg), logged.count(msg)) == 1 and "running eager" in err + logged
 
 
+def test_an_out_of_memory_first_step_is_raised_not_taken_for_a_compiler_failure(monkeypatch):
+    """The first step's OOM goes to the trainer's handler (which names the fix); falling back to eager
+    would run on uncompiled for good, or fail again beside the failed graph's buffers."""
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: oom)
+    net = fc.compile_module(_net())
+    with pytest.raises(torch.OutOfMemoryError):
+        net(torch.randn(2, 3, 8, 8))
+    assert not net.compile_state["failed"] and not hasattr(net, "compile_error")
+
+
 def test_a_model_error_is_not_hidden_by_the_fallback():
     net = fc.compile_module(_net(), backend="aot_eager")
     net(torch.randn(2, 3, 8, 8))
