@@ -172,7 +172,10 @@ def set_rng_state(state: dict) -> None:
         np.random.set_state(nps)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # Only the devices visible now: a run resumed under a narrower CUDA_VISIBLE_DEVICES (a scheduler
+        # giving each task its own GPU) sees fewer devices than the run that saved the states.
+        for index, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
 
 
 # ----------------------------------------------------------------------------- loading

@@ -96,6 +96,18 @@ def test_old_rng_form_still_restores():
     assert (random.random(), np.random.rand(), torch.rand(1)) == want
 
 
+def test_cuda_rng_states_restore_on_the_devices_visible_now(monkeypatch):
+    """Saved with 8 GPUs visible, resumed with 1 (CUDA_VISIBLE_DEVICES narrowed): device 0 gets its state."""
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device=0: restored.append((device, int(state[0]))))
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "cuda": [torch.full((8,), k, dtype=torch.uint8) for k in range(8)]}
+    ckpt_io.set_rng_state(state)
+    assert restored == [(0, 0)]
+
+
 def test_save_refuses_a_state_that_needs_pickle(tmp_path):
     p = tmp_path / "c.pt"
     ckpt_io.save_atomic({"ok": torch.ones(2)}, p)
