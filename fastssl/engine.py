@@ -108,6 +108,7 @@ class TrainCore:
         self.first_bad = torch.full((), -1, dtype=torch.long, device=self.device)  # first non-finite step
         # First step whose input views were not finite: tells a data-path fault from a diverged model.
         self.first_bad_input = torch.full((), -1, dtype=torch.long, device=self.device)
+        self.updating = False  # inside the update of train_step (see there)
         self.reset_logs()
 
     # ------------------------------------------------------------------ logs (device side)
@@ -344,9 +345,16 @@ def train_step(core: TrainCore, micro_batches: Iterable, step: int) -> int:
             acc.clip_grad_norm_(core.params, cfg.optim.clip_grad)
     if core.before_opt is not None:
         core.before_opt(step)  # e.g. DINO/SwAV: zero the frozen last layer's / prototypes' grads
+    # From here the weights, the optimizer's state and the teachers change: a failure before the end
+    # leaves them part-updated, which an out-of-memory handler must not save as step ``step - 1``.
+    core.updating = True
+    if fault_injection.PLAN is not None and fault_injection.fire("oom", "update", at=step + 1):
+        raise torch.OutOfMemoryError("CUDA out of memory (injected: FASTSSL_FAULT=oom@update). Tried to allocate "
+                                     "2.00 GiB")
     opt.step()
     opt.zero_grad(set_to_none=True)
     core.method.after_step(step)
+    core.updating = False
     return done
 
 

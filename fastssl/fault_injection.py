@@ -13,6 +13,7 @@ Grammar (faults separated by commas)::
     enospc@export:N     the N-th fastssl-export weights file fails with ENOSPC half-way
     oom@step:N          optimizer step N (as metrics.jsonl counts, from 1) raises torch.OutOfMemoryError
                         after its first forward
+    oom@update:N        ... inside its update instead, just before ``opt.step()``
     hang@step:N         the process stops itself (SIGSTOP) before optimizer step N
     die@worker:I        the torch back-end's DataLoader worker that loads sample I is killed (SIGKILL)
     hang@worker:I       ... sleeps forever instead
@@ -28,7 +29,7 @@ import os
 from dataclasses import dataclass
 
 ENV = "FASTSSL_FAULT"
-KINDS = {"enospc": ("save", "metrics", "export"), "oom": ("step",), "hang": ("step", "worker"),
+KINDS = {"enospc": ("save", "metrics", "export"), "oom": ("step", "update"), "hang": ("step", "worker"),
          "die": ("worker",)}
 # Sites counted by calls (the N-th call fires); the others compare N with a step or sample index.
 COUNTED = ("save", "metrics", "export")

@@ -234,11 +234,13 @@ def out_of_memory(text: str, cfg, core, saver: Checkpointer, run: RunState, epoc
     :class:`fastssl.faults.OutOfMemory` to raise. Call it outside the ``except`` block: the exception's
     traceback holds the failed step's activations until that block ends.
 
-    The step failed before ``opt.step()``, so weights and optimizer state are those of step ``run.step``
+    A step that failed before ``opt.step()`` left weights and optimizer state at step ``run.step``
     (BatchNorm running statistics may hold the failed forward; the RNG states have moved on). One process
-    saves them unless they are already on disk (the first step of a run or a resumed segment). With several
-    processes nothing is written: a peer may sit inside a collective of the failed step, and the gathers of a
-    save would meet it there; the last good checkpoint on disk is named instead.
+    saves them unless they are already on disk (the first step of a run or a resumed segment). Nothing is
+    written when the step failed inside its update (``core.updating``: the optimizer's temporaries, a
+    teacher's EMA), which leaves the state part-updated, nor with several processes: a peer may sit inside a
+    collective of the failed step, and the gathers of a save would meet it there. The last good checkpoint
+    on disk is named instead.
     """
     import gc
 
@@ -250,7 +252,7 @@ def out_of_memory(text: str, cfg, core, saver: Checkpointer, run: RunState, epoc
     if device.type == "cuda":
         torch.cuda.empty_cache()
     saved = False
-    if not first and core.acc.num_processes == 1 and saver.saved_step != run.step:
+    if not first and not core.updating and core.acc.num_processes == 1 and saver.saved_step != run.step:
         try:
             saver.save_at(run, epoch, bi, steps_per_epoch)
             saved = True

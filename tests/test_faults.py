@@ -239,6 +239,18 @@ def test_out_of_memory_mid_run_saves_the_last_step_and_names_the_fix(demo_data, 
     assert [r["step"] for r in metrics(tmp_path / "t")][-2:] == [3, 4]
 
 
+def test_out_of_memory_inside_the_update_saves_nothing_part_updated(demo_data, tmp_path, capsys, fault):
+    """An out-of-memory error inside step 3's update (the optimizer's temporaries, a teacher's EMA) may leave
+    weights and optimizer state part-updated: nothing is saved as step 2; the last good checkpoint is named."""
+    args = ["--config", "configs/demo/simclr.yaml"] + tiny_overrides(
+        demo_data, tmp_path, **{"train.max_steps": 4, "train.ckpt_every_epochs": 1000})
+    fault("oom@update:3")
+    assert main(args) == OUT_OF_MEMORY_EXIT_CODE
+    line = one_line(capsys.readouterr().err)
+    assert "out of GPU memory at step 3" in line and "wrote" not in line and "last good checkpoint: none" in line
+    assert not list((tmp_path / "t" / "checkpoints").glob("*.pt"))
+
+
 def test_out_of_memory_at_the_first_step_writes_nothing(demo_data, tmp_path, capsys, fault):
     args = ["--config", "configs/demo/simclr.yaml"] + tiny_overrides(demo_data, tmp_path, **{"train.max_steps": 2})
     fault("oom@step:1")
