@@ -160,6 +160,16 @@ class DALILoader(LoaderBase):
         finally:
             del p
 
+    def _finish(self, step: int, raw):
+        """Without a finisher on the GPU (raw uint8 crops, ``photometric=False``), the crops are copied out of
+        DALI's memory on the side stream: the hand-over's ``record_stream`` cannot hold memory torch did not
+        allocate, so DALI could reuse it while the consumer's stream still reads it. With a finisher only the
+        side stream reads DALI's memory, in order."""
+        if self.finisher is None and self.gpu:
+            crops, labels, indices = raw
+            raw = ([c.clone() for c in crops], labels, indices)
+        return super()._finish(step, raw)
+
 
 # DLPack device types (dlpack.h ``DLDeviceType``), as ``__dlpack_device__`` reports them.
 _DL_CPU, _DL_CUDA, _DL_CUDA_HOST = 1, 2, 3

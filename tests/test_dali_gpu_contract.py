@@ -270,3 +270,18 @@ def test_loader_gpu_batches_with_stand_in_outputs(demo_data, fake_cuda, monkeypa
         ids = order[b * 4:(b + 1) * 4]
         assert indices.tolist() == L.index[ids].tolist() and labels.tolist() == L.labels[ids].tolist()
     assert all(t["non_blocking"] and t["pinned"] for t in fake_cuda["to"]) and len(fake_cuda["to"]) == 3
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_raw_gpu_crops_are_copied_out_of_dalis_memory(gpu):
+    """record_stream does nothing on memory torch did not allocate: raw crops handed to another stream are
+    copies on the GPU; with a finisher (or on the CPU) the crops are used as they are."""
+    from fastssl.pipelines.dali_backend import DALILoader
+
+    crops = [torch.zeros(2, 4, 4, 3, dtype=torch.uint8)]
+    for finisher in (None, lambda c, step: c):
+        me = DALILoader.__new__(DALILoader)  # the hand-over alone: no pipeline, no DALI needed
+        me.finisher, me.gpu = finisher, gpu
+        out = me._finish(0, (crops, None, torch.arange(2)))
+        copied = out.views[0].data_ptr() != crops[0].data_ptr()
+        assert copied == (gpu and finisher is None) and torch.equal(out.views[0], crops[0])
