@@ -98,8 +98,9 @@ class FolderViews(torch.utils.data.Dataset):
     ``gpu_decode`` the JPEG bytes (1-D uint8) / a decoded (H, W, 3) uint8 image with its (V, 5)
     crop geometry; None when no readable replacement was found. ``index``: the sample used
     (``slot`` itself, or its replacement); ``skipped``: ``(index, path, reason)`` of the
-    unreadable files met. ``shard`` (this rank's epoch order) and ``bad`` (index -> reason,
-    known unreadable) are set by the loader before each epoch.
+    unreadable files met. ``shard`` (this rank's epoch order), ``bad`` (index -> reason, known
+    unreadable) and ``cpu_decode`` (indices the GPU decoder refused and the CPU reads: sent as ``rgb``
+    in ``bytes`` mode) are set by the loader before each epoch.
     """
 
     def __init__(self, items, sizes, params, seed: int, train: bool, gpu_decode: bool = False):
@@ -107,6 +108,7 @@ class FolderViews(torch.utils.data.Dataset):
         self.seed, self.epoch, self.train, self.gpu_decode = seed, 0, train, gpu_decode
         self.shard = np.arange(len(items), dtype=np.int64)
         self.bad: dict[int, str] = {}
+        self.cpu_decode: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.items)
@@ -153,7 +155,7 @@ class FolderViews(torch.utils.data.Dataset):
                     skipped.append((j, path, self.bad[j]))
                 continue
             try:
-                payload, geo = self._load(path, slot, mode)
+                payload, geo = self._load(path, slot, "rgb" if mode == "bytes" and j in self.cpu_decode else mode)
             except Exception as e:  # noqa: BLE001 - any undecodable file is replaced, never ends the epoch
                 self.bad[j] = _reason(e)
                 skipped.append((j, path, self.bad[j]))
@@ -468,5 +470,9 @@ class TorchLoader(LoaderBase):
             self._note(got[5])
             if got[0] is None:
                 self._unreadable()
+            if got[3] == int(idx[k]):
+                # The CPU reads what the GPU refused: from the next epoch its worker decodes it, so its
+                # batch is not retried image by image every epoch (a CMYK JPEG, say).
+                self.dataset.cpu_decode.add(got[3])
             payload[k], geo[k], labels[k], idx[k] = got[0], torch.from_numpy(got[1]), got[2], got[3]
         return payload, geo, labels, idx

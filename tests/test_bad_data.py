@@ -274,6 +274,16 @@ def test_folder_gpu_path_on_cpu_replaces_unreadable_files(bad_folder, monkeypatc
     paths = [p for p, _ in L.items]
     assert paths.index(refused) in seen and paths.index(unreadable) not in seen
     assert {p for p, _ in L.skipped} == set(bad) | {unreadable}
+    # Later epochs: the worker decodes the refused file itself, so the batched decoder never meets it.
+    assert L.dataset.cpu_decode == {paths.index(refused)}
+    refused_bytes.discard(Path(unreadable).read_bytes())
+    met = []
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", lambda data, *a, **k: met.append(
+        any(bytes(p.numpy().tobytes()) in refused_bytes for p in data)) or decode_jpeg(data, *a, **k))
+    L.set_epoch(1)
+    again = list(L)
+    assert len(again) == 10 and not any(met)
+    assert paths.index(refused) in set(torch.cat([b.indices for b in again]).tolist())
 
 
 def test_folder_of_only_unreadable_files_is_a_data_error(tmp_path):
