@@ -407,9 +407,14 @@ def next_batch(it):
 
 
 def stop_epoch(it, timeout: float = 10.0) -> None:
-    """Stop an epoch's decoding thread (before the decoder's shared state changes)."""
+    """Stop an epoch's decoding thread (before the decoder's shared state changes), then wait for the copies
+    still reading its pinned slots: the slots go with the iterator, and the host allocator ties a pending
+    copy only to the buffer it was copied from, not to every slot it covers."""
     it.close()
     slots = getattr(it, "slots", None)
     if slots is not None:
         slots.close()
     it.join(timeout=timeout)
+    for fence in getattr(slots, "_fence", None) or ():
+        if fence is not None:
+            fence.synchronize()

@@ -206,6 +206,8 @@ def test_abandoned_pass_then_next_epoch(demo_data):
     fresh = _ffcv(demo_data, batches_ahead=4)
     fresh.set_epoch(1)
     assert len(again) == len(L) and all(torch.equal(u, v) for x, y in zip(again, fresh) for u, v in zip(x, y.views))
+    # The stopped pass waited for the copies still pending on its slots before letting them go.
+    assert all(f.waited >= 1 for f in fences[:3])
 
 
 @needs_ffcv
