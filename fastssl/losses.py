@@ -48,10 +48,12 @@ def _impl(impl, x: torch.Tensor, family: str = "contrastive") -> str:
     NT-Xent in bf16 but 0.42x in fp32 (its fp32 ``tl.dot`` is IEEE, no tensor cores), where the
     chunked torch path is 1.2x faster than the kernel; for the covariance losses the torch Gram path
     beat the Triton kernel in bf16 (Barlow 8.2 vs 9.0 ms, VICReg 7.7 vs 9.2 ms at 2048 x 8192) and by
-    16x in fp32. So ``None`` picks Triton only for low-precision contrastive losses on CUDA.
+    16x in fp32. So ``None`` picks Triton only for low-precision contrastive losses on CUDA, at the
+    widths measured (D <= 256): the kernel's backward recomputes each logit tile once per 128 output
+    columns of the gradient, 16 times over at D = 2048.
     """
     if impl is None:
-        fast = family == "contrastive" and x.dtype in (torch.bfloat16, torch.float16)
+        fast = family == "contrastive" and x.dtype in (torch.bfloat16, torch.float16) and x.shape[-1] <= 256
         return "triton" if x.is_cuda and fast and _has_triton() else "torch"
     if impl not in ("triton", "torch"):
         raise ValueError(f"impl must be None, 'triton' or 'torch', got {impl!r}")

@@ -206,8 +206,10 @@ def test_defaults_and_dispatch(monkeypatch):
     # On CUDA the default follows the H200 timings: Triton for bf16/fp16 contrastive losses only.
     from types import SimpleNamespace
     monkeypatch.setattr(losses, "_has_triton", lambda: True)
-    gpu = lambda dt: SimpleNamespace(is_cuda=True, dtype=dt)          # noqa: E731
+    gpu = lambda dt, d=128: SimpleNamespace(is_cuda=True, dtype=dt, shape=(512, d))  # noqa: E731
     assert losses._impl(None, gpu(torch.bfloat16)) == "triton"
+    assert losses._impl(None, gpu(torch.bfloat16, 256)) == "triton"
+    assert losses._impl(None, gpu(torch.bfloat16, 2048)) == "torch"          # wider than measured
     assert losses._impl(None, gpu(torch.float32)) == "torch"
     assert losses._impl(None, gpu(torch.bfloat16), "covariance") == "torch"
     assert losses._impl("triton", gpu(torch.float32), "covariance") == "triton"   # asked for: honoured
