@@ -4,6 +4,8 @@ Nothing here launches or compiles at import; ``triton`` is optional (imported in
 in a try block) and only the ``impl="triton"`` paths need it.
 """
 
+import contextlib
+
 import torch
 
 
@@ -16,4 +18,7 @@ def autocast_off(t: torch.Tensor):
     which runs without autocast, meets with fp32 tensors: a dtype error in a matmul, or a softmax
     recomputed in fp32 against a log-sum-exp taken from bf16 logits, which biases the gradient.
     """
-    return torch.autocast(t.device.type, enabled=False)
+    kind = t.device.type
+    if not torch.amp.is_autocast_available(kind):  # the meta device (FLOP counts) has no autocast to turn off
+        return contextlib.nullcontext()
+    return torch.autocast(kind, enabled=False)
