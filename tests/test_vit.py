@@ -139,3 +139,21 @@ def test_multicrop_runs_one_backbone_call_per_resolution():
     assert calls == [4, 6] and out.shape == (10, 192)
     net.eval()
     torch.testing.assert_close(out[4:6], net(views[2]), rtol=1e-4, atol=1e-5)  # rows stay in view order
+
+
+def test_dino_head_scores_are_fp32_under_the_steps_autocast():
+    """The teacher's scores are sharpened by a temperature of 0.04: bf16's rounding would become 0.1 there."""
+    from fastssl.models.heads import DINOHead
+
+    torch.manual_seed(0)
+    head = DINOHead(32, 64, 32, 16)
+    x = torch.randn(8, 32)
+    plain = head(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = head(x)
+    # the MLP before the scores runs in bf16 as before; the scores themselves are computed in fp32
+    h = head.project(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        s = head.score(h.to(torch.bfloat16))
+    assert under.dtype == s.dtype == torch.float32 and plain.dtype == torch.float32
+    torch.testing.assert_close(s, head.score(h.to(torch.bfloat16).float()), rtol=0, atol=0)

@@ -53,8 +53,16 @@ class DINOHead(nn.Module):
         return F.normalize(self.mlp(x).float(), dim=-1)                        # fp32 around the normalisations
 
     def score(self, h: torch.Tensor) -> torch.Tensor:
-        """Normalised bottleneck (N, bottleneck) -> (N, out_dim) prototype scores."""
-        return F.linear(h, F.normalize(self.last_layer.weight.float(), dim=1))
+        """Normalised bottleneck (N, bottleneck) -> (N, out_dim) prototype scores, fp32 whatever the autocast.
+
+        The teacher's scores are divided by a temperature of 0.04 before its softmax. bf16 rounds a score
+        in [-1, 1] to steps of up to 0.004, which the division makes 0.1. DINO and DINOv2 compute this
+        layer in fp16 under a gradient scaler; without a scaler, fp32 is the safe choice.
+        """
+        from fastssl.kernels import autocast_off
+
+        with autocast_off(h):
+            return F.linear(h.float(), F.normalize(self.last_layer.weight.float(), dim=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.score(self.project(x))
