@@ -233,7 +233,9 @@ class LightlyArm:
         self.memory_format = torch.channels_last if tuned else torch.preserve_format  # preserve: .to()'s default
         if tuned:
             self.model.to(memory_format=torch.channels_last)
-            self.model.compile(**self.compile_options)  # in place: forward (SimCLR's model, DINO's student)
+            # The forward as an attribute, not nn.Module.compile(): lightly's DINO loop calls model.forward(view),
+            # which Module.compile() leaves eager; torch.compile(model) compiles both calls, as here.
+            self.model.forward = torch.compile(self.model.forward, **self.compile_options)
             self.compiled.append("model.forward")
             if method == "dino":
                 self.model.forward_teacher = torch.compile(self.model.forward_teacher, **self.compile_options)
