@@ -472,3 +472,17 @@ def test_fp32_losses_ignore_the_callers_autocast(name):
         out.append((loss.detach(), z1.grad, z2.grad))
     for plain, under in zip(*out):
         torch.testing.assert_close(under, plain, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_the_eager_estimate_scales_the_measured_eager_peak():
+    """At N=65536 eager is not run: its need is its peak at N=8192 times 64, not one fp32 logit matrix."""
+    from fastssl.cli.bench_loss import eager_need
+
+    small = {"loss": "nt_xent", "batch": 8192, "dim": 128, "dtype": "bf16",
+             "results": [{"impl": "eager", "status": "ok", "peak_mem_bytes": 5_650_000_000}]}
+    big = {"loss": "nt_xent", "batch": 65536, "dim": 128, "dtype": "bf16", "full_logit_matrix_fp32_bytes": 4 * 131072 ** 2,
+           "results": [{"impl": "triton", "status": "ok"}]}
+    need, basis = eager_need([small, big], big)
+    assert need == 64 * 5_650_000_000 and "N=8192" in basis       # 362 GB: more than an H200 holds
+    need, basis = eager_need([], big)
+    assert need == 4 * 131072 ** 2 and "lower bound" in basis
