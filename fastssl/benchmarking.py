@@ -35,14 +35,14 @@ class Timer:
         if self.cuda:
             self._start = torch.cuda.Event(enable_timing=True)
             self._end = torch.cuda.Event(enable_timing=True)
-            self._start.record()
+            self._start.record(torch.cuda.current_stream(self.device))  # the timed device's stream, not cuda:0's
         else:
             self._t0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc) -> bool:
         if self.cuda:
-            self._end.record()
+            self._end.record(torch.cuda.current_stream(self.device))
         else:
             self._t1 = time.perf_counter()
         return False

@@ -20,7 +20,8 @@ logger = logging.getLogger(__name__)
 FLOP_COUNT_SOURCE = "torch.utils.flop_counter, fwd+bwd, matmul/conv only"
 
 # Dense (no 2:4 sparsity) bf16 tensor-core peaks in TFLOP/s from the vendor's data sheets, matched as
-# substrings of ``torch.cuda.get_device_name`` in this order (PCIe/NVL before the SXM part's name).
+# whole words of ``torch.cuda.get_device_name`` in this order (PCIe/NVL before the SXM part's name;
+# "L4" does not match an L40, nor "A10" an A10G).
 PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
     ("H200 NVL", 835.0),
     ("H200", 989.0),
@@ -38,8 +39,10 @@ def peak_bf16_tflops(device_name: str | None) -> float | None:
     """The table's dense bf16 peak for a CUDA device name, or None (unknown device, or the CPU)."""
     if not device_name:
         return None
+    import re
+
     for key, tflops in PEAK_BF16_TFLOPS:
-        if key.lower() in device_name.lower():
+        if re.search(rf"\b{re.escape(key)}\b", device_name, re.IGNORECASE):
             return tflops
     return None
 

@@ -62,6 +62,8 @@ def test_peak_table_by_device_name():
     assert peak_bf16_tflops("NVIDIA H100 PCIe") == 756
     assert peak_bf16_tflops("NVIDIA A100-SXM4-80GB") == 312
     assert peak_bf16_tflops("Tesla T4") is None and peak_bf16_tflops(None) is None
+    assert peak_bf16_tflops("NVIDIA L4") == 121 and peak_bf16_tflops("NVIDIA L40") is None   # not L4's figure
+    assert peak_bf16_tflops("NVIDIA A10G") is None and peak_bf16_tflops("NVIDIA L40S") == 362
 
 
 def _bench(capsys, *args) -> dict:

@@ -293,9 +293,12 @@ def run(config, overrides, compares, steps, warmup, rounds, batch, device, photo
             o["probe_rows_last_step"] = int(v.core.probe_seen)
         if v.flops:
             tflops = v.flops["flops_per_image"] * o["images_per_s"] / 1e12
+            # The table's peak is the bf16 tensor cores': an fp32 step is no fraction of it (a peak given
+            # with --peak-tflops is the user's, for whatever precision they run).
+            comparable = peak and (v.core.bf16 or peak_src == "--peak-tflops")
             o.update({k: v.flops[k] for k in ("flops_per_image", "flops_per_step", "flop_count_device",
                                                "flop_count_batch")},
-                     tflops=tflops, fraction_of_peak=tflops / peak if peak else None)
+                     tflops=tflops, fraction_of_peak=tflops / peak if comparable else None)
         out.append(o)
     base = out[0]["images_per_s"]
     for o in out:
