@@ -236,3 +236,11 @@ def test_warmup_drains_each_arms_prefetched_batches():
     assert warmup_steps(spec, "fastssl") == 5 + 4                                          # ffcv: 2 ahead + 2 slots
     assert warmup_steps({**spec, "backend": "torch"}, "fastssl") == 5 + 56                 # 14 x prefetch_factor 4
     assert warmup_steps({**spec, "workers": 0}, "lightly") == 5
+
+
+def test_dino_local_size_keeps_whole_patches_for_a_vit():
+    from fastssl.cli.bench_peer import local_size_for
+
+    assert local_size_for(224) == local_size_for(224, 16) == 96
+    assert local_size_for(96) == 41 and local_size_for(96, 16) == 48      # ViT-S/16 needs a multiple of 16
+    assert local_size_for(160, 16) % 16 == 0 and local_size_for(32, 16) == 16

@@ -124,9 +124,10 @@ def _versions() -> dict:
     return out
 
 
-def local_size_for(size: int) -> int:
-    """DINO's local crop at ``size`` px globals: 96/224 of it (96 px at 224), as fastssl-bench loader."""
-    return max(16, round(size * 96 / 224))
+def local_size_for(size: int, patch: int = 1) -> int:
+    """DINO's local crop at ``size`` px globals: 96/224 of it (96 px at 224), as fastssl-bench loader, rounded
+    to a multiple of ``patch`` (a ViT's patch size: both arms' ViTs need whole patches)."""
+    return max(16, patch * round(size * 96 / 224 / patch))
 
 
 FEATURE_DIM = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "vit_small_patch16": 384}
@@ -748,7 +749,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="cuda: both arms train on the GPU (fastssl's torch back-end then decodes there)")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                     help="bf16: the trainer's bf16 autocast; the lightly arm's steps under torch.autocast(bf16)")
-    ap.add_argument("--compile", default="off", choices=["off", "on"], help="fastssl's train.compile")
+    ap.add_argument("--compile", default="auto", choices=["auto", "off", "on"],
+                    help="fastssl's train.compile (auto: on with --device cuda, as the trainer's default; off on the CPU)")
     ap.add_argument("--photometric", default="auto", choices=["auto", "torch", "compiled", "cv2"],
                     help="fastssl's data.photometric (how its photometric stage runs)")
     ap.add_argument("--compile-backend", default="inductor",
@@ -812,8 +814,10 @@ def main(argv: list[str] | None = None) -> int:
     folder = str(root / "train")
     n_images = sum(1 for p in Path(folder).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     spec = {"folder": folder, "source": str(root / "train.beton") if backend == "ffcv" else folder,
-            "backend": backend, "size": a.size, "local_size": a.local_size or local_size_for(a.size),
-            "arch": a.arch, "device": a.device, "precision": a.precision, "compile": a.compile,
+            "backend": backend, "size": a.size,
+            "local_size": a.local_size or local_size_for(a.size, 16 if a.arch.startswith("vit") else 1),
+            "arch": a.arch, "device": a.device, "precision": a.precision,
+            "compile": a.compile if a.compile != "auto" else ("on" if a.device == "cuda" else "off"),
             "compile_backend": a.compile_backend, "local_views": a.local_views,
             "batch": a.batch, "steps": a.steps, "warmup": a.warmup, "bare_steps": a.bare_steps,
             "bare_warmup": a.bare_warmup, "workers": a.workers, "threads": a.threads, "seed": a.seed,
