@@ -90,6 +90,7 @@ class TrainCore:
         if self.sharded:
             self.model, self.opt = method, acc.prepare(opt)  # FSDP in place of DDP: no wrapper
         else:
+            ddp_skip_queues(method)
             self.model, self.opt = acc.prepare(method, opt)
         self.method = acc.unwrap_model(self.model)
         from fastssl.optim import update_path
@@ -288,6 +289,26 @@ def shard(core: TrainCore, method, log=None):
 
 
 MODEL_TRANSFORMS = (to_channels_last, cpu_weight_gradients, compile_backbone, shard)
+
+
+def ddp_skip_queues(method: torch.nn.Module) -> list[str]:
+    """Keep DDP from broadcasting the method's feature queues from rank 0 at every forward; returns their names.
+
+    DDP's ``broadcast_buffers`` copies every buffer from rank 0 before each forward, which keeps
+    BatchNorm's running statistics equal across ranks. A queue (:class:`fastssl.methods._common.FeatureQueue`:
+    NNCLR's support set is 98,304 x 256 fp32, 100 MB) is already equal on every rank, since ``commit``
+    enqueues the rows gathered from all of them, so broadcasting it moves 100 MB per micro-batch for
+    nothing. Call before the model is wrapped.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    from fastssl.methods._common import FeatureQueue
+
+    names = [f"{prefix}.{name}" if prefix else name for prefix, mod in method.named_modules()
+             if isinstance(mod, FeatureQueue) for name, _ in mod.named_buffers(recurse=False)]
+    if names:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(method, names)
+    return names
 
 
 def train_step(core: TrainCore, micro_batches: Iterable, step: int) -> int:

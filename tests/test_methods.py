@@ -548,3 +548,22 @@ def test_every_tensor_a_method_makes_is_on_its_views_device(name):
     off = [n for n, t in list(m.named_parameters()) + list(m.named_buffers())
            if t.device != views[0].device or (t.grad is not None and t.grad.device != views[0].device)]
     assert not off, f"{name}: state off the views' device: {off[:3]}"
+
+
+def test_ddp_does_not_broadcast_feature_queues_but_does_the_rest(tmp_path):
+    """NNCLR's queue is equal on every rank (commit enqueues the gathered rows): DDP skips it in its
+    per-forward broadcast of buffers, and still broadcasts the BatchNorm statistics."""
+    import torch.distributed as dist
+
+    from fastssl.engine import ddp_skip_queues
+
+    m, _ = tiny_method("nnclr")
+    assert ddp_skip_queues(m) == ["queue.rows", "queue.ptr", "queue.filled"]
+    assert ddp_skip_queues(tiny_method("simclr")[0]) == []                  # no queue: nothing skipped
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(m)
+        sent = {n for n, b in m.named_buffers() if any(b is x for x in ddp.modules_buffers)}
+    finally:
+        dist.destroy_process_group()
+    assert not any(n.startswith("queue.") for n in sent) and any("running_mean" in n for n in sent)
