@@ -45,7 +45,10 @@ class DataConfig:
                                     # run stops naming it (exit 7); 0 waits forever
     worker_start: str = "auto"      # torch/webdataset workers: auto (fork; forkserver once CUDA is in use: a forked
                                     # child cannot free CUDA memory) | fork | forkserver | spawn
-    in_memory: bool = True          # ffcv: keep the .beton in RAM (else OS page cache)
+    in_memory: bool = True          # ffcv: true reads the .beton through the OS page cache (mmap; ffcv's os_cache,
+                                    # FFCV's ImageNet example's in_memory=1): shared by every loader, evicted under
+                                    # pressure. false: ffcv's process cache, a copy per loader of the pages an epoch
+                                    # needs; with a shuffled order that is most of the file
     shuffle_buffer: int = 1000      # webdataset: samples per worker in the shuffle buffer
     photometric: str = "auto"       # the photometric stage: auto (OpenCV on the CPU, eager torch on a GPU) | torch |
                                     # compiled (the same ops fused by torch.compile) | cv2 (CPU only)

@@ -254,7 +254,10 @@ def make_loader(info: BetonInfo, pipelines: dict, sample_order, *, batch_size: i
     from ffcv.loader import Loader, OrderOption
 
     pipelines = {**{name: None for name in info.field_names}, **pipelines}
-    loader = Loader(info.path, batch_size=batch_size, num_workers=max(1, int(workers)), os_cache=not in_memory,
+    # in_memory: the OS page cache (mmap), as FFCV's ImageNet example's in_memory=1. ffcv's process cache instead
+    # gives each page a slot from its first to its last use in the epoch: under a shuffled order nearly every page
+    # is live at once, a copy of most of the file per loader (a 50-140 GB ImageNet .beton beside a 128 GB host).
+    loader = Loader(info.path, batch_size=batch_size, num_workers=max(1, int(workers)), os_cache=in_memory,
                     order=OrderOption.SEQUENTIAL, seed=seed, pipelines=pipelines, drop_last=drop_last,
                     batches_ahead=batches_ahead)
     loader.traversal_order = _Order(sample_order)
