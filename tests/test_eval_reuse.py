@@ -98,7 +98,8 @@ def test_cached_linear_probe_names_its_protocol(trained, capsys):
     run, _ = trained
     assert eval_cli.main([str(run), "--linear", "--linear-epochs", "2", "--device", "cpu", "--quiet"]) == 0
     printed = capsys.readouterr().out
-    out = json.loads((run / "eval.json").read_text())
+    # Kept beside any earlier run of the papers' protocol on the same checkpoint.
+    out = json.loads((run / "eval.json").read_text())["linear_by_protocol"]["cached"]
     assert out["linear_protocol"]["name"] == "cached" and out["linear_protocol"]["epochs"] == 2
     assert 0.0 <= out["linear_top1"] <= 100.0
     assert "linear protocol cached" in printed
@@ -145,3 +146,24 @@ def test_feature_cache_on_a_full_disk_warns_and_keeps_the_features(tmp_path, mon
     assert list((tmp_path / "features").iterdir()) == []  # the partial file is removed
     lines = [r.getMessage() for r in caplog.records if "feature cache" in r.getMessage()]
     assert len(lines) == 1 and "No space left on device" in lines[0] and "MiB" in lines[0]
+
+
+def test_eval_json_keeps_earlier_figures_of_the_same_checkpoint(tmp_path):
+    """A quick kNN after the papers' linear protocol keeps its figure; another checkpoint replaces the file."""
+    from fastssl.evaluation.offline import write_eval
+
+    simclr = {"checkpoint_step": 10, "weights": "w1", "linear_top1": 61.0, "linear_top5": 83.0,
+              "linear_protocol": {"name": "simclr", "epochs": 90}, "seconds": {"linear": 9000.0}}
+    write_eval(tmp_path, simclr)
+    write_eval(tmp_path, {"checkpoint_step": 10, "weights": "w1", "knn_top1": 55.0, "seconds": {"knn": 7.0}})
+    cached = {"checkpoint_step": 10, "weights": "w1", "linear_top1": 58.0, "linear_top5": 80.0,
+              "linear_protocol": {"name": "cached"}, "seconds": {"linear": 30.0}}
+    got = write_eval(tmp_path, cached)
+    on_disk = json.loads((tmp_path / "eval.json").read_text())
+    assert got == on_disk and on_disk["knn_top1"] == 55.0
+    assert on_disk["linear_top1"] == 61.0 and on_disk["linear_protocol"]["name"] == "simclr"   # the papers' first
+    assert on_disk["linear_by_protocol"]["cached"]["linear_top1"] == 58.0
+    assert on_disk["seconds"] == {"linear": 30.0, "knn": 7.0}
+    other = write_eval(tmp_path, {"checkpoint_step": 20, "weights": "w2", "knn_top1": 60.0, "seconds": {}})
+    assert "linear_top1" not in other and json.loads((tmp_path / "eval.json").read_text()) == other
+    assert not list(tmp_path.glob("*.tmp"))

@@ -278,8 +278,8 @@ def evaluate(cfg, method, step: int, run_dir: str | Path, knn: bool = True, line
     num_classes = int(max(ty.max(), vy.max())) + 1
     k = k or cfg.eval.knn_k
     t = temperature or cfg.eval.knn_temperature
-    out: dict = {"checkpoint_step": step, "image_size": size, "features": "backbone, global pooled, centre crop",
-                 "train_size": len(tx), "val_size": len(vx)}
+    out: dict = {"checkpoint_step": step, "weights": weights, "image_size": size,
+                 "features": "backbone, global pooled, centre crop", "train_size": len(tx), "val_size": len(vx)}
     if knn:
         t0 = time.perf_counter()
         scores = knn_scores(tx, ty, vx, num_classes, k, t, device=device)
@@ -305,8 +305,37 @@ def evaluate(cfg, method, step: int, run_dir: str | Path, knn: bool = True, line
         out["alpha_req"] = alpha_req(vx)
     seconds["total"] = _synced(device) - t_all
     out["seconds"] = seconds
-    Path(run_dir, "eval.json").write_text(json.dumps(out, indent=2))
+    write_eval(run_dir, out)
     return out
+
+
+def write_eval(run_dir: str | Path, out: dict) -> dict:
+    """Write ``out`` to ``RUN_DIR/eval.json``, merged with what earlier calls found for the same checkpoint.
+
+    A later call that asks for less (``--knn`` alone) keeps the earlier figures of the same weights; the
+    hours of the papers' linear protocol are not lost to a quick kNN. Each linear protocol's figures are
+    kept under ``linear_by_protocol``; the top-level ``linear_*`` keys are the papers' protocol where it ran,
+    else the cached probe's. Another checkpoint's results replace the file. Written atomically.
+    """
+    path = Path(run_dir, "eval.json")
+    try:
+        prev = json.loads(path.read_text())
+    except (OSError, ValueError):
+        prev = {}
+    same = (prev.get("checkpoint_step"), prev.get("weights")) == (out.get("checkpoint_step"), out.get("weights"))
+    merged = {**prev, **out} if same else dict(out)
+    if same:
+        merged["seconds"] = {**prev.get("seconds", {}), **out.get("seconds", {})}
+    by_protocol = dict(prev.get("linear_by_protocol", {})) if same else {}
+    if "linear_top1" in out:
+        by_protocol[out["linear_protocol"]["name"]] = {k: v for k, v in out.items() if k.startswith("linear_")}
+    if by_protocol:
+        merged["linear_by_protocol"] = by_protocol
+        merged.update(by_protocol.get("simclr") or by_protocol["cached"])
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(merged, indent=2))
+    os.replace(tmp, path)
+    return merged
 
 
 def _synced(device) -> float:
