@@ -167,3 +167,67 @@ def test_eval_json_keeps_earlier_figures_of_the_same_checkpoint(tmp_path):
     other = write_eval(tmp_path, {"checkpoint_step": 20, "weights": "w2", "knn_top1": 60.0, "seconds": {}})
     assert "linear_top1" not in other and json.loads((tmp_path / "eval.json").read_text()) == other
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_interrupted_simclr_protocol_resumes_to_the_same_head(trained, monkeypatch):
+    """Killed in its second epoch, the papers' protocol resumes after the first and ends with the same head;
+    alone, it extracts no cached features."""
+    from fastssl import checkpoint
+    from fastssl.evaluation import linear, offline
+
+    run, _ = trained
+    cfg, method, step = checkpoint.load_for_eval(checkpoint.resolve(str(run)), "cpu")
+    state = run / "linear_simclr.pt"
+    state.unlink(missing_ok=True)
+
+    def no_features(*a, **kw):
+        raise AssertionError("the papers' protocol alone extracted cached features")
+
+    monkeypatch.setattr(offline, "cached_features", no_features)
+    kw = dict(knn=False, linear=True, rank=False, alpha=False, device="cpu", progress=False,
+              linear_protocol="simclr", linear_epochs=2, linear_batch_size=64)
+    whole = offline.evaluate(cfg, method, step, run, **kw)
+    head_whole = torch.load(state, weights_only=True)["head"]
+    assert whole["linear_protocol"]["resumed_after_epoch"] == 0 and whole["linear_protocol"]["steps"] == 8
+
+    state.unlink()
+    real, calls = linear._embed, []
+
+    def killed_in_epoch_two(*a):
+        calls.append(1)
+        if len(calls) == 6:  # 4 batches per epoch: the second batch of epoch 2
+            raise KeyboardInterrupt
+        return real(*a)
+
+    monkeypatch.setattr(linear, "_embed", killed_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        offline.evaluate(cfg, method, step, run, **kw)
+    assert torch.load(state, weights_only=True)["epoch"] == 1
+    monkeypatch.setattr(linear, "_embed", real)
+    resumed = offline.evaluate(cfg, method, step, run, **kw)
+    assert resumed["linear_protocol"]["resumed_after_epoch"] == 1 and resumed["linear_protocol"]["steps"] == 8
+    head = torch.load(state, weights_only=True)["head"]
+    for name in head_whole:
+        torch.testing.assert_close(head[name], head_whole[name], rtol=0, atol=0)
+    assert resumed["linear_top1"] == whole["linear_top1"]
+    # Other settings do not pick up this state: three epochs start from epoch 0.
+    other = offline.evaluate(cfg, method, step, run, **{**kw, "linear_epochs": 3})
+    assert other["linear_protocol"]["resumed_after_epoch"] == 0
+
+
+def test_feature_cache_key_names_the_data_file_not_only_its_path(tmp_path):
+    """A split written again at the same path (other caps, a flat folder made class folders) is re-extracted."""
+    import os
+    from types import SimpleNamespace
+
+    from fastssl.evaluation.offline import feature_meta
+
+    f = tmp_path / "val.beton"
+    f.write_bytes(b"x" * 10)
+    cfg = SimpleNamespace(data=SimpleNamespace(train=str(f), val=str(tmp_path / "shards-{000..009}.tar")),
+                          aug=SimpleNamespace(global_size=32))
+    first = feature_meta(cfg, "train", 5, "w")
+    f.write_bytes(b"y" * 12)
+    os.utime(f, ns=(1, 1))
+    assert feature_meta(cfg, "train", 5, "w") != first and first["data"].startswith("10:")
+    assert "data" not in feature_meta(cfg, "val", 5, "w")  # a pattern: path only

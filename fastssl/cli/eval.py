@@ -5,7 +5,10 @@ directory (the trainer's final evaluation writes them too, so an evaluation afte
 extracts nothing). ``--linear-protocol`` names the linear evaluation: ``cached`` (quick: a
 grid of heads on the cached centre-crop features, 30 epochs) or ``simclr`` (the papers': a
 head on the frozen backbone over randomly cropped and flipped images, 90 epochs); every
-linear figure is written and printed with its protocol's name.
+linear figure is written and printed with its protocol's name. The ``simclr`` protocol saves its
+head after every epoch (``RUN_DIR/linear_simclr.pt``): the same command, run again after an
+interruption, resumes after the last saved epoch. ``eval.json`` keeps every figure of the same
+checkpoint across calls.
 The checkpoint is read with weights_only=True (torch's restricted unpickler); ``--trust-checkpoint``
 opens one that needs full pickle (SECURITY.md).
 """

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -54,19 +56,26 @@ def _embed(method, x: torch.Tensor) -> torch.Tensor:
         return method.embed(x).float()
 
 
-def linear_protocol(cfg, method, device, num_classes: int, *, epochs: int | None = None,
+def linear_protocol(cfg, method, device, num_classes: int | None = None, *, epochs: int | None = None,
                     batch_size: int | None = None, seed: int = 0, progress: bool = False,
-                    loaders: dict | None = None) -> dict:
+                    loaders: dict | None = None, state_path: str | Path | None = None,
+                    weights: str | None = None) -> dict:
     """Train a linear head on ``method``'s frozen backbone with SimCLR's linear protocol; top-1/top-5 on val centre crops.
 
     The training split is read through fastssl's loader (``build_loader`` with :func:`train_view`)
     on ``device`` every epoch; the val split is centre-cropped at ``cfg.aug.global_size``.
     ``epochs`` / ``batch_size``: default 90 / 256 (:data:`SIMCLR_LINEAR`); the learning rate
     follows the batch (0.1 x batch / 256). ``loaders``: ``{"train": ..., "val": ...}`` to use
-    instead (tests). Returns ``linear_top1``, ``linear_top5`` (percent) and ``linear_protocol``
-    (``name`` "simclr" and every setting used).
+    instead (tests). ``num_classes``: default, the training split's. Returns ``linear_top1``,
+    ``linear_top5`` (percent) and ``linear_protocol`` (``name`` "simclr" and every setting used).
+
+    ``state_path`` with ``weights`` (the backbone's :func:`~fastssl.evaluation.offline.weights_fingerprint`):
+    the head and its optimiser are saved there after every epoch (atomically), and a later call
+    with the same weights, data and settings resumes after the last saved epoch. On ImageNet the
+    protocol takes hours; an interrupted one loses at most an epoch.
     """
     from fastssl.compile import eager
+    from fastssl.evaluation.offline import data_identity
     from fastssl.pipelines.loader import build_loader
 
     p = SIMCLR_LINEAR
@@ -82,15 +91,32 @@ def linear_protocol(cfg, method, device, num_classes: int, *, epochs: int | None
                                          train=True, **common),
                    "val": build_loader(cfg.data, [train_view(size)], "val", 256, device, train=False, **common)}
     train_ld, val_ld = loaders["train"], loaders["val"]
+    num_classes = num_classes or getattr(train_ld, "num_classes", None)
+    if not num_classes:
+        raise ValueError(f"linear evaluation needs labels: {cfg.data.train} has none")
     method.eval()  # frozen: batch-norm statistics as trained; features under no_grad (no gradient reaches it)
     lr = p["base_lr"] * batch_size / 256
-    head = None  # built at the first batch, when the feature width is known
+    head = opt = None  # built at the first batch, when the feature width is known
     steps = epochs * max(1, len(train_ld))
-    k = 0
+    k = start = 0
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(seed)
+    state = _ProtocolState(state_path, {
+        "weights": weights, "train": str(cfg.data.train), "data": data_identity(str(cfg.data.train)),
+        "image_size": size, "epochs": epochs, "batch_size": batch_size, "seed": seed, "num_classes": num_classes,
+    }) if state_path is not None and weights is not None else None
+    saved = state.load() if state else None
+    if saved is not None:
+        out_f, in_f = saved["head"]["weight"].shape
+        head = nn.Linear(in_f, out_f).to(device)
+        head.load_state_dict(saved["head"])
+        opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=p["momentum"], nesterov=p["nesterov"],
+                              weight_decay=p["weight_decay"])
+        opt.load_state_dict(saved["opt"])
+        start, k = int(saved["epoch"]), int(saved["k"])
+        log.info("linear protocol simclr: resuming after epoch %d/%d from %s", start, epochs, state_path)
     with eager(method.backbone):
-        for epoch in range(epochs):
+        for epoch in range(start, epochs):
             train_ld.set_epoch(epoch)  # the epoch's shuffle and crops
             seen = 0
             for batch in train_ld:
@@ -118,6 +144,8 @@ def linear_protocol(cfg, method, device, num_classes: int, *, epochs: int | None
             if progress:
                 log.info("linear protocol simclr: epoch %d/%d, %d images, loss %.3f", epoch + 1, epochs, seen,
                          float(loss.detach()))
+            if state is not None and head is not None:
+                state.save({"epoch": epoch + 1, "k": k, "head": head.state_dict(), "opt": opt.state_dict()})
         if head is None:
             raise ValueError(f"linear evaluation got no training batches from {cfg.data.train}")
         # Counts stay on the device and are read once after the loop: a read per batch would make the
@@ -148,6 +176,44 @@ def linear_protocol(cfg, method, device, num_classes: int, *, epochs: int | None
                                                       f"horizontal flip p={p['flip_p']}, {size} px",
             "eval": f"centre crop at {size} px", "backbone": "frozen, eval mode (batch-norm statistics fixed)",
             "train_size": getattr(train_ld, "num_samples", None), "val_size": n, "steps": k,
-            "seconds": time.perf_counter() - t0,
+            "resumed_after_epoch": start, "seconds": time.perf_counter() - t0,
         },
     }
+
+
+class _ProtocolState:
+    """The protocol's head and optimiser after each epoch, in one file, keyed by what the result depends on.
+
+    A file with another key (other weights, data or settings) is ignored and replaced. A save that
+    fails (a full disk) logs one warning and stops saving: the protocol goes on, only its resume is lost.
+    """
+
+    def __init__(self, path: str | Path, key: dict):
+        self.path, self.key, self.failed = Path(path), key, False
+
+    def load(self) -> dict | None:
+        if not self.path.is_file():
+            return None
+        try:
+            saved = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - a torn or foreign file: start over
+            log.warning("linear protocol state %s unreadable (%s): starting from epoch 0", self.path, e)
+            return None
+        if saved.get("key") != self.key:
+            log.info("linear protocol state %s is for other weights, data or settings: starting from epoch 0",
+                     self.path)
+            return None
+        return saved
+
+    def save(self, state: dict) -> None:
+        if self.failed:  # one warning, not one per epoch
+            return
+        tmp = self.path.with_name(f"{self.path.name}.tmp{os.getpid()}")
+        try:
+            torch.save({"key": self.key, **state}, tmp)
+            os.replace(tmp, self.path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            log.warning("linear protocol state %s not written (%s): the protocol goes on, but cannot resume",
+                        self.path, e.strerror or e)
+            self.failed = True

@@ -163,12 +163,15 @@ def fit_linear_probe(train_x, train_y, val_x, val_y, num_classes: int, lrs=(0.3,
     wd_t = torch.tensor([wd for _, wd in grid], device=dev).view(G, 1, 1)
     steps = epochs * math.ceil(len(fit) / batch_size)
     k = 0
+    fit_dev = fit.to(dev)
     for epoch in range(epochs):
         if epoch and per_epoch:
             raw = features_for(epoch).to(dev)
-        order = fit[torch.randperm(len(fit), generator=g)]
+        # One copy per epoch: the draws stay on the CPU generator (the same on every device), and the
+        # per-step slices stay on the device (a pageable copy per step would sync the host each time).
+        order = fit_dev[torch.randperm(len(fit), generator=g).to(dev)]
         for s in range(0, len(order), batch_size):
-            idx = order[s:s + batch_size].to(dev)
+            idx = order[s:s + batch_size]
             logits = torch.einsum("nf,gfc->gnc", rows(raw, idx), W) + b               # (G, n, C)
             loss = F.cross_entropy(logits.reshape(-1, num_classes), train_y[idx].repeat(G), reduction="sum") / len(idx)
             gw, gb = torch.autograd.grad(loss, (W, b))
@@ -236,11 +239,29 @@ def feature_meta(cfg, split: str, step: int, weights: str | None = None) -> dict
     ``weights``: :func:`weights_fingerprint` of the model (omitted: the key is absent, as in
     caches written before it existed).
     """
-    meta = {"step": step, "split": split, "path": str(getattr(cfg.data, split)), "image_size": cfg.aug.global_size,
+    path = str(getattr(cfg.data, split))
+    meta = {"step": step, "split": split, "path": path, "image_size": cfg.aug.global_size,
             "features": "backbone, global pooled"}
+    data = data_identity(path)
+    if data is not None:
+        meta["data"] = data
     if weights is not None:
         meta["weights"] = weights
     return meta
+
+
+def data_identity(path: str) -> str | None:
+    """Size and modification time of a split's file (a folder: its own), or None for a pattern or a missing path.
+
+    Part of :func:`feature_meta`: the cache holds labels as well as features, so a split written
+    again at the same path (other caps, a flat val folder rewritten into class folders) must be
+    re-extracted, not silently reused.
+    """
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return f"{st.st_size}:{st.st_mtime_ns}"
 
 
 LINEAR_PROTOCOLS = ("cached", "simclr")
@@ -262,24 +283,29 @@ def evaluate(cfg, method, step: int, run_dir: str | Path, knn: bool = True, line
     if linear_protocol not in LINEAR_PROTOCOLS:
         raise ValueError(f"linear protocol {linear_protocol!r} is not one of {', '.join(LINEAR_PROTOCOLS)}")
     t_all = time.perf_counter()
-    loaders = loaders or eval_loaders(cfg, device)
     method.eval()
     size = cfg.aug.global_size
     weights = weights_fingerprint(method)
-    feats = {}
-    for split, ld in loaders.items():
-        feats[split] = cached_features(run_dir, split, step, feature_meta(cfg, split, step, weights),
-                                       lambda ld=ld, split=split: extract_features(
-                                           method.embed, ld, device,
-                                           progress=f"features {split}" if progress else None))
-    # Unlabelled images (label -1: STL-10's unlabeled split, a flat folder) vote in no kNN and train no probe.
-    (tx, ty), (vx, vy) = labelled_rows(*feats["train"]), labelled_rows(*feats["val"])
-    seconds = {"features": _synced(device) - t_all}
-    num_classes = int(max(ty.max(), vy.max())) + 1
+    out: dict = {"checkpoint_step": step, "weights": weights, "image_size": size}
+    seconds: dict = {}
+    # The papers' protocol alone reads images, not cached features: no extraction pass for it.
+    if knn or rank or alpha or (linear and linear_protocol == "cached"):
+        loaders = loaders or eval_loaders(cfg, device)
+        feats = {}
+        for split, ld in loaders.items():
+            feats[split] = cached_features(run_dir, split, step, feature_meta(cfg, split, step, weights),
+                                           lambda ld=ld, split=split: extract_features(
+                                               method.embed, ld, device,
+                                               progress=f"features {split}" if progress else None))
+        # Unlabelled images (label -1: STL-10's unlabeled split, a flat folder) vote in no kNN and train no probe.
+        (tx, ty), (vx, vy) = labelled_rows(*feats["train"]), labelled_rows(*feats["val"])
+        seconds["features"] = _synced(device) - t_all
+        num_classes = int(max(ty.max(), vy.max())) + 1
+        out.update(features="backbone, global pooled, centre crop", train_size=len(tx), val_size=len(vx))
+    else:
+        num_classes = None  # the protocol takes the training split's
     k = k or cfg.eval.knn_k
     t = temperature or cfg.eval.knn_temperature
-    out: dict = {"checkpoint_step": step, "weights": weights, "image_size": size,
-                 "features": "backbone, global pooled, centre crop", "train_size": len(tx), "val_size": len(vx)}
     if knn:
         t0 = time.perf_counter()
         scores = knn_scores(tx, ty, vx, num_classes, k, t, device=device)
@@ -295,9 +321,12 @@ def evaluate(cfg, method, step: int, run_dir: str | Path, knn: bool = True, line
         else:
             from fastssl.evaluation.linear import linear_protocol as run_protocol
 
+            write_eval(run_dir, {**out, "seconds": dict(seconds)})  # what is known is kept through the hours ahead
             res = run_protocol(cfg, method, device, num_classes, epochs=linear_epochs, batch_size=linear_batch_size,
-                               progress=progress)
+                               progress=progress, state_path=Path(run_dir) / "linear_simclr.pt", weights=weights)
             out.update(res)
+            out.setdefault("train_size", res["linear_protocol"]["train_size"])
+            out.setdefault("val_size", res["linear_protocol"]["val_size"])
         seconds["linear"] = _synced(device) - t0
     if rank:
         out["rankme"] = rankme(vx)
