@@ -231,3 +231,18 @@ def test_feature_cache_key_names_the_data_file_not_only_its_path(tmp_path):
     os.utime(f, ns=(1, 1))
     assert feature_meta(cfg, "train", 5, "w") != first and first["data"].startswith("10:")
     assert "data" not in feature_meta(cfg, "val", 5, "w")  # a pattern: path only
+
+
+def test_checkpoint_loads_for_evaluation_in_the_trainers_memory_format(trained):
+    """NHWC weights as the trainer ran them (the fast convolutions); the same features as NCHW weights."""
+    from fastssl import checkpoint
+
+    run, _ = trained
+    cfg, method, _ = checkpoint.load_for_eval(checkpoint.resolve(str(run)), "cpu")
+    assert cfg.train.channels_last
+    convs = [m.weight for m in method.backbone.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    nchw = checkpoint.load_for_eval(checkpoint.resolve(str(run)), "cpu")[1].to(memory_format=torch.contiguous_format)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(method.embed(x), nchw.embed(x), rtol=1e-4, atol=1e-4)
