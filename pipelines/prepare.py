@@ -18,10 +18,14 @@ twice the output size (:func:`load_rgb`). Grayscale, CMYK,
 palette, 16-bit and alpha images are converted to 8-bit RGB. Outputs are
 written to a temporary name and renamed (atomic); a JSON sidecar
 ``<out>.meta.json`` records the parameters, class names and counts, so a second
-run with the same parameters reuses the file.
+run with the same parameters reuses the file. Before writing, the output's size is
+estimated from sampled images, and its disk must hold the estimate plus a margin
+for the estimate's error (:func:`estimate_size`). Worker processes are forked
+whatever multiprocessing's default start method, and run OpenCV on one thread.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -32,8 +36,14 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
+
+try:
+    from multiprocessing.context import ForkProcess as _ForkProcess
+except ImportError:  # no fork start method (Windows): _fork_context() refuses before any writer is made
+    _ForkProcess = object
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +115,43 @@ def _require_ffcv():
         import ffcv  # noqa: F401
     except ImportError as e:
         raise PrepareError(FFCV_INSTALL) from e
+    _fork_context()
+
+
+def _fork_context():
+    """multiprocessing's ``fork`` context, whatever the default start method (Python 3.14's on Linux is
+    ``forkserver``): the validation and writer processes inherit the image list, the source's reader and
+    ffcv's writer state instead of receiving them pickled. A :class:`PrepareError` where there is no fork."""
+    import multiprocessing as mp
+
+    if "fork" not in mp.get_all_start_methods():
+        raise PrepareError("fastssl-prepare needs multiprocessing's fork start method, which this platform "
+                           "lacks: run it on Linux or macOS (on Windows: under WSL)")
+    return mp.get_context("fork")
+
+
+def _identity(item):
+    """The default ``fetch``: the listed items are what is decoded."""
+    return item
+
+
+@contextlib.contextmanager
+def _one_cv2_thread():
+    """OpenCV on one thread in the validation and writer processes forked inside the block: its default
+    pool has a thread per core, and there is a process per core already. Set in this process before they
+    fork and restored after: set in a forked child instead, OpenCV (its pthreads pool) waits forever to
+    join the parent's pool threads, which the child does not have."""
+    try:
+        import cv2
+    except ImportError:
+        yield
+        return
+    n = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(n)
 
 
 # ----------------------------------------------------------------------------- listing and decoding
@@ -239,7 +286,8 @@ def open_image(src: str | os.PathLike | Encoded, max_aspect_ratio: float = MAX_A
             except Exception:
                 pass
         if real:
-            raise UnsafeImage(f"not a {fmt}: its content is {real}, not the {fmt} its name ({ext}) claims") from None
+            raise UnsafeImage(f"not a {fmt}: its content is {real}, not the {fmt} its name ({ext}) claims; "
+                              f"{_format_fix(fmt, real)}") from None
         if encoded:
             head = src.data[:8]
         else:
@@ -260,6 +308,14 @@ def open_image(src: str | os.PathLike | Encoded, max_aspect_ratio: float = MAX_A
         im.close()
         raise
     return im
+
+
+def _format_fix(named: str, real: str) -> str:
+    """How to keep a file whose content (``real``) is not the format its extension names."""
+    exts = [e for e, f in EXT_FORMATS.items() if f == real]
+    if exts:
+        return f"to keep it, re-save it as {named} or rename it to {exts[0]}"
+    return f"to keep it, convert it to {named} ({real} files are not read)"
 
 
 def load_rgb(path: str | os.PathLike | Encoded, max_resolution: int | None = None,
@@ -410,7 +466,7 @@ def validate(paths: list, workers: int, progress: bool = True, max_resolution: i
     kw = {"max_resolution": max_resolution, "max_aspect_ratio": max_aspect_ratio, "short_side": short_side}
     bar = progress_bar(len(paths), "validate", "img", enabled=progress)
     out = []
-    saved, _JOB = _JOB, (fetch or (lambda p: p), paths, kw)
+    saved, _JOB = _JOB, (fetch or _identity, paths, kw)
     try:
         import multiprocessing as mp
 
@@ -418,8 +474,8 @@ def validate(paths: list, workers: int, progress: bool = True, max_resolution: i
             for i in range(len(paths)):
                 out.append(_validate_index(i))
                 bar.update(1)
-        else:
-            with mp.get_context("fork").Pool(workers) as pool:
+        else:  # fork whatever the default start method: the workers inherit _JOB
+            with _one_cv2_thread(), mp.get_context("fork").Pool(workers) as pool:
                 for r in pool.imap(_validate_index, range(len(paths)), chunksize=max(1, chunk)):
                     out.append(r)
                     bar.update(1)
@@ -490,18 +546,48 @@ def page_size_for(max_pixels: int, s: WriteSettings) -> int:
     return max(2 ** 21, 1 << int(np.ceil(np.log2(2 * raw + 1))))
 
 
-def estimate_size(load, n: int, s: WriteSettings, page_size: int = 2 ** 21, sample: int = 24,
-                  seed: int = 0) -> tuple[int, int]:
-    """Estimated ``.beton`` bytes for ``n`` images from ``sample`` of them encoded at ``s``: ``(bytes, sampled)``.
+# Bytes per image outside the data pages: its metadata row (mode, w, h, ptr; label) and allocation-table row.
+_ROW_BYTES = 48
+# The least margin the free space must leave over the estimate (it is asked for even when every image was sampled).
+MIN_MARGIN = 0.05
 
-    ``load(i) -> (H, W, 3) uint8`` returns image ``i`` of the source, already resized.
+
+class SizeEstimate(NamedTuple):
+    """:func:`estimate_size`'s answer. ``required``: the free space asked for before writing, the estimate
+    plus ``margin`` (a fraction: twice the sampled mean's relative standard error, at least ``MIN_MARGIN``)
+    and two pages."""
+    bytes: int
+    sampled: int
+    required: int
+    margin: float
+
+
+def estimate_size(load, n: int, s: WriteSettings, page_size: int = 2 ** 21, sample: int = 64,
+                  seed: int = 0) -> SizeEstimate:
+    """Estimated ``.beton`` bytes for ``n`` images from ``sample`` of them encoded at ``s``, and the free
+    space to require for it (:class:`SizeEstimate`).
+
+    ``load(i) -> (H, W, 3) uint8`` returns image ``i`` of the source, already resized. The sizes of
+    JPEG-encoded photos vary (a coefficient of variation about 0.5): from 24 images the mean is known
+    to about 10 %, from 64 to about 6 %; the margin is twice that error as measured on the sample.
     """
     rng = np.random.default_rng(seed)
-    idx = rng.choice(n, size=min(sample, n), replace=False)
-    sizes = [encoded_bytes(load(int(i)), s) for i in idx]
-    per_image = float(np.mean(sizes)) + 32  # + metadata row (mode, w, h, ptr, label)
+    k = min(sample, n)
+    idx = rng.choice(n, size=k, replace=False)
+    sizes = np.asarray([encoded_bytes(load(int(i)), s) for i in idx], np.float64)
+    mean = float(sizes.mean())
+    if k == n:
+        rel_err = 0.0
+    elif k < 2:
+        rel_err = 0.5
+    else:  # standard error of the sampled mean, finite-population corrected (0 when all are sampled)
+        rel_err = float(sizes.std(ddof=1)) / max(mean, 1.0) / np.sqrt(k) * np.sqrt((n - k) / (n - 1))
+    margin = float(min(1.0, max(MIN_MARGIN, 2 * rel_err)))
+    # A sample never spans two pages: each page loses about half a sample at its end.
+    pages = n * mean / max(page_size - mean / 2, page_size / 2)
     # Pages are written whole: about one partly filled page per writer process, plus one.
-    return int(per_image * n + (max(1, s.workers) + 1) * page_size), len(sizes)
+    est = int(pages * page_size + n * _ROW_BYTES + (max(1, s.workers) + 1) * page_size)
+    return SizeEstimate(est, k, int(est * (1 + margin)) + 2 * page_size, margin)
 
 
 class _SourceDataset:
@@ -515,7 +601,7 @@ class _SourceDataset:
     def __init__(self, items: list[tuple[object, int]], fail_dir: str, settings: WriteSettings, fetch=None,
                  name=str):
         self.items, self.fail_dir, self.s = items, fail_dir, settings
-        self.fetch, self.name = fetch or (lambda p: p), name
+        self.fetch, self.name = fetch or _identity, name
 
     def __len__(self) -> int:
         return len(self.items)
@@ -556,20 +642,83 @@ def _atomic_json(path: Path, obj: dict) -> None:
 
 
 _SPACE_ERRNOS = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+_DISK_FULL_FIX = f"free space there or give an OUT on a disk with more room (exit status {DISK_FULL_EXIT})"
+
+
+def _free_now(out: Path) -> str:
+    try:
+        return f"{_fmt_bytes(shutil.disk_usage(out.parent).free)} free"
+    except OSError:
+        return "free space unknown"
 
 
 def _disk_full(out: Path, needed: int | None) -> DiskFull:
-    try:
-        free = f", {_fmt_bytes(shutil.disk_usage(out.parent).free)} free"
-    except OSError:
-        free = ""
+    """Nothing could be written to ``out``'s folder (its disk is full)."""
     need = f"about {_fmt_bytes(needed)} needed" if needed else "more space needed"
-    return DiskFull(f"no space left on the disk of {out} ({need}{free}); the partial file was removed: free space "
-                    f"there or give an OUT on a disk with more room (exit status {DISK_FULL_EXIT})")
+    return DiskFull(f"no space left on the disk of {out} ({need}, {_free_now(out)}): {_DISK_FULL_FIX}")
+
+
+def _check_free_space(out: Path, size: SizeEstimate) -> None:
+    """A :class:`DiskFull` unless ``out``'s disk has the estimate's ``required`` space free (the estimate
+    plus its margin of error: a disk that only just holds the estimate fills late in a long write)."""
+    free = shutil.disk_usage(out.parent).free
+    if free < size.required:
+        raise DiskFull(f"not enough space on the disk of {out}: about {_fmt_bytes(size.bytes)} needed, "
+                       f"{_fmt_bytes(size.required)} required (a {size.margin:.0%} margin for the error of an "
+                       f"estimate from {size.sampled} sampled images), {_fmt_bytes(free)} free; nothing was "
+                       f"written: {_DISK_FULL_FIX}")
+
+
+def _disk_full_while_writing(out: Path, written: int, done: int | None, total: int,
+                             estimated: int | None) -> DiskFull:
+    """The disk filled during the write: what was written, for what share of the images, so what the whole
+    needs (the estimate made before proved short). The free space is measured with the partial file gone."""
+    if done and total:
+        frac = min(1.0, done / total)
+        what = (f"after writing {_fmt_bytes(written)} for {100 * frac:.3g}% of the images ({done} of {total}): "
+                f"about {_fmt_bytes(written / frac)} needed in all")
+    elif written:
+        what = f"after writing {_fmt_bytes(written)}, before the first images were done: more than that needed"
+    else:
+        what = "before anything was written: more space needed"
+    before = f" (estimated {_fmt_bytes(estimated)} beforehand)" if estimated else ""
+    return DiskFull(f"no space left on the disk of {out} {what}{before}; the partial file was removed, "
+                    f"{_free_now(out)}: {_DISK_FULL_FIX}")
 
 
 class _WriterDied(Exception):
     pass
+
+
+class _NoSpace(Exception):
+    """A writer process met a full disk (reported once the partial file is removed)."""
+
+
+# The watch of the write in progress; ffcv's writer processes, forked, inherit it.
+_WATCH: _WriterWatch | None = None
+
+
+class _WriterProcess(_ForkProcess):
+    """``ffcv.writer.Process`` during a write: forked whatever the default start method (ffcv's job,
+    the dataset and its allocator are inherited, never pickled), and recorded in the watch."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if _WATCH is not None:
+            _WATCH.procs.append(self)
+            _WATCH.worker_args = tuple(kwargs.get("args", ()))
+
+
+def _writer_job(*args):
+    """``ffcv.writer.worker_job_indexed_dataset`` during a write, in a writer process: the job's exception
+    is reported to the parent (errno and text, in shared memory)."""
+    watch = _WATCH
+    try:
+        watch.saved["worker_job_indexed_dataset"](*args)
+    except BaseException as e:
+        watch.errno.value = int(getattr(e, "errno", 0) or 0)
+        watch.error.value = f"{type(e).__name__}: {e}".encode(errors="replace")[:399]
+        raise
 
 
 @dataclass
@@ -577,8 +726,8 @@ class _WriterWatch:
     """Watches ffcv's writer processes: ffcv waits forever on one that died (its main loop counts finished
     samples, and the other writers wait for the dead one's page), e.g. on a full disk.
 
-    Inside the block, the writer's processes are recorded and their worker job reports its
-    exception (errno and text, in shared memory: the disk may be full); when one exits with an
+    Inside the block, ffcv's writer forks its processes (:class:`_WriterProcess`), which are recorded,
+    and their worker job reports its exception (:func:`_writer_job`); when one exits with an
     error, a thread stops the others and raises :class:`_WriterDied` in the main thread (through a
     SIGINT to it, which also ends a blocking wait; a SIGINT of the user's stays a
     KeyboardInterrupt). Off the main thread nothing is watched (ffcv's own behaviour).
@@ -586,32 +735,21 @@ class _WriterWatch:
     procs: list = field(default_factory=list)
     errno: object = None
     error: object = None
+    worker_args: tuple = ()
 
     def __enter__(self):
-        import multiprocessing as mp
         import signal
         import threading
 
         import ffcv.writer as fw
 
-        self.errno, self.error = mp.Value("i", 0), mp.Array("c", 400)
+        global _WATCH
+        ctx = _fork_context()
+        # Unlocked: a process killed while holding a lock would leave the parent's read waiting forever.
+        self.errno, self.error = ctx.Value("i", 0, lock=False), ctx.Array("c", 400, lock=False)
         self.saved = {k: getattr(fw, k) for k in ("Process", "worker_job_indexed_dataset")}
-        procs, err_no, err_text, real_job = self.procs, self.errno, self.error, self.saved["worker_job_indexed_dataset"]
-
-        class Recorded(self.saved["Process"]):
-            def __init__(self, *a, **kw):
-                super().__init__(*a, **kw)
-                procs.append(self)
-
-        def job(*args):
-            try:
-                real_job(*args)
-            except BaseException as e:
-                err_no.value = int(getattr(e, "errno", 0) or 0)
-                err_text.value = f"{type(e).__name__}: {e}".encode(errors="replace")[:399]
-                raise
-
-        fw.Process, fw.worker_job_indexed_dataset = Recorded, job
+        self.previous, _WATCH = _WATCH, self
+        fw.Process, fw.worker_job_indexed_dataset = _WriterProcess, _writer_job
         self.failed, self.stop = threading.Event(), threading.Event()
         self.handler = None
         if threading.current_thread() is threading.main_thread():
@@ -651,27 +789,39 @@ class _WriterWatch:
 
         import ffcv.writer as fw
 
+        global _WATCH
         self.stop.set()
         if self.handler:
             self.thread.join()
             signal.signal(signal.SIGINT, self.handler[0])
         for k, v in self.saved.items():
             setattr(fw, k, v)
+        _WATCH = self.previous
         return False
 
     def reason(self) -> tuple[int, str]:
         return self.errno.value, self.error.value.decode(errors="replace") or "a writer process died"
+
+    def done(self) -> int | None:
+        """Images the writer processes finished (ffcv 1.0's shared counter, read without its lock), or None."""
+        try:
+            return int(self.worker_args[5].get_obj().value)  # (queue, metadata, type, fields, allocator, done, ..)
+        except (AttributeError, IndexError, TypeError, ValueError):
+            return None
 
 
 def _write_beton(dataset, out: Path, s: WriteSettings, page_size: int, quiet: bool = False,
                  needed: int | None = None, chunk: int = 100) -> None:
     """ffcv ``DatasetWriter`` into ``out`` through a temporary file in the same folder, then rename.
 
-    ffcv's writer draws its own tqdm bar (no label, on stderr, even when quiet, ``\r``-joined in a
+    ffcv's writer draws its own tqdm bar (no label, on stderr, even when quiet, ``\\r``-joined in a
     log); it gets fastssl's reporter instead (``fastssl.progress``: a bar on a terminal, lines
-    otherwise, nothing with ``quiet``). A full disk (``ENOSPC``, ``EDQUOT``), in this process or in
-    a writer process, raises :class:`DiskFull` naming the space ``needed`` (the estimate); any other
-    writer process failure a :class:`PrepareError`. The partial file is removed in every case."""
+    otherwise, nothing with ``quiet``). Its processes are forked (:class:`_WriterWatch`), with OpenCV on
+    one thread in each (:func:`_one_cv2_thread`). A full disk
+    (``ENOSPC``, ``EDQUOT``), in this process or in a writer process, raises :class:`DiskFull` naming
+    the bytes written, the share of the images done and the space that implies (``needed``: the
+    estimate made before); any other writer process failure a :class:`PrepareError`. The partial file
+    is removed in every case."""
     from ffcv.fields import IntField
     from ffcv.writer import DatasetWriter
 
@@ -682,10 +832,11 @@ def _write_beton(dataset, out: Path, s: WriteSettings, page_size: int, quiet: bo
     fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".partial", dir=out.parent)
     os.close(fd)
     writer = None
+    watch = _WriterWatch()
     try:
         writer = DatasetWriter(tmp, {"image": s.field(), "label": IntField()}, num_workers=max(1, s.workers),
                                page_size=page_size)
-        with _WriterWatch() as watch, \
+        with watch, _one_cv2_thread(), \
                 writer_progress(lambda total: progress(total, f"write {out.name}", "img", enabled=not quiet)):
             try:
                 writer.from_indexed_dataset(dataset,
@@ -697,19 +848,23 @@ def _write_beton(dataset, out: Path, s: WriteSettings, page_size: int, quiet: bo
                     sm.unlink()
                 code, text = watch.reason()
                 if code in _SPACE_ERRNOS:
-                    raise _disk_full(out, needed) from None
+                    raise _NoSpace() from None
                 raise PrepareError(f"ffcv's writer failed writing {out} ({text}); the partial file was removed")
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it 0600
         os.replace(tmp, out)
-    except OSError as e:
+    except BaseException as e:
+        no_space = isinstance(e, _NoSpace) or (isinstance(e, OSError) and e.errno in _SPACE_ERRNOS)
+        written = 0
+        if no_space:
+            try:
+                written = os.path.getsize(tmp)
+            except OSError:
+                pass
         Path(tmp).unlink(missing_ok=True)
-        if e.errno in _SPACE_ERRNOS:
-            raise _disk_full(out, needed) from None
-        raise
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if no_space:  # measured and reported with the partial file gone
+            raise _disk_full_while_writing(out, written, watch.done(), len(dataset), needed) from None
         raise
 
 
@@ -805,14 +960,14 @@ def prepare_source(source, out: str | os.PathLike, settings: WriteSettings | Non
         _log(f"skipped {p}: {why}", quiet, logging.WARNING)
 
     page = page_size_for(max(h * w for _, why, (h, w) in checked if why is None), s)
-    est, k = estimate_size(lambda i: decode(source.fetch(good[i][0]), s.max_resolution, s.max_aspect_ratio,
-                                            s.short_side), len(good), s, page)
+    # A source read in blocks (Parquet row groups) reads a block per sampled image: fewer samples there.
+    size = estimate_size(lambda i: decode(source.fetch(good[i][0]), s.max_resolution, s.max_aspect_ratio,
+                                          s.short_side), len(good), s, page, sample=24 if chunk else 64)
+    est, k = size.bytes, size.sampled
     caps = ", ".join(f"{k_}={v}" for k_, v in (("max_resolution", s.max_resolution), ("short_side", s.short_side)))
     _log(f"estimated output size: {_fmt_bytes(est)} ({len(good)} images; from {k} sampled images encoded with "
          f"write_mode={s.write_mode}, quality={s.jpeg_quality}, {caps})", quiet)
-    free = shutil.disk_usage(out.parent).free
-    if free < est:  # found now, not hours into the writing
-        raise _disk_full(out, est)
+    _check_free_space(out, size)  # found now, not hours into the writing
 
     with tempfile.TemporaryDirectory() as fail_dir:
         _write_beton(_SourceDataset(good, fail_dir, s, source.fetch, source.name), out, s, page, quiet, needed=est,
@@ -851,9 +1006,11 @@ def prepare_dataset(ds, out: str | os.PathLike, params: dict, classes: list[str]
     data = _ArrayDataset(ds, s.short_side, s.max_resolution)
     h, w = data[0][0].shape[:2]
     page = page_size_for(h * w, s)
-    est, k = estimate_size(lambda i: decode(data[i][0], s.max_resolution, float("inf"), s.short_side), len(data),
-                           s, page)
-    _log(f"estimated output size: {_fmt_bytes(est)} ({len(data)} images, from {k} sampled)", quiet)
+    size = estimate_size(lambda i: decode(data[i][0], s.max_resolution, float("inf"), s.short_side), len(data),
+                         s, page)
+    est = size.bytes
+    _log(f"estimated output size: {_fmt_bytes(est)} ({len(data)} images, from {size.sampled} sampled)", quiet)
+    _check_free_space(out, size)
     _write_beton(data, out, s, page, quiet, needed=est)
     counts = None
     if classes and getattr(ds, "num_classes", None) == len(classes):  # SyntheticImages: label = i % num_classes

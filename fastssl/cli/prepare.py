@@ -17,7 +17,8 @@ SRC is any of:
 
 Undecodable images are skipped and named (shard and key); so are decompression bombs
 (over PIL's MAX_IMAGE_PIXELS), images beyond --max-aspect-ratio, files whose content is
-not the format their extension names, and symlinks or paths leaving SRC (SECURITY.md).
+not the format their extension names (the reason says how to keep them: re-save, or
+rename to the real format's extension), and symlinks or paths leaving SRC (SECURITY.md).
 The summary and class names go to ``OUT.beton.meta.json``. Re-running with the same
 inputs reuses the output.
 
@@ -35,8 +36,10 @@ decodes 2.5x faster than at 500 px (JPEG 90, measured on 500x375 photos); the lo
 cap of 512 bounds panoramas.
 
 Exit status: 0 written (or up to date), 2 bad input or options (one line on stderr
-says what and how to fix it), 4 the output's disk is full (the partial file is removed;
-the line names the space needed).
+says what and how to fix it), 4 the output's disk is too small: before writing, when its
+free space is under the estimated size plus a margin for the estimate's error (the line
+names both), or during it (the partial file is removed; the line names the bytes written,
+the share of the images done and the space that implies).
 """
 from __future__ import annotations
 
