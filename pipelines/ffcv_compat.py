@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 
 import numpy as np
 import torch
@@ -413,11 +414,22 @@ def stop_epoch(it, timeout: float = 10.0) -> None:
     """Stop an epoch's decoding thread (before the decoder's shared state changes), then wait for the copies
     still reading its pinned slots: the slots go with the iterator, and the host allocator ties a pending
     copy only to the buffer it was copied from, not to every slot it covers."""
+    import queue
+
     it.close()
     slots = getattr(it, "slots", None)
     if slots is not None:
         slots.close()
-    it.join(timeout=timeout)
+    # A thread that decoded the epoch's last batch ends on ffcv's blocking ``output_queue.put(None)``, which
+    # no stop reaches while the queue is full of batches no one will read: drop them until the thread ends.
+    deadline = time.monotonic() + timeout
+    while it.is_alive() and time.monotonic() < deadline:
+        try:
+            while True:
+                it.output_queue.get_nowait()
+        except (queue.Empty, AttributeError):
+            pass
+        it.join(timeout=0.05)
     for fence in getattr(slots, "_fence", None) or ():
         if fence is not None:
             fence.synchronize()

@@ -249,3 +249,24 @@ def test_cuda_path_queues_the_copies_then_fences_then_yields(demo_data, monkeypa
         assert labels.dtype == torch.int64
         log.clear()
     assert n == 5
+
+
+@needs_ffcv
+def test_stopping_an_epoch_whose_last_batch_waits_in_the_queue_ends_its_thread(demo_data):
+    """ffcv's thread ends an epoch with a blocking put of None; with the last batch still queued (unread), a
+    stop must still end it rather than leave it blocked (and the stop waiting out its whole timeout)."""
+    from fastssl.pipelines.ffcv_compat import stop_epoch
+
+    L = _ffcv(demo_data, batches_ahead=1)        # a queue of one batch
+    gen = L._raw_batches(L.order(0), len(L))
+    for _ in range(len(L) - 1):
+        next(gen)
+    it = L._it
+    deadline = time.monotonic() + JOIN
+    while not it.output_queue.full() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert it.output_queue.full()                # the last batch is queued; the thread is at its final put
+    time.sleep(0.2)
+    stop_epoch(it, timeout=JOIN)
+    assert not it.is_alive()
+    gen.close()
