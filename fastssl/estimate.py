@@ -8,12 +8,17 @@ progressive schedule (``train.res_start`` -> ``aug.global_size``):
 - after ``warm`` more, ``timed`` end-to-end steps through the live loader (data and step together,
   as training runs);
 - ``timed`` steps on one fixed batch (the model alone: the limit the step sets);
-- ``timed`` batches from the loader with no step (the data alone).
+- the epoch restarted (its start timed), then ``timed`` batches from the loader with no step (the data
+  alone). The restart empties the loader's queues: batches it decoded ahead while the model was timed
+  would otherwise read back at no cost, and every phase would look model-bound.
 
 The phase's projected time is its steps x the end-to-end step time, plus per epoch the loader's
 epoch start, plus once the first step's extra when the step is compiled (the run compiles again). What limits a phase is whichever of
-data or model is slower. Evaluations are projected from a timed feature extraction (images/s of
-the eval loader through the backbone) and a kNN on a bank sampled to the run's size ratio.
+data or model is slower. Evaluations are projected the same way: seconds per image of the backbone's
+forward on one fixed batch (the model alone) and of the eval loader read with no forward from a
+fresh epoch (the data alone); the slower one is the extraction's rate, plus a kNN timed on full
+blocks of the run's plan. The papers' linear protocol reads the train split through random resized
+crops, shuffled: its data rate is timed on that loader, not on the centre-crop one.
 Device time is read with a synchronize at the end of each timed stretch, never per step.
 """
 from __future__ import annotations
@@ -59,7 +64,20 @@ class Estimate:
     final_eval_s: float = 0.0     # the whole split
     linear_eval_s: float = 0.0    # the papers' linear protocol afterwards (frozen backbone, 90 epochs)
     linear_epochs: int = 0
+    eval_model_s: float = 0.0     # per image: the backbone's forward on one fixed batch (the model alone)
+    eval_data_s: float = 0.0      # per image: the eval loader (centre crops, in order) with no forward
+    linear_data_s: float = 0.0    # per image: the linear protocol's loader (random resized crops, shuffled)
     measured_s: float = 0.0       # what the estimate itself took
+
+    @property
+    def eval_limit(self) -> str:
+        """What bounds the evaluations' feature extraction: ``data`` or ``model``."""
+        return "data" if self.eval_data_s > self.eval_model_s else "model"
+
+    @property
+    def linear_limit(self) -> str:
+        """What bounds the linear protocol's passes over the train split: ``data`` or ``model``."""
+        return "data" if self.linear_data_s > self.eval_model_s else "model"
 
     @property
     def train_s(self) -> float:
@@ -88,6 +106,10 @@ class Estimate:
         d.update(train_s=self.train_s, model_alone_s=self.model_alone_s, total_s=self.total_s,
                  eval_in_training_s=self.eval_in_training_s,
                  eval_fraction=self.eval_in_training_s / max(self.train_s, 1e-9))
+        if self.eval_model_s:
+            d["eval_limit"] = self.eval_limit
+        if self.linear_eval_s:
+            d["linear_limit"] = self.linear_limit
         return d
 
     def lines(self) -> list[str]:
@@ -109,11 +131,19 @@ class Estimate:
                        f"{self.evals_in_training} x {_hms(self.eval_each_s)}{bank}; {share:.1%} of training)")
         if self.final_eval_s:
             out.append(f"  final evaluation    {_hms(self.final_eval_s)}")
+        if self.eval_model_s and (self.eval_in_training_s or self.final_eval_s):
+            out.append(f"  (features: model {_ips(self.eval_model_s)}, data {_ips(self.eval_data_s)}"
+                       f" (centre crops): {self.eval_limit}-bound)")
         out.append(f"  total               {_hms(self.total_s)}")
         if self.linear_eval_s:
             out.append(f"  then, linear eval   {_hms(self.linear_eval_s)}  (the papers' protocol: {self.linear_epochs} "
-                       f"epochs of the frozen backbone over the train split; not in the total)")
+                       f"epochs of the frozen backbone over the train split; model {_ips(self.eval_model_s)}, data "
+                       f"{_ips(self.linear_data_s)} (random resized crops): {self.linear_limit}-bound; not in the total)")
         return out
+
+
+def _ips(per_image_s: float) -> str:
+    return f"{1.0 / per_image_s:,.0f} img/s" if per_image_s > 0 else "- img/s"
 
 
 def _hms(s: float) -> str:
@@ -157,7 +187,10 @@ def estimate(cfg, timed: int = 3, eval_batches: int = 2, prepare_s: float = 0.0,
     projected cost of writing the data first.
     ``n_train``/``n_val``: the full run's image counts when ``cfg.data`` points at a sample of it
     (default: the sizes of ``cfg.data``). ``linear_epochs``: project the papers' linear protocol too
-    (that many passes of the frozen backbone's forward over the train split, at the timed eval rate). The core and loader are throwaways: no run directory, no checkpoint.
+    (that many passes of the frozen backbone's forward over the train split, each image at the slower of
+    the forward and the protocol's own train-mode loader). ``eval_batches``: forwards timed on one fixed
+    batch; the loaders are read for ``eval_batches + 2`` batches (workers that start together deliver
+    their first batches at once). The core and loaders are throwaways: no run directory, no checkpoint.
     """
     from fastssl.config import derive
     from fastssl.engine import TrainCore, make_accelerator, train_step, use_bf16
@@ -181,12 +214,13 @@ def estimate(cfg, timed: int = 3, eval_batches: int = 2, prepare_s: float = 0.0,
     accum = cfg.optim.accum_steps
     result = Estimate(device=_device_name(device), prepare_s=prepare_s)
     steps_left = derived.run_steps
+    feed = _Feed(loader, cfg, accum)
     for phase in phases_of(cfg):
         phase.steps = min(phase.epochs * derived.steps_per_epoch, steps_left)
         steps_left -= phase.steps
         if phase.steps == 0:
             continue
-        feed = _Feed(loader, phase, cfg, accum)
+        feed.phase = phase
         t = clock.now()
         feed.restart()
         train_step(core, feed.take(), 0)
@@ -202,16 +236,10 @@ def estimate(cfg, timed: int = 3, eval_batches: int = 2, prepare_s: float = 0.0,
         for _ in range(timed):
             train_step(core, fixed, 0)
         phase.model_step_s = (clock.now() - t) / timed
-        t = clock.now()
-        for _ in range(timed):
-            feed.take()
-        phase.data_step_s = (clock.now() - t) / timed
         # An epoch's start once the loader is warm (the first one above also compiled ffcv's decoder,
-        # which numba caches on disk for every later process).
-        t = clock.now()
-        feed.restart()
-        feed.take()
-        phase.epoch_start_s = clock.now() - t
+        # which numba caches on disk for every later process), then the data alone from its emptied queues.
+        phase.epoch_start_s, reads_s, _, reads = _time_reads(feed.restart, feed.take, timed, clock)
+        phase.data_step_s = reads_s / max(reads, 1)
         epochs_run = -(-phase.steps // max(derived.steps_per_epoch, 1))
         # The first step's extra is compilation, paid again by the run; an eager CPU run's extra is the
         # per-shape weight-gradient timing, which the run reads from the machine's cache instead.
@@ -223,8 +251,11 @@ def estimate(cfg, timed: int = 3, eval_batches: int = 2, prepare_s: float = 0.0,
     if evaluates:
         every = cfg.eval.every_epochs
         result.evals_in_training = len([e for e in range(1, cfg.train.epochs) if every and e % every == 0])
-        per_image, bank, labels, n_train, n_val = _time_eval(core, make_loader, views, clock, eval_batches, n_train,
-                                                             n_val)
+        ev = _time_eval(core, make_loader, views, clock, eval_batches, n_train, n_val,
+                        linear_loader=_linear_loader(cfg, device, threads) if linear_epochs else None)
+        bank, labels, n_train, n_val = ev.bank, ev.labels, ev.n_train, ev.n_val
+        result.eval_model_s, result.eval_data_s, result.linear_data_s = ev.model_s, ev.data_s, ev.linear_data_s
+        per_image = ev.per_image
         k = result.eval_stride = max(1, int(cfg.eval.knn_stride))
         n_val_in = min(n_val, cfg.eval.val_subset) if cfg.eval.val_subset else n_val
 
@@ -236,17 +267,23 @@ def estimate(cfg, timed: int = 3, eval_batches: int = 2, prepare_s: float = 0.0,
         result.init_eval_s = result.final_eval_s = full if cfg.eval.final else 0.0
         if linear_epochs:
             result.linear_epochs = linear_epochs
-            result.linear_eval_s = per_image * (n_train or loader.num_samples) * linear_epochs
+            result.linear_eval_s = ev.linear_per_image * n_train * linear_epochs
     result.measured_s = time.perf_counter() - t_start
     acc.end_training()
     return result
 
 
+# Batches from an epoch's end inside which a timed read is not the loader's rate: there the loader has
+# already decoded what it works ahead, and hands it over at no cost.
+_END_WINDOW = 6
+
+
 class _Feed:
     """The loader's batches, ``accum`` at a time, restarting the phase's epoch when it runs out."""
 
-    def __init__(self, loader, phase: Phase, cfg, accum: int):
-        self.loader, self.phase, self.cfg, self.accum = loader, phase, cfg, accum
+    def __init__(self, loader, cfg, accum: int):
+        self.loader, self.cfg, self.accum = loader, cfg, accum
+        self.phase: Phase | None = None
         self.it = None
 
     def restart(self) -> None:
@@ -263,12 +300,116 @@ class _Feed:
         return out
 
 
-def _time_eval(core, make_loader, views, clock: _Clock, batches: int, n_train: int | None = None,
-               n_val: int | None = None):
-    """The evaluation's feature extraction, timed over ``batches`` batches of the eval loader.
+def _len(loader) -> int | None:
+    """Batches per epoch; None for a loader that cannot say (a stream)."""
+    try:
+        return len(loader)
+    except TypeError:
+        return None
 
-    Returns (seconds per image, the timed features (bank for ``_time_knn``), their labels, n_train, n_val):
-    the split sizes default to the eval loaders'."""
+
+def _time_reads(restart, take, reads: int, clock: _Clock, size=lambda got: 1) -> tuple[float, float, int, int]:
+    """The data path alone, free of the batches a loader decoded ahead while something else was timed.
+
+    ``restart()`` starts an epoch (its queues empty), ``take()`` reads the next item (``None`` at the
+    epoch's end), ``size(item)``: what it counts (images; default 1, a step's batches). The first take is
+    the epoch's start; then ``reads`` more are timed with no work between them, so each costs what the
+    loader takes to make it. Returns (start s, seconds of the timed reads, size of the first, size read
+    after it: 0 when the epoch held a single item).
+    """
+    t = clock.now()
+    restart()
+    got = take()
+    start_s = clock.now() - t
+    first = size(got) if got is not None else 0
+    n = 0
+    t = clock.now()
+    for _ in range(reads if got is not None else 0):
+        got = take()
+        if got is None:
+            break
+        n += size(got)
+    return start_s, clock.now() - t, first, n
+
+
+class _Epoch:
+    """One loader's epoch 0 from its start, a batch at a time: ``take()`` is ``None`` at its end."""
+
+    def __init__(self, loader):
+        self.loader, self.it = loader, None
+
+    def restart(self) -> None:
+        self.loader.set_epoch(0)
+        self.it = iter(self.loader)
+
+    def take(self):
+        return next(self.it, None)
+
+
+def _images(batch) -> int:
+    return int(batch.views[0].shape[0])
+
+
+def _data_per_image(loader, reads: int, clock: _Clock) -> tuple[float, object]:
+    """Seconds per image of ``loader`` read alone (:func:`_time_reads`), and its largest batch read.
+
+    An epoch longer than the window: ``reads`` batches inside it, from a fresh start. A shorter one is
+    read whole, twice (the first compiles the decoder), the second timed with its start: near its end
+    the window would count batches the loader finished while handing over the one before (it works a
+    batch ahead), and a short epoch is what each evaluation of such a split pays, start and all.
+    """
+    ep = _Epoch(loader)
+    held = []
+
+    def take():
+        b = ep.take()
+        if b is not None and (not held or _images(b) > _images(held[0])):
+            held[:] = [b]
+        return b
+
+    size = _len(loader)
+    if size is None or size > reads + _END_WINDOW:
+        _, reads_s, first, n = _time_reads(ep.restart, take, reads, clock, _images)
+        if n:
+            return reads_s / n, held[0]
+    for _ in range(2):
+        start_s, reads_s, first, n = _time_reads(ep.restart, take, size or 0, clock, _images)
+    if not first:
+        raise ValueError(f"the evaluation's loader of {getattr(loader, 'path', 'the split')} yields no batch")
+    return (start_s + reads_s) / (first + n), held[0]
+
+
+@dataclass
+class _EvalTiming:
+    model_s: float          # per image: the forward on one fixed batch
+    data_s: float           # per image: the eval loader alone
+    linear_data_s: float    # per image: the linear protocol's loader alone (0: not timed)
+    bank: torch.Tensor      # the timed features, for _time_knn
+    labels: torch.Tensor
+    n_train: int
+    n_val: int
+
+    @property
+    def per_image(self) -> float:
+        """The extraction's rate: the loader and the forward overlap, the slower one sets it."""
+        return max(self.model_s, self.data_s)
+
+    @property
+    def linear_per_image(self) -> float:
+        return max(self.model_s, self.linear_data_s or self.data_s)
+
+
+def _time_eval(core, make_loader, views, clock: _Clock, batches: int, n_train: int | None = None,
+               n_val: int | None = None, linear_loader=None) -> _EvalTiming:
+    """The evaluation's feature extraction: the model alone and the data alone, per image.
+
+    The data: the eval loader read from a fresh epoch with no forward (:func:`_time_reads`, ``batches + 2``
+    batches after the first). The model: ``batches`` forwards of one batch it read, after an untimed
+    (eager, cold) one. Timing forwards on the loader's next batches instead reads back the ones it
+    decoded during the cold forward, at the model's rate however slow the decode. ``linear_loader``: the
+    linear protocol's train-mode loader, its data timed the same way. The split sizes default to the
+    eval loaders'.
+    """
     from fastssl.compile import eager
 
     train_loader = make_loader("train", 256, False, 0, 0, 1, views[:1])
@@ -277,28 +418,31 @@ def _time_eval(core, make_loader, views, clock: _Clock, batches: int, n_train: i
     method = core.eval_method()
     was = method.training
     method.eval()
-    feats, labels, seen = [], [], 0
+    reads = max(1, batches) + 2
+    # The data first, on the fresh loader; then the forwards on its largest batch, the loader left as it is.
+    data_s, batch = _data_per_image(train_loader, reads, clock)
+    linear_s = _data_per_image(linear_loader, reads, clock)[0] if linear_loader is not None else 0.0
     with torch.no_grad(), eager(method.backbone):
-        it = iter(train_loader)
-        first = next(it)  # the loader's start and the first (eager) batch: not the rate
-        _embed(method, first)
+        labels = batch.labels if batch.labels is not None else torch.zeros(_images(batch), dtype=torch.long)
+        feats = _embed(method, batch)  # the first (eager, cold) forward: not the rate
         t = clock.now()
-        for _ in range(batches):
-            try:
-                b = next(it)
-            except StopIteration:
-                break
-            feats.append(_embed(method, b))
-            labels.append(b.labels)
-            seen += b.views[0].shape[0]
-        if seen == 0:  # a set of one batch: time that one
-            t = clock.now()
-            feats.append(_embed(method, first))
-            labels.append(first.labels)
-            seen = first.views[0].shape[0]
-        per_image = (clock.now() - t) / seen
+        for _ in range(max(1, batches)):
+            feats = _embed(method, batch)
+        model_s = (clock.now() - t) / (max(1, batches) * _images(batch))
     method.train(was)
-    return per_image, torch.cat(feats), torch.cat(labels), n_train, n_val
+    return _EvalTiming(model_s, data_s, linear_s, feats, labels, n_train, n_val)
+
+
+def _linear_loader(cfg, device: torch.device, threads: int):
+    """The loader the papers' linear protocol reads (:func:`fastssl.evaluation.linear.linear_protocol`):
+    the train split through its random resized crops and flips, shuffled, 256 a batch."""
+    from fastssl.evaluation.linear import SIMCLR_LINEAR, train_view
+    from fastssl.pipelines.loader import build_loader
+
+    loader = build_loader(cfg.data, [train_view(cfg.aug.global_size)], "train", SIMCLR_LINEAR["batch_size"], device,
+                          seed=0, train=True, backend=cfg.data.backend, workers=cfg.data.workers, drop_last=False)
+    torch.set_num_threads(threads)  # a loader library may change it (ffcv's import sets 1)
+    return loader
 
 
 def _time_knn(bank: torch.Tensor, labels: torch.Tensor, n_train: int, n_val: int, cfg, clock: _Clock) -> float:
