@@ -597,6 +597,10 @@ def _validate_cross(cfg: Config) -> None:
     views = cfg.aug.resolved_views()
     if not views:
         raise ConfigError("aug: the recipe produces no views")
+    for i, v in enumerate(views):
+        why = v.problem()
+        if why:
+            raise ConfigError(f"aug.views.{i}.{why}")
     if cfg.train.res_start and cfg.train.res_start > cfg.aug.global_size:
         raise ConfigError(f"train.res_start={cfg.train.res_start} must be <= aug.global_size={cfg.aug.global_size}")
     _validate_backbone(cfg.model.backbone)

@@ -33,6 +33,30 @@ class ViewSpec:
     solarize_p: float = 0.0
     local: bool = False             # a local (small) crop: grouped apart from the global ones
 
+    def problem(self) -> str | None:
+        """What makes this view impossible to produce, as ``field=value: why``; None when it is valid.
+
+        Checked with the config, before any data is read: a blur sigma of 0 divides by zero in the
+        Gaussian kernel (a view of NaN), a probability outside [0, 1] or a negative jitter strength
+        silently means something else.
+        """
+        for name in ("flip_p", "jitter_p", "gray_p", "blur_p", "solarize_p"):
+            if not 0 <= getattr(self, name) <= 1:
+                return f"{name}={getattr(self, name)}: a probability, in [0, 1]"
+        for name in ("brightness", "contrast", "saturation"):
+            if getattr(self, name) < 0:
+                return f"{name}={getattr(self, name)}: a jitter strength, at least 0"
+        if not 0 <= self.hue <= 0.5:
+            return f"hue={self.hue}: a hue shift, in [0, 0.5]"
+        if not 0 < self.blur_sigma_min <= self.blur_sigma_max:
+            return (f"blur_sigma_min={self.blur_sigma_min}, blur_sigma_max={self.blur_sigma_max}: "
+                    f"needs 0 < blur_sigma_min <= blur_sigma_max (a sigma of 0 divides by zero)")
+        if not 0 < self.scale_min <= self.scale_max <= 1:
+            return f"scale=({self.scale_min}, {self.scale_max}): needs 0 < scale_min <= scale_max <= 1"
+        if not 0 < self.ratio_min <= self.ratio_max:
+            return f"ratio=({self.ratio_min}, {self.ratio_max}): needs 0 < ratio_min <= ratio_max"
+        return None
+
 
 def _simclr() -> list[ViewSpec]:
     # SimCLR (Chen et al. 2020) geometry and blur. The jitter (0.4, 0.4, 0.2, 0.1) is BYOL's strengths (and lightly's

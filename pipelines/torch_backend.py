@@ -34,6 +34,8 @@ from fastssl.pipelines.prefetch import to_device
 
 log = logging.getLogger(__name__)
 
+# Errors of the device, not of an image: a per-image retry would hide them (and run B host syncs).
+DEVICE_FAULTS = (torch.OutOfMemoryError, *((torch.AcceleratorError,) if hasattr(torch, "AcceleratorError") else ()))
 MAX_TRIES = 16          # replacement candidates per unreadable sample before the folder is declared unreadable
 _REPLACE_STREAM = 1 << 20  # "view" numbers of the replacement hash, far from any real view
 
@@ -364,7 +366,13 @@ def decode_jpegs(data: list[torch.Tensor], device) -> list[torch.Tensor]:
     stream = _decode_stream(device)
     stream.synchronize()
     with torch.cuda.stream(stream):
-        out = _decode(data, device)
+        try:
+            out = _decode(data, device)
+        except BaseException:
+            # A batch that fails part-way leaves the decoder's private stream writing into images that
+            # die with this exception, unguarded by any event: wait for it before their blocks are reused.
+            torch.cuda.synchronize(device)
+            raise
     caller.wait_stream(stream)
     for image in out:
         image.record_stream(caller)
@@ -437,6 +445,8 @@ class TorchLoader(LoaderBase):
             if geo is not None:
                 try:
                     crops = gpu_decode_and_crop(payload, geo, self.sizes, self.device)
+                except DEVICE_FAULTS:  # out of memory, a CUDA error: not a JPEG's fault; retrying image by image hides it
+                    raise
                 except (RuntimeError, ValueError):  # a JPEG the GPU decoder refuses: decode it (or its replacement) on the CPU
                     payload, geo, labels, idx = self._cpu_fallback(payload, geo, labels, idx, slots)
                     crops = gpu_decode_and_crop(payload, geo, self.sizes, self.device)
@@ -464,6 +474,8 @@ class TorchLoader(LoaderBase):
             try:
                 decode_jpegs([p], self.device)
                 continue
+            except DEVICE_FAULTS:
+                raise
             except (RuntimeError, ValueError):
                 pass
             got = self.dataset.fetch(int(slots[k]), "rgb", first=int(idx[k]))

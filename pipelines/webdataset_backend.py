@@ -83,8 +83,8 @@ from fastssl.pipelines.loader import LoaderBase
 from fastssl.pipelines.sources import TAR_IMAGE_EXTS as IMAGE_EXTS
 from fastssl.pipelines.sources import _as_label
 from fastssl.pipelines.sources import _split_key as _split
-from fastssl.pipelines.torch_backend import (FolderViews, _crop_geometry, _reason, gpu_decode_and_crop,
-                                             worker_start_method)
+from fastssl.pipelines.torch_backend import (DEVICE_FAULTS, FolderViews, _crop_geometry, _reason,
+                                             gpu_decode_and_crop, worker_start_method)
 
 log = logging.getLogger(__name__)
 
@@ -703,6 +703,8 @@ class WebDatasetLoader(LoaderBase):
             if geo is not None:
                 try:
                     crops = gpu_decode_and_crop(payload, geo, self.sizes, self.device)
+                except DEVICE_FAULTS:  # out of memory, a CUDA error: not a JPEG's fault
+                    raise
                 except (RuntimeError, ValueError):  # a JPEG the GPU decoder refuses: decode it on the CPU, or replace it
                     payload, geo, labels, idx = self._cpu_fallback(ds, payload, geo, labels, idx, where)
                     crops = gpu_decode_and_crop(payload, geo, self.sizes, self.device)
@@ -750,6 +752,8 @@ class WebDatasetLoader(LoaderBase):
             try:
                 decode_jpegs([p], self.device)  # the torch back-end's decoder (TorchCodec or torchvision)
                 continue
+            except DEVICE_FAULTS:
+                raise
             except (RuntimeError, ValueError):
                 pass
             try:

@@ -324,3 +324,26 @@ def test_back_ends_share_one_base_and_ffcv_internals_stay_in_compat():
     for private in ("output_queue", "traversal_order", "next_epoch", '"f0"', '"f1"', "SimpleRGBImageDecoder",
                     "from ffcv.loader", "from ffcv.reader", "import ffcv\n"):
         assert private not in src, private
+
+
+def test_out_of_memory_in_the_gpu_decode_is_not_taken_for_a_bad_jpeg(bad_folder, monkeypatch):
+    """An out-of-memory error from the batched decode reaches the caller (the trainer's OOM handling) rather
+    than a retry image by image, which would hide it behind B host syncs and a CPU decode."""
+    import torchvision.io
+
+    from fastssl.pipelines import torch_backend
+    from fastssl.pipelines.torch_backend import TorchLoader
+
+    root, _ = bad_folder
+    fallbacks = []
+
+    def decode_jpeg(data, *a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", decode_jpeg)
+    monkeypatch.setattr(torch_backend, "JPEG_DECODER", "torchvision")
+    L = TorchLoader(str(root), _views("simclr"), 20, "cpu", workers=0, gpu_decode=True)
+    monkeypatch.setattr(L, "_cpu_fallback", lambda *a: fallbacks.append(1))
+    with pytest.raises(torch.OutOfMemoryError):
+        next(iter(L))
+    assert fallbacks == []

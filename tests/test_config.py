@@ -34,6 +34,11 @@ def test_yaml_and_overrides():
     ("optim.lr=1.2.3", "optim.lr='1.2.3': expected a number"),
     ("train.epochs=abc", "train.epochs='abc': expected an integer"),
     ("train.epochs=1e-3", "train.epochs='1e-3': expected an integer"),
+    ("aug.views.1.blur_sigma_min=0", "aug.views.1.blur_sigma_min=0"),   # a sigma of 0: a view of NaN
+    ("aug.views.0.jitter_p=1.5", "aug.views.0.jitter_p=1.5: a probability"),
+    ("aug.views.0.hue=0.7", "aug.views.0.hue=0.7"),
+    ("aug.views.0.saturation=-0.1", "a jitter strength"),
+    ("aug.views.0.scale_min=0", "needs 0 < scale_min"),
 ])
 def test_bad_keys_and_values_fail_naming_the_key(override, needle):
     with pytest.raises(ConfigError) as e:

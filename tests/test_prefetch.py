@@ -480,6 +480,19 @@ def test_cuda_decode_runs_on_its_own_stream_drained_first(monkeypatch):
     calls.clear()
     torch_backend.decode_jpegs(_jpegs(1), "cpu")  # no streams on the CPU
     assert calls == ["decode on caller (cpu)"]
+    # A batch that fails part-way: the device is drained before the error leaves (images already queued
+    # by the decoder die with it, unguarded), and the caller's stream is not told to wait.
+    calls.clear()
+
+    def failing(data, mode=None, device=None):
+        calls.append("decode fails")
+        raise RuntimeError("nvjpeg: unsupported")
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", failing)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append("device drained"))
+    with pytest.raises(RuntimeError, match="unsupported"):
+        torch_backend.decode_jpegs(_jpegs(1), "cuda")
+    assert calls == ["decode: host waits", "decode fails", "device drained"]
 
 
 def _photo_jpegs(n, h, w):
