@@ -21,6 +21,8 @@
 #       the torch back-end (no ffcv), each within TIMED_LIMIT seconds (default 200). Before the torch
 #       run, benchmarks/diagnostics/decode_hazard.py (CUDA only): whether the GPU JPEG decoder
 #       overwrites memory that queued kernels still read, called directly and through decode_jpegs;
+#       If the torch run stopped on a non-finite loss (or ONLY names nan_triage): the recipe to step 40,
+#       eager, as is, without the caching allocator, and with synchronous launches (TRIAGE_LIMIT each);
 #   (e) fastssl-bench eval: kNN and the probe at 1.28 M x 2048 features on the GPU.
 # One overall deadline: each step gets min(its own limit, time left), so the call fits the device
 # tool's 10 minutes; a step that runs out of time keeps the JSON lines it printed. Steps' own limits:
@@ -65,10 +67,11 @@ $PY -c "from fastssl.pipelines.ffcv_compat import import_ffcv; import_ffcv()" >>
 echo "ffcv importable: $HAVE_FFCV" | tee -a "$OUT/gpu.txt"
 
 status=0
+# ONLY="timed_torch eval_bench" runs just those steps (a short rerun).
+wants() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]; }
 run() {
   local name=$1 limit=$2; shift 2
-  # ONLY="timed_torch eval_bench" runs just those steps (a short rerun).
-  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then echo "== $name: not in ONLY"; return; fi
+  if ! wants "$name"; then echo "== $name: not in ONLY"; return; fi
   local left=$(( BUDGET - ($(date +%s) - T0) ))
   [ "$left" -lt "$limit" ] && limit=$left
   if [ "$limit" -lt 10 ]; then echo "== $name: skipped (budget spent)"; status=1; return; fi
@@ -148,7 +151,8 @@ PYEOF
     --project-to 1281167,50000 --out "$WORK/runs" $DEV "${SMALL[@]}"
   # (d) the whole flow, short: through ffcv (when its wheel is here), then the torch back-end.
   # Each call's runs start fresh: a run left by an earlier call with other OVERRIDES would refuse to resume.
-  rm -rf "$WORK/runs/timed-ffcv" "$WORK/runs/timed-torch"
+  # (Only those this call runs: a later call's nan_triage reads the torch run's metrics.)
+  for t in ffcv torch; do wants "timed_$t" && rm -rf "$WORK/runs/timed-$t"; done
   if [ "$HAVE_FFCV" = 1 ]; then
     run timed_ffcv "${TIMED_LIMIT:-200}" $PY -m fastssl.cli.timed "$WORK/imagenet" --epochs "$EPOCHS" --data-dir "$WORK/betons" \
       --out "$WORK/runs" --name timed-ffcv --linear-protocol cached $DEV "${SMALL[@]}" data.backend=ffcv
@@ -160,6 +164,31 @@ PYEOF
   run timed_torch "${TIMED_LIMIT:-200}" $PY -m fastssl.cli.timed "$WORK/imagenet" --epochs "$EPOCHS" --data-dir "$WORK/betons-unused" \
     --out "$WORK/runs" --name timed-torch --linear-protocol cached $DEV "${SMALL[@]}" data.backend=torch
   keep timed_torch "$WORK/runs/timed-torch/timed.json"
+  # Only when the torch back-end's run stopped on a non-finite loss (or ONLY names nan_triage): the same
+  # recipe to step 40, eager, three ways. NaN in all three: numerics or the model; gone without the
+  # caching allocator or with every launch synchronous: a memory-reuse or stream race on the data path.
+  TORCH_ERR="$WORK/runs/timed-torch/metrics.jsonl"
+  if [[ " ${ONLY:-} " == *" nan_triage "* ]] || grep -qs '"kind": "error"' "$TORCH_ERR"; then
+    grep -s '"kind": "error"' "$TORCH_ERR" | head -2 >> "$OUT/nan_triage.json"
+    for variant in as_is no_caching launch_blocking; do
+      case $variant in
+        as_is) E=();; no_caching) E=(PYTORCH_NO_CUDA_MEMORY_CACHING=1);; launch_blocking) E=(CUDA_LAUNCH_BLOCKING=1);;
+      esac
+      rm -rf "$WORK/triage/$variant"
+      run nan_triage "${TRIAGE_LIMIT:-100}" env "${E[@]}" $PY -m fastssl.train \
+        --config configs/imagenet/simclr_rn50.yaml "data.train=$WORK/imagenet/train" "data.val=$WORK/imagenet/val" \
+        $DEV "${SMALL[@]}" data.backend=torch train.max_steps=40 train.compile=off eval.final=false \
+        eval.every_epochs=0 "train.out_dir=$WORK/triage" "train.name=$variant"
+      $PY - "$variant" "$WORK/triage/$variant/metrics.jsonl" >> "$OUT/nan_triage.json" <<'PYEOF'
+import json, math, sys
+rows = [json.loads(l) for l in open(sys.argv[2])] if __import__("os").path.exists(sys.argv[2]) else []
+err = next((r for r in rows if r.get("kind") == "error"), None)
+steps = [r["step"] for r in rows if r.get("kind") == "train" and math.isfinite(r.get("loss", math.nan))]
+print(json.dumps({"step": "nan_triage", "variant": sys.argv[1], "non_finite_at": err and err.get("step"),
+                  "input_finite": err and err.get("input_finite"), "last_finite_step": max(steps, default=None)}))
+PYEOF
+    done
+  fi
   # (e) evaluation at ImageNet scale on synthetic features.
   run eval_bench 90 $PY -m fastssl.cli.bench eval "${EVAL_SIZE[@]}" --json
 else
