@@ -175,10 +175,13 @@ class FolderViews(torch.utils.data.Dataset):
                 data = f.read()
             # A JPEG that ends with its EOI marker goes to the GPU decoder; one that does not
             # (truncated, or trailing bytes) is decoded here, where a failure is caught.
+            # An EXIF-rotated one is decoded here too: the GPU decoders do not apply the orientation.
             if data[:2] == b"\xff\xd8" and data[-2:] == b"\xff\xd9":
                 with Image.open(path) as im:
                     w, h = im.size
-                return torch.frombuffer(bytearray(data), dtype=torch.uint8), geometry(h, w)
+                    turn = turn_of(im)
+                if turn is None:
+                    return torch.frombuffer(bytearray(data), dtype=torch.uint8), geometry(h, w)
             mode = "rgb"
         if mode == "rgb":  # decode here (CPU) and let the GPU crop it
             from fastssl.pipelines.prepare import load_rgb
@@ -187,13 +190,29 @@ class FolderViews(torch.utils.data.Dataset):
             rgb = rgb if rgb.flags.writeable else rgb.copy()  # torch warns on read-only arrays
             return torch.from_numpy(rgb), geometry(rgb.shape[0], rgb.shape[1])
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            im = upright(im).convert("RGB")
             w, h = im.size
             crops = []
             for (t, l, ch, cw, f), s in zip(geometry(h, w), self.sizes):
                 a = np.asarray(im.resize((s, s), Image.BILINEAR, box=(l, t, l + cw, t + ch)))
                 crops.append(np.ascontiguousarray(a[:, ::-1]) if f else a)
         return tuple(crops), None
+
+
+def upright(im):
+    """``im`` turned by its EXIF orientation, as fastssl-prepare stores it (so the ffcv back-end reads it):
+    every back-end crops the image as it is displayed. ``im`` itself when it needs no turn."""
+    from PIL import Image
+
+    t = turn_of(im)
+    return im if t is None else im.transpose(getattr(Image.Transpose, t))
+
+
+def turn_of(im) -> str | None:
+    """The PIL transpose that undoes ``im``'s EXIF orientation; None when it is stored upright."""
+    from fastssl.pipelines.prepare import _ORIENTATION, _orientation
+
+    return _ORIENTATION.get(_orientation(im))
 
 
 def _collate(samples):

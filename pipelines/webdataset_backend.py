@@ -84,7 +84,8 @@ from fastssl.pipelines.sources import TAR_IMAGE_EXTS as IMAGE_EXTS
 from fastssl.pipelines.sources import _as_label
 from fastssl.pipelines.sources import _split_key as _split
 from fastssl.pipelines.torch_backend import (DEVICE_FAULTS, FolderViews, _crop_geometry, _reason,
-                                             gpu_decode_and_crop, worker_start_method)
+                                             gpu_decode_and_crop, turn_of, upright,
+                                             worker_start_method)
 
 log = logging.getLogger(__name__)
 
@@ -502,13 +503,17 @@ class ShardStream(torch.utils.data.IterableDataset):
         try:
             if self.gpu_decode:
                 # A JPEG that ends with its EOI marker goes to the GPU decoder whole; anything else is decoded here.
+                # (An EXIF-rotated one is turned here: the GPU decoders do not apply the orientation.)
                 if ext in ("jpg", "jpeg") and data[:2] == b"\xff\xd8" and data[-2:] == b"\xff\xd9":
                     with Image.open(io.BytesIO(data)) as im:
                         w, h = im.size
-                    geo = _crop_geometry(h, w, self.cropper.params, self.seed, self.epoch, key, self.cropper.train)
-                    return torch.frombuffer(bytearray(data), dtype=torch.uint8), geo
+                        turn = turn_of(im)
+                    if turn is None:
+                        geo = _crop_geometry(h, w, self.cropper.params, self.seed, self.epoch, key,
+                                             self.cropper.train)
+                        return torch.frombuffer(bytearray(data), dtype=torch.uint8), geo
                 with Image.open(io.BytesIO(data)) as im:
-                    rgb = np.array(im.convert("RGB"))                # (H, W, 3) uint8
+                    rgb = np.array(upright(im).convert("RGB"))       # (H, W, 3) uint8, as displayed
                 geo = _crop_geometry(rgb.shape[0], rgb.shape[1], self.cropper.params, self.seed, self.epoch, key,
                                      self.cropper.train)
                 return torch.from_numpy(rgb), geo

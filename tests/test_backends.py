@@ -382,3 +382,36 @@ def test_worker_start_method_auto_and_packed_items():
     assert back.items == items and back.epoch == 3 and back.bad == {4: "truncated"}
     assert not hasattr(back, "_packed")
     assert pickle.loads(pickle.dumps(FolderViews([], [16], np.zeros((1, 8)), 0, True))).items == []
+
+
+def test_torch_backend_crops_exif_rotated_jpegs_as_displayed(tmp_path):
+    """A JPEG stored sideways with an EXIF orientation is cropped as displayed (as fastssl-prepare, and so
+    the ffcv back-end, store it) on the CPU path and on the GPU path (whose decoders ignore the tag)."""
+    from PIL import Image
+
+    from fastssl.pipelines.recipes import preset
+    from fastssl.pipelines.torch_backend import TorchLoader
+
+    shown = np.zeros((64, 32, 3), np.uint8)      # portrait as displayed: red on top, blue below
+    shown[:32, :, 0], shown[32:, :, 2] = 255, 255
+    for name, orientation in (("upright", 1), ("sideways", 6)):
+        d = tmp_path / name / "cls"
+        d.mkdir(parents=True)
+        for i in range(4):
+            im = Image.fromarray(shown)
+            exif = Image.Exif()
+            if orientation != 1:
+                im = im.transpose(Image.Transpose.ROTATE_90)   # stored landscape; orientation 6 turns it back
+                exif[0x0112] = orientation
+            im.save(d / f"{i}.jpg", quality=95, exif=exif.tobytes())
+    views = preset("simclr")[:1]
+    views[0].size = 16
+    got = {}
+    for name in ("upright", "sideways"):
+        for gpu in (False, True):
+            L = TorchLoader(str(tmp_path / name), views, 4, "cpu", workers=0, train=False, gpu_decode=gpu)
+            got[name, gpu] = next(iter(L)).views[0].float()       # (4, 16, 16, 3)
+    for gpu in (False, True):
+        v = got["sideways", gpu]
+        assert (v - got["upright", gpu]).abs().mean() < 6.0
+        assert v[:, :4, :, 0].mean() > 200 and v[:, -4:, :, 2].mean() > 200   # red on top, blue below

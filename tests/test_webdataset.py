@@ -393,3 +393,24 @@ def test_forkserver_workers_give_the_forked_workers_batches(shards):
     for a, b in zip(forked, served):
         assert torch.equal(a.indices, b.indices) and torch.equal(a.labels, b.labels)
         assert all(torch.equal(x, y) for x, y in zip(a.views, b.views))
+
+
+@pytest.mark.parametrize("gpu_decode", [False, True])
+def test_exif_rotated_jpegs_are_cropped_as_displayed(tmp_path, gpu_decode):
+    """As fastssl-prepare stores them (and so the ffcv back-end reads them); the GPU decoders ignore the tag."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    shown = np.zeros((64, 32, 3), np.uint8)      # portrait as displayed: red on top, blue below
+    shown[:32, :, 0], shown[32:, :, 2] = 255, 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    b = io.BytesIO()
+    Image.fromarray(shown).transpose(Image.Transpose.ROTATE_90).save(b, "JPEG", quality=95, exif=exif.tobytes())
+    _write(tmp_path / "a.tar", [(f"k{i}", {"jpg": b.getvalue(), "cls": b"0"}) for i in range(4)])
+    views = [ViewSpec(size=16)]
+    L = WebDatasetLoader(str(tmp_path / "a.tar"), views, 4, "cpu", workers=0, train=False, gpu_decode=gpu_decode)
+    v = _epoch(L)[0].views[0].float()            # (4, 16, 16, 3)
+    assert v[:, :4, :, 0].mean() > 200 and v[:, -4:, :, 2].mean() > 200
