@@ -416,13 +416,20 @@ def _validate_one(path, max_resolution: int | None = None, max_aspect_ratio: flo
     """(path, None, (h, w)) if the image decodes to RGB, else (path, reason, (0, 0)); (h, w) after the resize.
 
     Decoded at the output size as the writer will, so validation needs no more
-    memory than writing.
+    memory than writing. A JPEG is decoded at its smallest DCT scale (1/8) instead
+    (:func:`_jpeg_decodes`): every coefficient is still entropy-decoded, so a truncated
+    or corrupt file fails as it would at full size, for about a fifth of the cost.
     """
     import warnings
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            hw = _jpeg_decodes(path, max_resolution, max_aspect_ratio, short_side)
+            if hw is not None:
+                if max(hw) > 65535:
+                    return path, f"too large for ffcv ({hw[1]}x{hw[0]}): give --max-resolution", (0, 0)
+                return path, None, hw
             a = decode(path, max_resolution, max_aspect_ratio, short_side)
         if a.ndim != 3 or a.shape[2] != 3 or a.shape[0] < 1 or a.shape[1] < 1:
             return path, f"decoded to an unusable shape {a.shape}", (0, 0)
@@ -434,6 +441,25 @@ def _validate_one(path, max_resolution: int | None = None, max_aspect_ratio: flo
     except Exception as e:  # any decoder failure: truncated, not an image, unsupported, ...
         msg = str(e).splitlines()[0] if str(e) else ""
         return path, f"cannot decode: {type(e).__name__}: {msg}"[:300], (0, 0)
+
+
+def _jpeg_decodes(src, max_resolution: int | None, max_aspect_ratio: float,
+                  short_side: int | None) -> tuple[int, int] | None:
+    """(h, w) that :func:`load_rgb` gives a JPEG, after decoding it at 1/8 scale (raises as a full decode
+    would: the entropy-coded data is read whole); None for an item that is not a JPEG file."""
+    if isinstance(src, np.ndarray):
+        return None
+    with open_image(src, max_aspect_ratio) as im:
+        if im.format not in ("JPEG", "MPO"):
+            return None
+        w0, h0 = im.size
+        out_w, out_h = output_size(w0, h0, max_resolution, short_side)
+        if min(out_w, out_h) < 1:
+            raise UnsafeImage(f"aspect ratio {w0}x{h0} leaves a side of 0 px at --max-resolution {max_resolution}")
+        im.draft(None, (max(1, w0 // 8), max(1, h0 // 8)))
+        im.load()
+        turned = _ORIENTATION.get(_orientation(im)) in ("TRANSPOSE", "ROTATE_270", "TRANSVERSE", "ROTATE_90")
+    return (out_w, out_h) if turned else (out_h, out_w)
 
 
 # What a validation pool's workers need, set before the pool forks so that they inherit it: the

@@ -186,3 +186,31 @@ def test_a_file_of_another_format_is_skipped_with_the_fix(tmp_path, real, hint):
     Image.fromarray(np.full((16, 16, 3), 90, np.uint8)).save(p, format=real)
     [(_, why, _)] = validate([str(p)], 1, progress=False)
     assert f"not a JPEG: its content is {real}" in why and hint in why, why
+
+
+def test_validation_of_jpegs_at_one_eighth_scale_agrees_with_the_full_decode(tmp_path):
+    """JPEGs are validated at their smallest DCT scale: the same output shape as the writer's decode (caps and
+    EXIF turns applied), and a truncated or corrupt one still fails."""
+    from fastssl.pipelines.prepare import _validate_one, load_rgb
+
+    rng = np.random.default_rng(1)
+    files = []
+    for i, (w, h, orientation, mode) in enumerate([(500, 375, 1, "RGB"), (375, 500, 6, "RGB"), (333, 900, 8, "L"),
+                                                   (640, 480, 1, "CMYK")]):
+        im = Image.fromarray(rng.integers(0, 255, (h, w, 3), np.uint8)).convert(mode)
+        exif = Image.Exif()
+        if orientation != 1:
+            exif[0x0112] = orientation
+        f = tmp_path / f"{i}.jpg"
+        im.save(f, quality=90, exif=exif.tobytes())
+        files.append(f)
+    for caps in ((None, None), (512, 256), (300, None)):
+        for f in files:
+            path, why, hw = _validate_one(str(f), *caps[:1], short_side=caps[1])
+            assert why is None and hw == load_rgb(f, caps[0], short_side=caps[1]).shape[:2], (f.name, caps)
+    whole = files[0].read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "junk.jpg").write_bytes(whole[:600] + bytes(range(256)) * 8)
+    for name in ("cut.jpg", "junk.jpg"):
+        _, why, hw = _validate_one(str(tmp_path / name))
+        assert why is not None and why.startswith("cannot decode") and hw == (0, 0), (name, why)
