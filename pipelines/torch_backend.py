@@ -335,6 +335,10 @@ def jpeg_decoder() -> str:
 
 
 _DECODE_STREAMS: dict = {}  # CUDA device index -> the stream its JPEG decodes run on (main process only)
+# Decode stream -> the last decode's input bytes, kept until the next decode has drained the stream: a
+# decoder that copies them to the device asynchronously (torchvision's does not; TorchCodec may) records
+# no event in the pinned-memory allocator, which could otherwise hand the blocks to the next batch first.
+_DECODE_INPUTS: dict = {}
 
 
 def _decode_stream(device: torch.device):
@@ -392,6 +396,7 @@ def decode_jpegs(data: list[torch.Tensor], device) -> list[torch.Tensor]:
             # die with this exception, unguarded by any event: wait for it before their blocks are reused.
             torch.cuda.synchronize(device)
             raise
+    _DECODE_INPUTS[stream] = data
     caller.wait_stream(stream)
     for image in out:
         image.record_stream(caller)

@@ -470,10 +470,16 @@ def test_cuda_decode_runs_on_its_own_stream_drained_first(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "record_stream", lambda t, s: calls.append(f"image kept for {s.name}"),
                         raising=False)
     monkeypatch.setattr(torchvision.io, "decode_jpeg", fake_decode)
-    got = torch_backend.decode_jpegs(_jpegs(2), "cuda")
+    monkeypatch.setattr(torch_backend, "_DECODE_INPUTS", {})
+    held = _jpegs(2)
+    got = torch_backend.decode_jpegs(held, "cuda")
     assert calls == ["decode: host waits", "decode on decode (cuda)", "caller: waits for decode",
                      "image kept for caller", "image kept for caller"]
     assert [tuple(x.shape) for x in got] == [(3, 20, 31), (3, 27, 36)]
+    # The input bytes stay referenced until the next decode has drained the stream (an asynchronous copy
+    # out of pinned memory records no event that would keep the allocator from reusing them).
+    (kept,) = torch_backend._DECODE_INPUTS.values()
+    assert len(kept) == 2 and all(a is b for a, b in zip(kept, held))
     calls.clear()
     torch_backend.decode_jpegs(_jpegs(1), "cuda")  # the same stream, made once per device
     assert calls[0] == "decode: host waits" and len(torch_backend._DECODE_STREAMS) == 1
