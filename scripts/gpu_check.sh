@@ -21,7 +21,7 @@
 #       the torch back-end (no ffcv), each within TIMED_LIMIT seconds (default 200). Before the torch
 #       run, benchmarks/diagnostics/decode_hazard.py (CUDA only): whether the GPU JPEG decoder
 #       overwrites memory that queued kernels still read, called directly and through decode_jpegs;
-#       If the torch run stopped on a non-finite loss (or ONLY names nan_triage): the recipe to step 40,
+#       If the torch run stopped on a non-finite loss (or TRIAGE=1): nan_triage, the recipe to step 40,
 #       eager, as is, without the caching allocator, and with synchronous launches (TRIAGE_LIMIT each);
 #   (e) fastssl-bench eval: kNN and the probe at 1.28 M x 2048 features on the GPU.
 # One overall deadline: each step gets min(its own limit, time left), so the call fits the device
@@ -164,11 +164,11 @@ PYEOF
   run timed_torch "${TIMED_LIMIT:-200}" $PY -m fastssl.cli.timed "$WORK/imagenet" --epochs "$EPOCHS" --data-dir "$WORK/betons-unused" \
     --out "$WORK/runs" --name timed-torch --linear-protocol cached $DEV "${SMALL[@]}" data.backend=torch
   keep timed_torch "$WORK/runs/timed-torch/timed.json"
-  # Only when the torch back-end's run stopped on a non-finite loss (or ONLY names nan_triage): the same
+  # Only when the torch back-end's run stopped on a non-finite loss (or TRIAGE=1): the same
   # recipe to step 40, eager, three ways. NaN in all three: numerics or the model; gone without the
   # caching allocator or with every launch synchronous: a memory-reuse or stream race on the data path.
   TORCH_ERR="$WORK/runs/timed-torch/metrics.jsonl"
-  if [[ " ${ONLY:-} " == *" nan_triage "* ]] || grep -qs '"kind": "error"' "$TORCH_ERR"; then
+  if wants nan_triage && { [ "${TRIAGE:-0}" = 1 ] || grep -qs '"kind": "error"' "$TORCH_ERR"; }; then
     grep -s '"kind": "error"' "$TORCH_ERR" | head -2 >> "$OUT/nan_triage.json"
     for variant in as_is no_caching launch_blocking; do
       case $variant in
