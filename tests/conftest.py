@@ -130,3 +130,17 @@ def small_views(recipe: str, global_size: int = 32, local_size: int = 16):
     for v in views:
         v.size = local_size if v.local else global_size
     return views
+
+
+def noise_folder(root, n=8, side=64):
+    """``n`` noise PNGs of ``side`` px in two classes (``root/c0``, ``root/c1``): incompressible, so their
+    size is known (stored raw, 27 images of 160 px fill a 2 MiB ffcv page)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        d = root / f"c{i % 2}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (side, side, 3), np.uint8)).save(d / f"{i:03d}.png")
+    return root

@@ -11,6 +11,8 @@ pytest.importorskip("ffcv")
 data = pytest.importorskip("skimage.data")
 from PIL import Image  # noqa: E402
 
+from conftest import noise_folder  # noqa: E402
+
 from fastssl.cli.prepare import main as prepare_main  # noqa: E402
 from fastssl.pipelines.prepare import (PrepareError, WriteSettings, meta_path, prepare_folder,  # noqa: E402
                                        read_image, read_labels)
@@ -187,47 +189,11 @@ def test_workers_default_to_the_usable_cores(monkeypatch):
         WriteSettings(workers=0).check()
 
 
-def _raw_folder(root, n=60, side=160):
-    """``n`` noise images of ``side`` px in two classes: stored raw they fill more than one 2 MiB page."""
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        d = root / f"c{i % 2}"
-        d.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (side, side, 3), np.uint8)).save(d / f"{i:03d}.png")
-    return root
-
-
-def test_disk_full_while_writing_removes_the_partial_file(tmp_path, capsys, monkeypatch):
-    """ENOSPC in ffcv's writer process after its first page: one line naming the space, exit 4, nothing left."""
-    import errno
-
-    from ffcv.memory_allocator import MemoryAllocator
-
-    src = _raw_folder(tmp_path / "src")
-    real_flush = MemoryAllocator.flush_page
-    pages = []
-
-    def flush(self):
-        if self.my_page >= 0:
-            pages.append(self.my_page)  # this process's own count (the writer forks)
-            if len(pages) >= 2:
-                raise OSError(errno.ENOSPC, "No space left on device")
-        return real_flush(self)
-
-    monkeypatch.setattr(MemoryAllocator, "flush_page", flush)
-    out = tmp_path / "out" / "full.beton"
-    rc = prepare_main([str(src), str(out), "--write-mode", "raw", "--workers", "1", "--quiet"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 4, err
-    assert len(err) == 1 and str(out) in err[0] and "no space left" in err[0] and "needed" in err[0], err
-    assert not out.exists() and not list(out.parent.iterdir())   # partial file and sidecar: none
-
-
 def test_disk_too_small_for_the_estimate_fails_before_writing(tmp_path, capsys, monkeypatch):
     import shutil
     from collections import namedtuple
 
-    src = _raw_folder(tmp_path / "src", n=8, side=64)
+    src = noise_folder(tmp_path / "src", n=8, side=64)
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 ** 6, 10 ** 6 - 1000, 1000))
     out = tmp_path / "x.beton"
@@ -240,7 +206,7 @@ def test_unwritable_output_is_one_line(tmp_path, capsys, monkeypatch):
     import errno
     import tempfile
 
-    src = _raw_folder(tmp_path / "src", n=4, side=32)
+    src = noise_folder(tmp_path / "src", n=4, side=32)
     (tmp_path / "afile").write_text("x")
     assert prepare_main([str(src), str(tmp_path / "afile" / "x.beton"), "--quiet"]) == 2   # a file as the folder
     err = capsys.readouterr().err.strip().splitlines()

@@ -13,21 +13,13 @@ import pytest
 pytest.importorskip("ffcv")
 from PIL import Image  # noqa: E402
 
+from conftest import noise_folder  # noqa: E402
+
 from fastssl.cli.prepare import main as prepare_main  # noqa: E402
 from fastssl.pipelines.prepare import (MIN_MARGIN, WriteSettings, estimate_size, meta_path,  # noqa: E402
                                        read_image, read_labels, validate)
 
 _usage = namedtuple("usage", "total used free")
-
-
-def _noise_folder(root, n=8, side=64):
-    """``n`` noise PNGs of ``side`` px in two classes."""
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        d = root / f"c{i % 2}"
-        d.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (side, side, 3), np.uint8)).save(d / f"{i:03d}.png")
-    return root
 
 
 def test_the_margin_follows_the_sampled_sizes():
@@ -50,7 +42,7 @@ def test_the_margin_follows_the_sampled_sizes():
 
 def test_free_space_between_the_estimate_and_its_margin_is_refused(tmp_path, capsys, monkeypatch):
     """Free space just above the estimate is not enough: one line naming what was required, exit 4, nothing written."""
-    src = _noise_folder(tmp_path / "src")
+    src = noise_folder(tmp_path / "src")
     out = tmp_path / "out" / "x.beton"
     assert prepare_main([str(src), str(out), "--workers", "1", "--quiet"]) == 0
     est = json.loads(meta_path(out).read_text())["estimated_bytes"]
@@ -77,7 +69,7 @@ def test_disk_full_mid_write_reports_what_was_written_and_the_free_space_after_r
 
     from ffcv.memory_allocator import MemoryAllocator
 
-    src = _noise_folder(tmp_path / "src", n=60, side=160)    # raw, 27 images a 2 MiB page
+    src = noise_folder(tmp_path / "src", n=60, side=160)    # raw, 27 images a 2 MiB page
     out = tmp_path / "out" / "full.beton"
     real_flush = MemoryAllocator.flush_page
     pages = []
@@ -117,7 +109,7 @@ def test_prepare_under_a_forkserver_default_start_method(tmp_path, capsys):
 
     if "forkserver" not in mp.get_all_start_methods():
         pytest.skip("no forkserver start method")
-    src = _noise_folder(tmp_path / "src", n=64, side=16)      # 64: validation runs in a pool of processes
+    src = noise_folder(tmp_path / "src", n=64, side=16)      # 64: validation runs in a pool of processes
     out = tmp_path / "fs.beton"
     saved = mp.get_start_method(allow_none=True)
     mp.set_start_method("forkserver", force=True)
@@ -134,7 +126,7 @@ def test_prepare_under_a_forkserver_default_start_method(tmp_path, capsys):
 def test_no_fork_start_method_is_one_line(tmp_path, capsys, monkeypatch):
     import multiprocessing as mp
 
-    src = _noise_folder(tmp_path / "src", n=4, side=16)
+    src = noise_folder(tmp_path / "src", n=4, side=16)
     monkeypatch.setattr(mp, "get_all_start_methods", lambda: ["spawn"])   # Windows
     assert prepare_main([str(src), str(tmp_path / "x.beton"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
