@@ -99,6 +99,14 @@ class SideStream:
         if self.stream is not None:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
 
+    def end(self) -> None:
+        """At the end of a pass (whole or stopped early): the consumer's stream waits, on the device, for
+        what the side stream still holds. Memory the consumer's stream owns and the side stream reads
+        (the finisher's mean and std, made before the pass) may be freed after the pass; without the
+        wait the allocator could hand it to the consumer's next kernels under side work still queued."""
+        if self.stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+
     def producing(self):
         """Context in which the producer enqueues a batch's device work."""
         return torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
@@ -162,6 +170,7 @@ def prefetch(raws: Iterator, finish: Callable, side: SideStream, ahead: int = 1)
             raise error
     finally:
         queue.clear()
+        side.end()
         close = getattr(raws, "close", None)
         if close is not None:  # a pass stopped early: the back-end's generator cleans up now, not at GC
             close()

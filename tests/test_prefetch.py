@@ -143,6 +143,9 @@ class _RecordingSide(SideStream):
         self.log.append(("hand", ready[1], tuple(id(t) for t in batch_tensors(batch))))
         return batch
 
+    def end(self):
+        self.log.append(("end",))
+
 
 def _raws(log, side, n, fail_at=None, closed=None):
     try:
@@ -209,12 +212,16 @@ def test_prefetch_closes_the_back_end_generator_when_a_pass_stops_early():
     assert not closed
     it.close()
     assert closed == [True]
+    # The consumer's stream waits for the side stream's leftover work (the finisher's constants, owned by
+    # the consumer's stream, may be freed after the pass).
+    assert log[-1] == ("end",) and log.count(("end",)) == 1
 
 
 def test_side_stream_without_cuda_is_a_no_op():
     side = SideStream("cpu")
     assert side.stream is None and side.mark_ready() is None
     side.begin()
+    side.end()
     b = Batch(views=[torch.ones(2)], labels=None, indices=torch.arange(2))
     with side.producing():
         pass
