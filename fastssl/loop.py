@@ -29,28 +29,40 @@ class NonFiniteLoss(RuntimeError):
 
 @dataclass
 class RunState:
-    """Where the run is. ``wall0`` is the wall time of earlier (resumed) segments; ``t0`` this segment's start."""
+    """Where the run is. ``wall0`` / ``eval0``: the wall time and the in-training evaluations' time of
+    earlier (resumed) segments, up to the checkpoint this one resumed from; ``t0`` this segment's start;
+    ``eval_here`` this segment's evaluations so far. A resumed run's summary then counts the whole run."""
 
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
     wall0: float = 0.0
+    eval0: float = 0.0
     knn_init: dict | None = None
     t0: float = field(default_factory=time.perf_counter)
+    eval_here: float = 0.0
 
     def wall(self) -> float:
         return self.wall0 + time.perf_counter() - self.t0
 
+    def eval_seconds(self) -> float:
+        return self.eval0 + self.eval_here
+
+    @property
+    def resumed(self) -> bool:
+        return self.wall0 > 0
+
     def to_checkpoint(self, epoch: int, batch_in_epoch: int) -> dict:
         return {"step": self.step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                "wall_seconds": self.wall(), "knn_init": self.knn_init}
+                "wall_seconds": self.wall(), "eval_seconds": self.eval_seconds(), "knn_init": self.knn_init}
 
     @classmethod
     def from_checkpoint(cls, state: dict | None) -> "RunState":
         if state is None:
             return cls()
         return cls(step=state["step"], epoch=state["epoch"], batch_in_epoch=state["batch_in_epoch"],
-                   wall0=state.get("wall_seconds", 0.0), knn_init=state.get("knn_init"))
+                   wall0=state.get("wall_seconds", 0.0), eval0=state.get("eval_seconds", 0.0),
+                   knn_init=state.get("knn_init"))
 
 
 class MicroBatches:

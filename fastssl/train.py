@@ -118,6 +118,7 @@ def _train(cfg, acc, device, bf16, threads, out, history, state, lock, dog) -> d
     dog.on_fire = functools.partial(record_fault, metrics, run, rank)
     if evaluator.enabled and evaluator.participates and cfg.eval.final and run.knn_init is None:
         run.knn_init = evaluator.run(full=True)  # the baseline of the final figure: the same bank
+        run.eval_here = evaluator.seconds
         if run.knn_init is not None:
             metrics.write(kind="eval", step=0, epoch=0, wall=0.0, init=True, **eval_values(run.knn_init))
     stop = StopSignal(Preemption().install(), world, device)
@@ -168,6 +169,7 @@ def _train(cfg, acc, device, bf16, threads, out, history, state, lock, dog) -> d
         if evaluator.due(epochs_done, end_of_epoch, finished):
             window.flush()  # the window's train record before the evaluation's
             result = evaluator.run(cfg.eval.val_subset)
+            run.eval_here = evaluator.seconds
             if result is not None:
                 metrics.write(kind="eval", step=run.step, epoch=epochs_done, wall=run.wall(), **eval_values(result))
         if end_of_epoch and cfg.train.ckpt_every_epochs and epochs_done % cfg.train.ckpt_every_epochs == 0:
@@ -179,7 +181,7 @@ def _train(cfg, acc, device, bf16, threads, out, history, state, lock, dog) -> d
     if bar is not None:
         bar.close()
     saver.save_at(run, run.epoch, bi, derived.steps_per_epoch)
-    in_training_eval_s = evaluator.seconds
+    in_training_eval_s = run.eval0 + evaluator.seconds  # the whole run's, as wall
     final = (evaluator.run(step=run.step) if evaluator.enabled and evaluator.participates and cfg.eval.final
              else None) or {}
     summary = write_summary(cfg, acc, out, derived, window, evaluator, metrics, run, final, wall,
@@ -230,6 +232,8 @@ def write_summary(cfg, acc, out: Path, derived, window, evaluator, metrics, run:
     if final:
         metrics.write(kind="eval", step=run.step, epoch=run.epoch + 1, wall=wall, **eval_values(final))
     summary = make_summary(cfg, derived, window, final, run.knn_init, wall, run.step, bf16, device)
+    if run.resumed:
+        _keep_earlier_window_figures(summary, out / "summary.json")
     train_s = wall - in_training_eval_s
     summary.update(torch_threads=threads, train_seconds=train_s, eval_seconds=in_training_eval_s,
                    eval_fraction=in_training_eval_s / max(train_s, 1e-9),
@@ -291,6 +295,23 @@ def preempted(preemption, metrics, run: RunState, checkpoint: Path, rank: int) -
                      f"checkpoint {checkpoint}; resume with train.resume=auto (or --resume)")
 
 
+# The figures a segment reads from its own training log windows.
+WINDOW_FIGURES = ("images_per_second", "data_wait_fraction", "data_wait_host_fraction", "final_loss",
+                  "linear_top1_online")
+
+
+def _keep_earlier_window_figures(summary: dict, path: Path) -> None:
+    """A resumed segment that logged no training window (the run had finished: only its final evaluation
+    ran again) keeps the earlier segment's figures rather than writing None over them."""
+    try:
+        prev = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    for key in WINDOW_FIGURES:
+        if summary.get(key) is None and prev.get(key) is not None:
+            summary[key] = prev[key]
+
+
 def make_summary(cfg, derived, window: LogWindow, final, knn_init, wall, step, bf16, device) -> dict:
     last = window.totals.get("linear_top1_online", [])
     knn_protocol = (final or knn_init or {}).get("protocol")
@@ -318,9 +339,10 @@ def make_summary(cfg, derived, window: LogWindow, final, knn_init, wall, step, b
             "data_wait_fraction": "share of step time the step's CUDA stream sat idle waiting for a batch (CUDA "
                                   "events; on the CPU, host time in the loader); data_wait_host_fraction: host time "
                                   "inside the loader's next()",
-            "eval_seconds": "host wall time of this segment's in-training kNN/RankMe evaluations (at init and "
-                            "every eval.every_epochs); eval_fraction is their share of train_seconds (the rest of "
-                            "wall_seconds); final_eval_seconds is the evaluation after the last step",
+            "eval_seconds": "host wall time of the run's in-training kNN/RankMe evaluations (at init and "
+                            "every eval.every_epochs; over every resumed segment, as wall_seconds); eval_fraction "
+                            "is their share of train_seconds (the rest of wall_seconds); final_eval_seconds is the "
+                            "evaluation after the last step",
         },
     }
 

@@ -384,3 +384,22 @@ def test_resume_drops_the_records_it_will_log_again(tmp_path):
     log.close()
     assert [(r["kind"], r["step"]) for r in map(json.loads, path.read_text().splitlines())] == [
         ("train", 1), ("train", 2), ("error", 3), ("train", 3)]
+
+
+def test_summary_of_a_resumed_run_counts_the_whole_run(demo_data, tmp_path):
+    """train_seconds, eval_seconds and the training windows' figures cover every segment: a run resumed after
+    it finished (only its final evaluation runs again) does not report the last segment alone."""
+    args = ["--config", "configs/demo/simclr.yaml"] + tiny_overrides(
+        demo_data, tmp_path, **{"train.max_steps": 4, "eval.final": True, "eval.every_epochs": 1,
+                                "train.resume": "auto"})
+    assert main(args) == 0
+    first = json.loads((tmp_path / "t" / "summary.json").read_text())
+    assert first["eval_seconds"] > 0 and first["images_per_second"] is not None
+    assert main(args) == 0
+    again = json.loads((tmp_path / "t" / "summary.json").read_text())
+    assert again["steps"] == first["steps"] == 4
+    assert again["wall_seconds"] > first["wall_seconds"]
+    assert again["eval_seconds"] == pytest.approx(first["eval_seconds"], rel=1e-6)   # no evaluation in training ran
+    assert again["train_seconds"] >= first["train_seconds"]
+    for key in ("images_per_second", "data_wait_fraction", "final_loss"):
+        assert again[key] == first[key], key
