@@ -214,13 +214,12 @@ def estimate(cfg, timed: int = 3, eval_batches: int = 2, prepare_s: float = 0.0,
     accum = cfg.optim.accum_steps
     result = Estimate(device=_device_name(device), prepare_s=prepare_s)
     steps_left = derived.run_steps
-    feed = _Feed(loader, cfg, accum)
     for phase in phases_of(cfg):
         phase.steps = min(phase.epochs * derived.steps_per_epoch, steps_left)
         steps_left -= phase.steps
         if phase.steps == 0:
             continue
-        feed.phase = phase
+        feed = _Feed(loader, phase, cfg, accum)
         t = clock.now()
         feed.restart()
         train_step(core, feed.take(), 0)
@@ -281,9 +280,8 @@ _END_WINDOW = 6
 class _Feed:
     """The loader's batches, ``accum`` at a time, restarting the phase's epoch when it runs out."""
 
-    def __init__(self, loader, cfg, accum: int):
-        self.loader, self.cfg, self.accum = loader, cfg, accum
-        self.phase: Phase | None = None
+    def __init__(self, loader, phase: Phase, cfg, accum: int):
+        self.loader, self.phase, self.cfg, self.accum = loader, phase, cfg, accum
         self.it = None
 
     def restart(self) -> None:
@@ -434,13 +432,10 @@ def _time_eval(core, make_loader, views, clock: _Clock, batches: int, n_train: i
 
 
 def _linear_loader(cfg, device: torch.device, threads: int):
-    """The loader the papers' linear protocol reads (:func:`fastssl.evaluation.linear.linear_protocol`):
-    the train split through its random resized crops and flips, shuffled, 256 a batch."""
-    from fastssl.evaluation.linear import SIMCLR_LINEAR, train_view
-    from fastssl.pipelines.loader import build_loader
+    """The loader the papers' linear protocol reads (:func:`fastssl.evaluation.linear.protocol_loader`)."""
+    from fastssl.evaluation.linear import SIMCLR_LINEAR, protocol_loader
 
-    loader = build_loader(cfg.data, [train_view(cfg.aug.global_size)], "train", SIMCLR_LINEAR["batch_size"], device,
-                          seed=0, train=True, backend=cfg.data.backend, workers=cfg.data.workers, drop_last=False)
+    loader = protocol_loader(cfg, "train", SIMCLR_LINEAR["batch_size"], device)
     torch.set_num_threads(threads)  # a loader library may change it (ffcv's import sets 1)
     return loader
 

@@ -49,6 +49,16 @@ def train_view(size: int):
                     jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0)
 
 
+def protocol_loader(cfg, split: str, batch_size: int, device, seed: int = 0):
+    """The protocol's loader of ``split`` through fastssl's loader: the train split with :func:`train_view`'s
+    random resized crops and flips, shuffled; the val split centre-cropped, in order. Every image kept."""
+    from fastssl.pipelines.loader import build_loader
+
+    train = split == "train"
+    return build_loader(cfg.data, [train_view(cfg.aug.global_size)], split, batch_size, device, seed=seed,
+                        train=train, backend=cfg.data.backend, workers=cfg.data.workers, drop_last=False)
+
+
 def _embed(method, x: torch.Tensor) -> torch.Tensor:
     """(B, 3, S, S) views -> (B, F) fp32 frozen features, under the autocast the views were made for."""
     low = x.dtype in (torch.bfloat16, torch.float16)
@@ -76,7 +86,6 @@ def linear_protocol(cfg, method, device, num_classes: int | None = None, *, epoc
     """
     from fastssl.compile import eager
     from fastssl.evaluation.offline import data_identity
-    from fastssl.pipelines.loader import build_loader
 
     p = SIMCLR_LINEAR
     epochs = int(epochs or p["epochs"])
@@ -86,10 +95,8 @@ def linear_protocol(cfg, method, device, num_classes: int | None = None, *, epoc
     device = torch.device(device)
     size = cfg.aug.global_size
     if loaders is None:
-        common = {"backend": cfg.data.backend, "workers": cfg.data.workers, "drop_last": False}
-        loaders = {"train": build_loader(cfg.data, [train_view(size)], "train", batch_size, device, seed=seed,
-                                         train=True, **common),
-                   "val": build_loader(cfg.data, [train_view(size)], "val", 256, device, train=False, **common)}
+        loaders = {"train": protocol_loader(cfg, "train", batch_size, device, seed=seed),
+                   "val": protocol_loader(cfg, "val", 256, device)}
     train_ld, val_ld = loaders["train"], loaders["val"]
     num_classes = num_classes or getattr(train_ld, "num_classes", None)
     if not num_classes:
