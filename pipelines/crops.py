@@ -123,14 +123,9 @@ def view_params(views) -> np.ndarray:
     """(V, 5) float64 rows (scale_min, scale_max, log ratio_min, log ratio_max, flip_p) from ``ViewSpec``s."""
     rows = []
     for v in views:
-        if not 0 < v.scale_min <= v.scale_max <= 1:
-            raise ValueError(f"view crop scale must satisfy 0 < scale_min <= scale_max <= 1, got "
-                             f"({v.scale_min}, {v.scale_max})")
-        if not 0 < v.ratio_min <= v.ratio_max:
-            raise ValueError(f"view aspect ratio must satisfy 0 < ratio_min <= ratio_max, got "
-                             f"({v.ratio_min}, {v.ratio_max})")
-        if not 0 <= v.flip_p <= 1:
-            raise ValueError(f"view flip_p must be in [0, 1], got {v.flip_p}")
+        why = v.problem()  # the config checks this too, naming the key; here for views built in code
+        if why:
+            raise ValueError(f"view {why}")
         rows.append([v.scale_min, v.scale_max, math.log(v.ratio_min), math.log(v.ratio_max), v.flip_p])
     return np.ascontiguousarray(np.array(rows, dtype=np.float64).reshape(-1, 5))
 
