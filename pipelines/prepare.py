@@ -358,7 +358,7 @@ def load_rgb(path: str | os.PathLike | Encoded, max_resolution: int | None = Non
         im.load()
         # The orientation left to apply, read after loading: PIL's TIFF loader applies it itself and
         # drops the tag (and reports the displayed size from open); JPEG, PNG and WebP leave it to us.
-        transpose = _ORIENTATION.get(_orientation(im))
+        transpose = turn_of(im)
         mode = im.mode
         if mode in ("L", "RGB"):
             rgb = _area_resize(np.asarray(im), out_w, out_h)
@@ -399,6 +399,12 @@ def _orientation(im) -> int:
         return int(im.getexif().get(0x0112, 1))
     except Exception:  # a broken EXIF block is no reason to drop the pixels
         return 1
+
+
+def turn_of(im) -> str | None:
+    """The PIL transpose that undoes ``im``'s EXIF orientation; None when it is stored upright. Every
+    back-end turns with it, so all of them crop an image as it is displayed."""
+    return _ORIENTATION.get(_orientation(im))
 
 
 def decode(item, max_resolution: int | None = None, max_aspect_ratio: float = MAX_ASPECT_RATIO,
@@ -460,7 +466,7 @@ def _jpeg_decodes(src, max_resolution: int | None, max_aspect_ratio: float,
             raise UnsafeImage(f"aspect ratio {w0}x{h0} leaves a side of 0 px at --max-resolution {max_resolution}")
         im.draft(None, (max(1, w0 // 8), max(1, h0 // 8)))
         im.load()
-        turned = _ORIENTATION.get(_orientation(im)) in ("TRANSPOSE", "ROTATE_270", "TRANSVERSE", "ROTATE_90")
+        turned = turn_of(im) in ("TRANSPOSE", "ROTATE_270", "TRANSVERSE", "ROTATE_90")
     return (out_w, out_h) if turned else (out_h, out_w)
 
 

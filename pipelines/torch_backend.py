@@ -169,6 +169,8 @@ class FolderViews(torch.utils.data.Dataset):
         """Decode (or read) ``path``; crops are keyed by the slot ``key``, not by the file's own index."""
         from PIL import Image
 
+        from fastssl.pipelines.prepare import load_rgb, turn_of
+
         geometry = lambda h, w: _crop_geometry(h, w, self.params, self.seed, self.epoch, key, self.train)  # noqa: E731
         if mode == "bytes":
             with open(path, "rb") as f:
@@ -184,8 +186,6 @@ class FolderViews(torch.utils.data.Dataset):
                     return torch.frombuffer(bytearray(data), dtype=torch.uint8), geometry(h, w)
             mode = "rgb"
         if mode == "rgb":  # decode here (CPU) and let the GPU crop it
-            from fastssl.pipelines.prepare import load_rgb
-
             rgb = load_rgb(path)
             rgb = rgb if rgb.flags.writeable else rgb.copy()  # torch warns on read-only arrays
             return torch.from_numpy(rgb), geometry(rgb.shape[0], rgb.shape[1])
@@ -204,15 +204,10 @@ def upright(im):
     every back-end crops the image as it is displayed. ``im`` itself when it needs no turn."""
     from PIL import Image
 
+    from fastssl.pipelines.prepare import turn_of
+
     t = turn_of(im)
     return im if t is None else im.transpose(getattr(Image.Transpose, t))
-
-
-def turn_of(im) -> str | None:
-    """The PIL transpose that undoes ``im``'s EXIF orientation; None when it is stored upright."""
-    from fastssl.pipelines.prepare import _ORIENTATION, _orientation
-
-    return _ORIENTATION.get(_orientation(im))
 
 
 def _collate(samples):

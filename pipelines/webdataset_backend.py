@@ -84,8 +84,7 @@ from fastssl.pipelines.sources import TAR_IMAGE_EXTS as IMAGE_EXTS
 from fastssl.pipelines.sources import _as_label
 from fastssl.pipelines.sources import _split_key as _split
 from fastssl.pipelines.torch_backend import (DEVICE_FAULTS, FolderViews, _crop_geometry, _reason,
-                                             gpu_decode_and_crop, turn_of, upright,
-                                             worker_start_method)
+                                             gpu_decode_and_crop, upright, worker_start_method)
 
 log = logging.getLogger(__name__)
 
@@ -499,6 +498,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             raise _BadSample(f"no image ({'/'.join(IMAGE_EXTS)}) in the sample")
         data = parts[ext]
         from PIL import Image
+
+        from fastssl.pipelines.prepare import turn_of
 
         try:
             if self.gpu_decode:
