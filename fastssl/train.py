@@ -181,7 +181,7 @@ def _train(cfg, acc, device, bf16, threads, out, history, state, lock, dog) -> d
     if bar is not None:
         bar.close()
     saver.save_at(run, run.epoch, bi, derived.steps_per_epoch)
-    in_training_eval_s = run.eval0 + evaluator.seconds  # the whole run's, as wall
+    in_training_eval_s = run.eval_seconds()  # the whole run's, as wall
     final = (evaluator.run(step=run.step) if evaluator.enabled and evaluator.participates and cfg.eval.final
              else None) or {}
     summary = write_summary(cfg, acc, out, derived, window, evaluator, metrics, run, final, wall,
